@@ -1,0 +1,114 @@
+//! The kernels crate's error type: every variant names what it is about (file, tensor, port,
+//! param key) and the shapes involved.
+
+use std::path::PathBuf;
+
+/// A failure to load a kernel or to run a batch through it.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A file could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A weights file is not valid safetensors (corrupt or truncated).
+    #[error("`{path}` is not a valid safetensors file: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor the kind needs is not in the weights file.
+    #[error("`{path}` has no tensor `{name}`")]
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+    },
+    /// A tensor in the weights file has the wrong shape.
+    #[error("tensor `{name}` in `{path}` has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The shape the kind needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        actual: Vec<usize>,
+    },
+    /// A kind-specific setting is missing or does not fit the kind.
+    #[error("`{key}`: {message}")]
+    Param {
+        /// The key, relative to the submodel (`params.max_length`, `weights`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A model config file (e.g. `config.json`) is unreadable or invalid.
+    #[error("config `{path}`: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A batch lacks a required input port.
+    #[error("input port `{port}` is missing")]
+    MissingInput {
+        /// The port.
+        port: String,
+    },
+    /// An input does not fit its port (dtype, rank, size, or text vs tensor).
+    #[error("input port `{port}`: {message}")]
+    Input {
+        /// The port.
+        port: String,
+        /// What does not fit, with the expected and actual shapes.
+        message: String,
+    },
+    /// The device is not available in this build or on this machine.
+    #[error("device `{device}`: {message}")]
+    Device {
+        /// The device as written (`cuda:0`).
+        device: String,
+        /// Why it cannot be used.
+        message: String,
+    },
+    /// A tensor operation failed.
+    #[error("{op}: {source}")]
+    Candle {
+        /// What was being done.
+        op: &'static str,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A kernel panicked; the runtime turns the panic into this error.
+    #[error("kernel panicked: {0}")]
+    Panicked(String),
+}
+
+/// `Result` with [`KernelError`].
+pub type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+/// Adds the operation's name to candle errors: `tensor_op.ctx("mean_pool")?`.
+pub trait CandleContext<T> {
+    /// Wraps a candle error with the name of the operation.
+    fn ctx(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> CandleContext<T> for candle_core::Result<T> {
+    fn ctx(self, op: &'static str) -> Result<T> {
+        self.map_err(|source| KernelError::Candle { op, source })
+    }
+}

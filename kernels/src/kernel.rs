@@ -1,0 +1,174 @@
+//! The two traits every kind implements: [`Kind`] (a factory registered by name) and
+//! [`Kernel`] (a loaded instance that runs batches), plus [`Loaded`], which checks inputs
+//! against the signature before a kernel ever sees them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Device;
+use maas_graphs::{BATCH, Dim, KindError, PortType, Signature, SubmodelSpec};
+
+use crate::error::{KernelError, Result};
+use crate::value::{Value, Values};
+
+/// A loaded kernel: runs one batch of named inputs into named outputs, synchronously, on its
+/// device. Implementations may assume inputs were checked against their signature.
+pub trait Kernel: Send + Sync {
+    /// Runs one batch. Every output keeps the batch dimension of the inputs.
+    fn forward(&self, inputs: &Values) -> Result<Values>;
+
+    /// Cheap enough to run inline on the caller's thread, without a hop to an execution stream
+    /// (element-wise ops, pooling). Defaults to `false`.
+    fn trivial(&self) -> bool {
+        false
+    }
+}
+
+/// A kind of kernel, registered by name: declares signatures and loads kernels.
+pub trait Kind: Send + Sync {
+    /// The name used in `kind = "..."`.
+    fn name(&self) -> &str;
+
+    /// The signature of a submodel of this kind, from its params and files; checks settings
+    /// without loading weights (reads headers and configs only).
+    fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>>;
+
+    /// Loads a kernel on `device`.
+    fn load(&self, spec: &SubmodelSpec, device: &Device) -> Result<Arc<dyn Kernel>>;
+}
+
+/// A kernel together with its signature and version: what a submodel runs.
+#[derive(Clone)]
+pub struct Loaded {
+    /// The kernel.
+    pub kernel: Arc<dyn Kernel>,
+    /// What it accepts and produces.
+    pub signature: Arc<Signature>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").field("signature", &self.signature).finish_non_exhaustive()
+    }
+}
+
+impl Loaded {
+    /// Checks `inputs` against the signature, then runs the kernel and checks that every
+    /// declared output came back with the batch's row count.
+    pub fn forward(&self, inputs: &Values) -> Result<Values> {
+        let rows = check_inputs(&self.signature, inputs)?;
+        let out = self.kernel.forward(inputs)?;
+        for port in &self.signature.outputs {
+            match out.get(&port.name) {
+                None => return Err(KernelError::Panicked(format!("kernel produced no output `{}`", port.name))),
+                Some(v) if rows.is_some() && v.rows() != rows => {
+                    return Err(KernelError::Panicked(format!(
+                        "kernel output `{}` has {:?} rows for a batch of {:?}",
+                        port.name,
+                        v.rows(),
+                        rows
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the kernel may run inline.
+    pub fn trivial(&self) -> bool {
+        self.kernel.trivial()
+    }
+}
+
+/// The candle dtype of a graph dtype.
+pub fn candle_dtype(d: maas_graphs::DType) -> candle_core::DType {
+    use maas_graphs::DType as G;
+    match d {
+        G::F32 => candle_core::DType::F32,
+        G::F16 => candle_core::DType::F16,
+        G::BF16 => candle_core::DType::BF16,
+        G::F64 => candle_core::DType::F64,
+        G::U8 => candle_core::DType::U8,
+        G::U32 => candle_core::DType::U32,
+        G::I64 => candle_core::DType::I64,
+    }
+}
+
+/// Checks named inputs against a signature: presence, text vs tensor, dtype, rank, fixed sizes,
+/// symbols equal across ports (e.g. `S` of `input_ids` and `attention_mask`), and one batch size
+/// for all ports. Returns the batch size.
+pub fn check_inputs(sig: &Signature, inputs: &Values) -> Result<Option<usize>> {
+    let mut bound: HashMap<&str, (usize, &str)> = HashMap::new();
+    let mut rows: Option<(usize, &str)> = None;
+    for name in inputs.keys() {
+        if sig.input(name).is_none() {
+            let known: Vec<&str> = sig.inputs.iter().map(|p| p.name.as_str()).collect();
+            return Err(KernelError::Input {
+                port: name.clone(),
+                message: format!("no such input port; expected one of: {}", known.join(", ")),
+            });
+        }
+    }
+    for port in &sig.inputs {
+        let Some(value) = inputs.get(&port.name) else {
+            if port.optional {
+                continue;
+            }
+            return Err(KernelError::MissingInput { port: port.name.clone() });
+        };
+        let bad = |message: String| KernelError::Input { port: port.name.clone(), message };
+        let n = match (&port.ty, value) {
+            (PortType::Any, v) => v.rows(),
+            (PortType::Text, Value::Text(t)) => Some(t.len()),
+            (PortType::Text, Value::Tensor(t)) => {
+                return Err(bad(format!("expected text, got a tensor of shape {:?}", t.dims())));
+            }
+            (PortType::Tensor { .. }, Value::Text(_)) => {
+                return Err(bad(format!("expected {}, got text", port.ty)));
+            }
+            (PortType::Tensor { dtype, shape }, Value::Tensor(t)) => {
+                let want = candle_dtype(*dtype);
+                let mismatch = || bad(format!("expected {}, got {:?} of shape {:?}", port.ty, t.dtype(), t.dims()));
+                if t.dtype() != want {
+                    return Err(mismatch());
+                }
+                let dims = t.dims();
+                let rest = shape.last() == Some(&Dim::Rest);
+                let fixed = if rest { shape.len() - 1 } else { shape.len() };
+                if dims.len() < fixed || (!rest && dims.len() != fixed) {
+                    return Err(mismatch());
+                }
+                for (d, &size) in shape.iter().zip(dims) {
+                    match d {
+                        Dim::Fixed(n) if *n != size => return Err(mismatch()),
+                        Dim::Sym(s) if s != BATCH => match bound.get(s.as_str()) {
+                            Some(&(m, other)) if m != size => {
+                                return Err(bad(format!(
+                                    "dimension `{s}` is {size} here but {m} on port `{other}` (shape {:?})",
+                                    dims
+                                )));
+                            }
+                            Some(_) => {}
+                            None => {
+                                bound.insert(s, (size, &port.name));
+                            }
+                        },
+                        _ => {}
+                    }
+                }
+                dims.first().copied()
+            }
+        };
+        if let Some(n) = n {
+            match rows {
+                Some((m, other)) if m != n => {
+                    return Err(bad(format!("has {n} rows but port `{other}` has {m}")));
+                }
+                None => rows = Some((n, &port.name)),
+                _ => {}
+            }
+        }
+    }
+    Ok(rows.map(|(n, _)| n))
+}

@@ -1,0 +1,41 @@
+//! `argmax`: `x` f32[B,N] -> `out` u32[B], the index of each row's largest value.
+
+use std::sync::Arc;
+
+use candle_core::{D, Device};
+use maas_graphs::{KindError, PortSpec, Signature, SubmodelSpec, ty};
+
+use super::{out, tensor};
+use crate::error::{CandleContext, Result};
+use crate::kernel::{Kernel, Kind};
+use crate::value::Values;
+
+pub(crate) struct Argmax;
+
+struct ArgmaxKernel;
+
+impl Kind for Argmax {
+    fn name(&self) -> &str {
+        "argmax"
+    }
+
+    fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
+        super::no_settings(spec)?;
+        Ok(Signature { inputs: vec![PortSpec::new("x", ty("f32[B,N]"))], outputs: vec![PortSpec::new("out", ty("u32[B]"))] })
+    }
+
+    fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {
+        Ok(Arc::new(ArgmaxKernel))
+    }
+}
+
+impl Kernel for ArgmaxKernel {
+    fn forward(&self, inputs: &Values) -> Result<Values> {
+        let x = tensor(inputs, "x")?;
+        Ok(out("out", x.argmax(D::Minus1).ctx("argmax")?))
+    }
+
+    fn trivial(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,99 @@
+//! `bert`: a BERT-family text encoder (candle-transformers' `BertModel`), e.g.
+//! all-MiniLM-L6-v2. `input_ids`, `attention_mask`, optional `token_type_ids` u32[B,S] ->
+//! `hidden` f32[B,S,H], with H the config's `hidden_size`.
+//!
+//! `weights` is the model's safetensors file and `params.config` its `config.json`.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use candle_transformers::models::bert::{BertModel, Config};
+use maas_graphs::{DType, Dim, KindError, PortSpec, PortType, Signature, SubmodelSpec, ty};
+
+use super::{out, tensor};
+use crate::error::{CandleContext, KernelError, Result};
+use crate::kernel::{Kernel, Kind};
+use crate::value::Values;
+use crate::weights::{Weights, parse_params, read_header, read_json};
+
+pub(crate) struct Bert;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    config: String,
+}
+
+fn settings(spec: &SubmodelSpec) -> Result<(Config, std::path::PathBuf), Vec<KindError>> {
+    let p: Params = parse_params(&spec.params).map_err(|e| vec![e])?;
+    let config_path = super::existing_file(spec, "config", &p.config).map_err(|e| vec![e])?;
+    let config: Config = read_json(&config_path).map_err(|e| vec![KindError::at("params.config", e.to_string())])?;
+    let weights = super::required_weights(spec).map_err(|e| vec![e])?;
+    let header = read_header(&weights).map_err(|e| vec![KindError::at("weights", e.to_string())])?;
+    let emb = ["embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"]
+        .iter()
+        .find_map(|n| header.get(*n).map(|t| (*n, t)));
+    match emb {
+        None => Err(vec![KindError::at("weights", format!("`{}` has no BERT word embeddings", weights.display()))]),
+        Some((name, t)) if t.shape != [config.vocab_size, config.hidden_size] => Err(vec![KindError::at(
+            "weights",
+            format!(
+                "tensor `{name}` has shape {:?} but the config needs [{}, {}]",
+                t.shape, config.vocab_size, config.hidden_size
+            ),
+        )]),
+        Some(_) => Ok((config, weights)),
+    }
+}
+
+impl Kind for Bert {
+    fn name(&self) -> &str {
+        "bert"
+    }
+
+    fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
+        let (config, _) = settings(spec)?;
+        let ids = |name| PortSpec::new(name, ty("u32[B,S]")).ragged(1, 0.0);
+        let hidden = PortType::tensor(
+            DType::F32,
+            [Dim::Sym("B".into()), Dim::Sym("S".into()), Dim::Fixed(config.hidden_size)],
+        );
+        Ok(Signature {
+            inputs: vec![ids("input_ids"), ids("attention_mask"), ids("token_type_ids").optional()],
+            outputs: vec![PortSpec::new("hidden", hidden).ragged(1, 0.0)],
+        })
+    }
+
+    fn load(&self, spec: &SubmodelSpec, device: &Device) -> Result<Arc<dyn Kernel>> {
+        let (config, path) = settings(spec).map_err(super::settings_error)?;
+        let weights = Weights::load(&path, device)?;
+        let vb = weights.var_builder(candle_core::DType::F32, device);
+        let model = BertModel::load(vb, &config).map_err(|e| KernelError::Corrupt { path, reason: e.to_string() })?;
+        Ok(Arc::new(BertKernel { model, max_positions: config.max_position_embeddings }))
+    }
+}
+
+struct BertKernel {
+    model: BertModel,
+    max_positions: usize,
+}
+
+impl Kernel for BertKernel {
+    fn forward(&self, inputs: &Values) -> Result<Values> {
+        let ids = tensor(inputs, "input_ids")?;
+        let mask = tensor(inputs, "attention_mask")?;
+        let seq = ids.dim(1).ctx("bert")?;
+        if seq > self.max_positions {
+            return Err(KernelError::Input {
+                port: "input_ids".into(),
+                message: format!("sequence length {seq} exceeds the model's {} positions (shape {:?})", self.max_positions, ids.dims()),
+            });
+        }
+        let types = match inputs.get("token_type_ids").and_then(|v| v.as_tensor()) {
+            Some(t) => t.clone(),
+            None => ids.zeros_like().ctx("bert token types")?,
+        };
+        let hidden = self.model.forward(ids, &types, Some(mask)).ctx("bert forward")?;
+        Ok(out("hidden", hidden))
+    }
+}

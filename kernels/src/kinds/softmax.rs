@@ -1,0 +1,41 @@
+//! `softmax`: `x` f32[B,N] -> `out` f32[B,N], softmax over the last dimension.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use maas_graphs::{KindError, PortSpec, Signature, SubmodelSpec, ty};
+
+use super::{out, tensor};
+use crate::error::{CandleContext, Result};
+use crate::kernel::{Kernel, Kind};
+use crate::value::Values;
+
+pub(crate) struct Softmax;
+
+struct SoftmaxKernel;
+
+impl Kind for Softmax {
+    fn name(&self) -> &str {
+        "softmax"
+    }
+
+    fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
+        super::no_settings(spec)?;
+        Ok(Signature { inputs: vec![PortSpec::new("x", ty("f32[B,N]"))], outputs: vec![PortSpec::new("out", ty("f32[B,N]"))] })
+    }
+
+    fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {
+        Ok(Arc::new(SoftmaxKernel))
+    }
+}
+
+impl Kernel for SoftmaxKernel {
+    fn forward(&self, inputs: &Values) -> Result<Values> {
+        let x = tensor(inputs, "x")?;
+        Ok(out("out", candle_nn::ops::softmax_last_dim(x).ctx("softmax")?))
+    }
+
+    fn trivial(&self) -> bool {
+        true
+    }
+}
