@@ -20,6 +20,7 @@
 //! ```
 
 mod error;
+pub mod json;
 mod sequential;
 
 pub use error::{EngineError, Result};

@@ -240,7 +240,9 @@ fn check_pipeline(
         }
         if let Some(sig) = sig {
             for required in sig.inputs.iter().filter(|p| !p.optional) {
-                if !n.inputs.iter().any(|b| b.port.as_str() == required.name) {
+                let connected = n.inputs.iter().any(|b| b.port.as_str() == required.name)
+                    || n.broken.iter().any(|b| b.as_str() == required.name);
+                if !connected {
                     err(
                         diags,
                         &n.span,
@@ -290,10 +292,12 @@ fn check_pipeline(
     let mut reached = vec![false; p.nodes.len()];
     for &i in &order {
         let n = &p.nodes[i];
-        reached[i] = n.inputs.iter().any(|b| match &b.source {
-            Source::Input(_) => true,
-            Source::Node { node, .. } => nodes.get(node.as_str()).is_some_and(|&j| reached[j]),
-        });
+        // A broken or dangling reference was reported already: count it as reached.
+        reached[i] = !n.broken.is_empty()
+            || n.inputs.iter().any(|b| match &b.source {
+                Source::Input(_) => true,
+                Source::Node { node, .. } => nodes.get(node.as_str()).is_none_or(|&j| reached[j]),
+            });
         if !reached[i] {
             err(
                 diags,
@@ -309,7 +313,7 @@ fn check_pipeline(
         }
     }
     for &i in order.iter().rev() {
-        if !feeds[i] {
+        if !feeds[i] && !p.outputs.is_empty() {
             let n = &p.nodes[i];
             diags.push(Diagnostic::warning(
                 Some(p.file.locate(&n.span)),
@@ -335,7 +339,11 @@ fn check_pipeline(
         }
     }
 
-    if diags.iter().filter(|d| d.is_error()).count() > before {
+    // A pipeline with a part that did not parse (reported already) is never built.
+    let incomplete = p.nodes.iter().any(|n| n.submodel.is_none() || !n.broken.is_empty())
+        || p.inputs.iter().any(|i| i.ty.is_none())
+        || p.outputs.iter().any(|o| o.target.is_none());
+    if incomplete || diags.iter().filter(|d| d.is_error()).count() > before {
         return None;
     }
 
@@ -412,7 +420,7 @@ fn check_pipeline(
                 let n = &p.nodes[i];
                 Node {
                     name: n.name.clone(),
-                    submodel: n.submodel.as_ref().expect("checked above").0.clone(),
+                    submodel: n.submodel.as_ref().map(|s| s.0.clone()).expect("complete: checked above"),
                     inputs: n.inputs.iter().map(|b| (b.port.clone(), b.source.clone())).collect(),
                 }
             })
@@ -463,7 +471,7 @@ fn cycle_through(g: &DiGraph<usize, ()>, start: NodeIndex, scc: &[NodeIndex]) ->
 enum Term {
     Any,
     Text,
-    Tensor { dtype: crate::signature::DType, dims: Vec<Option<usize>>, names: Vec<Dim>, rest: bool },
+    Tensor { dtype: crate::signature::DType, dims: Vec<usize>, names: Vec<Dim>, rest: bool },
 }
 
 /// Union-find over dimension variables, each class optionally bound to a size.
@@ -516,7 +524,7 @@ impl Unifier {
                             }
                         },
                     };
-                    dims.push(Some(v));
+                    dims.push(v);
                     names.push(d.clone());
                 }
                 Term::Tensor { dtype: *dtype, dims, names, rest }
@@ -538,7 +546,7 @@ impl Unifier {
                     return false;
                 }
                 for (x, y) in xa.iter().zip(xb) {
-                    let (x, y) = (self.find(x.expect("set")), self.find(y.expect("set")));
+                    let (x, y) = (self.find(*x), self.find(*y));
                     if x == y {
                         continue;
                     }
@@ -564,7 +572,7 @@ impl Unifier {
                     .iter()
                     .zip(names)
                     .map(|(v, name)| {
-                        let r = self.find(v.expect("set"));
+                        let r = self.find(*v);
                         match (self.size[r], name) {
                             (Some(n), _) => Dim::Fixed(n),
                             (None, d) => d.clone(),

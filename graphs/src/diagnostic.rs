@@ -35,10 +35,9 @@ impl SourceFile {
     /// Reads a file; relative paths inside it resolve against the file's directory.
     pub fn read(path: &Path) -> std::io::Result<Self> {
         let text = std::fs::read_to_string(path)?;
-        let base_dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        // A bare file name has an empty parent: relative paths then stay relative to the
+        // working directory, and messages show them as written.
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(Self::new(path.display().to_string(), text, base_dir))
     }
 

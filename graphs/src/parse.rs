@@ -67,6 +67,9 @@ pub(crate) struct RawNode {
     pub(crate) span: Span,
     pub(crate) submodel: Option<(SubmodelName, Span)>,
     pub(crate) inputs: Vec<RawBinding>,
+    /// Ports whose binding was written but could not be parsed (already reported): treated as
+    /// connected, so the checker does not pile further errors on the same mistake.
+    pub(crate) broken: Vec<PortName>,
 }
 
 pub(crate) struct RawPipeline {
@@ -117,7 +120,14 @@ impl Parser<'_> {
         if !errors.is_empty() {
             for e in errors {
                 let span = e.span().unwrap_or(0..0);
-                self.error(&span, format!("invalid TOML: {}", e.message()));
+                let mut msg = format!("invalid TOML: {}", e.message());
+                // Name the key of a duplicate (the parser only says "duplicate key").
+                if e.message() == "duplicate key"
+                    && let Some(key) = text.get(span.clone()).filter(|k| !k.is_empty() && !k.contains('\n'))
+                {
+                    msg = format!("invalid TOML: duplicate key `{}`", key.trim_matches(['[', ']', ' ']));
+                }
+                self.error(&span, msg);
             }
             return RawFile::default();
         }
@@ -395,7 +405,7 @@ impl Parser<'_> {
         let name = self.name(k, "node", NodeName::new)?;
         let what = format!("node `{name}` of pipeline `{pipeline}`");
         let t = self.table(v, &what)?;
-        let mut node = RawNode { name, span: k.span(), submodel: None, inputs: Vec::new() };
+        let mut node = RawNode { name, span: k.span(), submodel: None, inputs: Vec::new(), broken: Vec::new() };
         for (key, val) in self.known(t, &what, NODE_KEYS) {
             let kw = format!("`{}` of {what}", key.get_ref());
             if key.get_ref() == "submodel" {
@@ -410,10 +420,16 @@ impl Parser<'_> {
             let Some(it) = self.table(val, &kw) else { continue };
             for (pk, pv) in it.iter() {
                 let Some(port) = self.name(pk, "port", PortName::new) else { continue };
-                let Some(s) = self.string(pv, &format!("input `{port}` of node `{}`", node.name)) else { continue };
+                let Some(s) = self.string(pv, &format!("input `{port}` of node `{}`", node.name)) else {
+                    node.broken.push(port);
+                    continue;
+                };
                 match parse_source(&s) {
                     Ok(source) => node.inputs.push(RawBinding { port, port_span: pk.span(), source, span: pv.span() }),
-                    Err(e) => self.error(&pv.span(), format!("input `{port}` of node `{}`: {e}", node.name)),
+                    Err(e) => {
+                        self.error(&pv.span(), format!("input `{port}` of node `{}`: {e}", node.name));
+                        node.broken.push(port);
+                    }
                 }
             }
         }
