@@ -57,9 +57,7 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     let cli = Cli::parse();
     match run(cli.command) {
@@ -140,9 +138,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("no pipeline `{pipeline}` in {}", describe(&files)))?;
             let mut values = Values::new();
             for arg in &inputs {
-                let (name, raw) = arg
-                    .split_once('=')
-                    .with_context(|| format!("--input `{arg}` is not NAME=VALUE"))?;
+                let (name, raw) = arg.split_once('=').with_context(|| format!("--input `{arg}` is not NAME=VALUE"))?;
                 let input = p.inputs.iter().find(|i| i.name.as_str() == name).with_context(|| {
                     let known: Vec<&str> = p.inputs.iter().map(|i| i.name.as_str()).collect();
                     format!("pipeline `{pipeline}` has no input `{name}`; it takes: {}", known.join(", "))

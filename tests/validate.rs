@@ -47,7 +47,8 @@ fn fixtures_give_exactly_the_expected_diagnostics() {
         if update {
             std::fs::write(&expected_path, &stderr).expect("write expectation");
         }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| panic!("missing {}", expected_path.display()));
+        let expected =
+            std::fs::read_to_string(&expected_path).unwrap_or_else(|_| panic!("missing {}", expected_path.display()));
         if code != want_code {
             failures.push(format!("{case}: exit code {code}, expected {want_code}\n{stderr}"));
         }
@@ -87,7 +88,9 @@ fn several_files_share_one_namespace() {
     let (code, _, stderr) = maas(&["validate", "valid-minimal.toml", "valid-minimal.toml"], &dir);
     assert_eq!(code, 1);
     assert!(
-        stderr.contains("valid-minimal.toml:1:12: error: submodel `id` is defined twice (first at valid-minimal.toml:1:12)"),
+        stderr.contains(
+            "valid-minimal.toml:1:12: error: submodel `id` is defined twice (first at valid-minimal.toml:1:12)"
+        ),
         "{stderr}"
     );
     assert!(stderr.contains("error: pipeline `echo` is defined twice"), "{stderr}");

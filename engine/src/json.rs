@@ -56,7 +56,11 @@ fn flatten(json: &Json, depth: usize, shape: &mut Vec<usize>, out: &mut Vec<f64>
             if shape.len() == depth {
                 shape.push(items.len());
             } else if shape.len() > depth && shape[depth] != items.len() {
-                return Err(format!("ragged nested arrays: {} vs {} elements at depth {depth}", items.len(), shape[depth]));
+                return Err(format!(
+                    "ragged nested arrays: {} vs {} elements at depth {depth}",
+                    items.len(),
+                    shape[depth]
+                ));
             } else if shape.len() < depth {
                 return Err(format!("mixed nesting at depth {depth}"));
             }
@@ -103,7 +107,10 @@ fn tensor_from_json(json: &Json, dtype: DType, rank: Option<usize>) -> Result<Te
         if shape.len() + 1 == rank {
             shape.insert(0, 1);
         } else if shape.len() != rank {
-            return Err(format!("expected {rank} nested levels (batch first), found {} (shape {shape:?})", shape.len()));
+            return Err(format!(
+                "expected {rank} nested levels (batch first), found {} (shape {shape:?})",
+                shape.len()
+            ));
         }
     }
     let dev = Device::Cpu;
@@ -113,8 +120,12 @@ fn tensor_from_json(json: &Json, dtype: DType, rank: Option<usize>) -> Result<Te
                 return Err(format!("{bad} is not a valid {dtype}"));
             }
             match dtype {
-                DType::U32 => Tensor::from_vec(data.iter().map(|v| *v as u32).collect::<Vec<_>>(), shape.as_slice(), &dev),
-                DType::U8 => Tensor::from_vec(data.iter().map(|v| *v as u8).collect::<Vec<_>>(), shape.as_slice(), &dev),
+                DType::U32 => {
+                    Tensor::from_vec(data.iter().map(|v| *v as u32).collect::<Vec<_>>(), shape.as_slice(), &dev)
+                }
+                DType::U8 => {
+                    Tensor::from_vec(data.iter().map(|v| *v as u8).collect::<Vec<_>>(), shape.as_slice(), &dev)
+                }
                 _ => Tensor::from_vec(data.iter().map(|v| *v as i64).collect::<Vec<_>>(), shape.as_slice(), &dev),
             }
         }

@@ -18,9 +18,8 @@ impl Sequential {
     pub fn new(graph: &Graph, registry: &Registry) -> Result<Self> {
         let mut submodels = BTreeMap::new();
         for (name, spec) in &graph.submodels {
-            let loaded = registry
-                .load(spec)
-                .map_err(|source| EngineError::Load { submodel: name.to_string(), source })?;
+            let loaded =
+                registry.load(spec).map_err(|source| EngineError::Load { submodel: name.to_string(), source })?;
             submodels.insert(name.clone(), loaded);
         }
         Ok(Self { graph: graph.clone(), submodels })

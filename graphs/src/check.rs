@@ -396,12 +396,10 @@ fn check_pipeline(
         .filter_map(|o| {
             let (node, port) = o.target.clone()?;
             let j = nodes[node.as_str()];
-            let ty = sig_of(j)
-                .and_then(|s| s.output(port.as_str()))
-                .map_or(PortType::Any, |t| {
-                    let term = u.instantiate(&t.ty, j, batch);
-                    u.resolve(&term)
-                });
+            let ty = sig_of(j).and_then(|s| s.output(port.as_str())).map_or(PortType::Any, |t| {
+                let term = u.instantiate(&t.ty, j, batch);
+                u.resolve(&term)
+            });
             Some(PipelineOutput { name: o.name.clone(), node, port, ty })
         })
         .collect();
@@ -535,7 +533,10 @@ impl Unifier {
     fn unify(&mut self, a: &Term, b: &Term) -> bool {
         match (a, b) {
             (Term::Any, _) | (_, Term::Any) | (Term::Text, Term::Text) => true,
-            (Term::Tensor { dtype: da, dims: xa, rest: ra, .. }, Term::Tensor { dtype: db, dims: xb, rest: rb, .. }) => {
+            (
+                Term::Tensor { dtype: da, dims: xa, rest: ra, .. },
+                Term::Tensor { dtype: db, dims: xb, rest: rb, .. },
+            ) => {
                 if da != db {
                     return false;
                 }

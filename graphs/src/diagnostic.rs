@@ -26,9 +26,7 @@ impl SourceFile {
     /// A source from text already in memory. `base_dir` resolves relative paths in it.
     pub fn new(name: impl Into<String>, text: impl Into<String>, base_dir: impl Into<PathBuf>) -> Self {
         let text = text.into();
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
         Self { name: name.into(), text, base_dir: base_dir.into(), line_starts }
     }
 

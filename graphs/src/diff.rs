@@ -72,8 +72,7 @@ impl Graph {
             .pipelines
             .iter()
             .filter(|(name, p)| {
-                self.pipelines.get(*name) == Some(*p)
-                    && p.nodes.iter().any(|n| changed.contains(&&n.submodel))
+                self.pipelines.get(*name) == Some(*p) && p.nodes.iter().any(|n| changed.contains(&&n.submodel))
             })
             .map(|(name, _)| name.clone())
             .collect();

@@ -68,6 +68,6 @@ pub use names::{NodeName, PipelineName, PortName, SubmodelName, check_name};
 pub use parse::parse_source;
 pub use signature::{BATCH, DType, Dim, PortSpec, PortType, Ragged, Signature, TypeParseError, ty};
 pub use spec::{
-    BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Edge, Graph, Node, Pipeline, PipelineInput,
-    PipelineOutput, Source, SubmodelSpec, Vertex,
+    BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Edge, Graph, Node, Pipeline, PipelineInput, PipelineOutput,
+    Source, SubmodelSpec, Vertex,
 };

@@ -90,8 +90,7 @@ pub(crate) struct RawFile {
 }
 
 const ROOT_KEYS: &[&str] = &["submodels", "pipelines"];
-const SUBMODEL_KEYS: &[&str] =
-    &["kind", "weights", "version", "device", "replicas", "batch", "queue", "params"];
+const SUBMODEL_KEYS: &[&str] = &["kind", "weights", "version", "device", "replicas", "batch", "queue", "params"];
 const BATCH_KEYS: &[&str] = &["max_size", "max_delay_ms"];
 const PIPELINE_KEYS: &[&str] = &["inputs", "outputs", "deadline_ms", "nodes"];
 const NODE_KEYS: &[&str] = &["submodel", "inputs"];
@@ -218,7 +217,12 @@ impl Parser<'_> {
         }
     }
 
-    fn name<T>(&mut self, k: &Spanned<std::borrow::Cow<'_, str>>, what: &str, make: fn(String) -> Result<T, String>) -> Option<T> {
+    fn name<T>(
+        &mut self,
+        k: &Spanned<std::borrow::Cow<'_, str>>,
+        what: &str,
+        make: fn(String) -> Result<T, String>,
+    ) -> Option<T> {
         match make(k.get_ref().to_string()) {
             Ok(n) => Some(n),
             Err(e) => {
@@ -286,9 +290,9 @@ impl Parser<'_> {
                         for (pk, pv) in pt.iter() {
                             keys.insert(format!("params.{}", pk.get_ref()), pv.span());
                         }
-                        match <toml::Table as serde::Deserialize>::deserialize(
-                            toml::de::ValueDeserializer::from(val.clone()),
-                        ) {
+                        match <toml::Table as serde::Deserialize>::deserialize(toml::de::ValueDeserializer::from(
+                            val.clone(),
+                        )) {
                             Ok(table) => spec.params = table,
                             Err(e) => self.error(&val.span(), format!("{kw}: {}", e.message())),
                         }
@@ -350,7 +354,9 @@ impl Parser<'_> {
                     for (ik, iv) in it.iter() {
                         let Some(iname) = self.name(ik, "input", PortName::new) else { continue };
                         let ty = self.string(iv, &format!("the type of input `{iname}`")).and_then(|s| {
-                            s.parse::<PortType>().map_err(|e| self.error(&iv.span(), format!("input `{iname}`: {e}"))).ok()
+                            s.parse::<PortType>()
+                                .map_err(|e| self.error(&iv.span(), format!("input `{iname}`: {e}")))
+                                .ok()
                         });
                         p.inputs.push(RawInput { name: iname, ty, span: ik.span() });
                     }
@@ -401,7 +407,12 @@ impl Parser<'_> {
         Some(p)
     }
 
-    fn node(&mut self, k: &Spanned<std::borrow::Cow<'_, str>>, v: &Spanned<DeValue<'_>>, pipeline: &PipelineName) -> Option<RawNode> {
+    fn node(
+        &mut self,
+        k: &Spanned<std::borrow::Cow<'_, str>>,
+        v: &Spanned<DeValue<'_>>,
+        pipeline: &PipelineName,
+    ) -> Option<RawNode> {
         let name = self.name(k, "node", NodeName::new)?;
         let what = format!("node `{name}` of pipeline `{pipeline}`");
         let t = self.table(v, &what)?;

@@ -30,8 +30,7 @@ pub enum DType {
 
 impl DType {
     /// All dtypes, in the order used in messages.
-    pub const ALL: [DType; 7] =
-        [DType::F32, DType::F16, DType::BF16, DType::F64, DType::U8, DType::U32, DType::I64];
+    pub const ALL: [DType; 7] = [DType::F32, DType::F16, DType::BF16, DType::F64, DType::U8, DType::U32, DType::I64];
 
     /// The name used in type strings (`f32`, `u32`, ...).
     pub fn as_str(self) -> &'static str {

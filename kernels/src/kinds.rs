@@ -64,7 +64,9 @@ pub(crate) fn settings_error(mut errs: Vec<KindError>) -> KernelError {
 pub(crate) fn tensor<'a>(inputs: &'a Values, port: &str) -> Result<&'a candle_core::Tensor> {
     match inputs.get(port) {
         Some(Value::Tensor(t)) => Ok(t),
-        Some(Value::Text(_)) => Err(KernelError::Input { port: port.into(), message: "expected a tensor, got text".into() }),
+        Some(Value::Text(_)) => {
+            Err(KernelError::Input { port: port.into(), message: "expected a tensor, got text".into() })
+        }
         None => Err(KernelError::MissingInput { port: port.into() }),
     }
 }

@@ -66,7 +66,8 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
         }
         let info: RawInfo =
             serde_json::from_value(v).map_err(|e| corrupt(format!("entry `{name}` is malformed: {e}")))?;
-        let size = dtype_size(&info.dtype).ok_or_else(|| corrupt(format!("tensor `{name}` has unknown dtype {}", info.dtype)))?;
+        let size = dtype_size(&info.dtype)
+            .ok_or_else(|| corrupt(format!("tensor `{name}` has unknown dtype {}", info.dtype)))?;
         let (a, b) = info.data_offsets;
         let want = info.shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
         if b < a || want != Some(b - a) {

@@ -21,7 +21,10 @@ impl Kind for Argmax {
 
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
-        Ok(Signature { inputs: vec![PortSpec::new("x", ty("f32[B,N]"))], outputs: vec![PortSpec::new("out", ty("u32[B]"))] })
+        Ok(Signature {
+            inputs: vec![PortSpec::new("x", ty("f32[B,N]"))],
+            outputs: vec![PortSpec::new("out", ty("u32[B]"))],
+        })
     }
 
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {

@@ -54,10 +54,8 @@ impl Kind for Bert {
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         let (config, _) = settings(spec)?;
         let ids = |name| PortSpec::new(name, ty("u32[B,S]")).ragged(1, 0.0);
-        let hidden = PortType::tensor(
-            DType::F32,
-            [Dim::Sym("B".into()), Dim::Sym("S".into()), Dim::Fixed(config.hidden_size)],
-        );
+        let hidden =
+            PortType::tensor(DType::F32, [Dim::Sym("B".into()), Dim::Sym("S".into()), Dim::Fixed(config.hidden_size)]);
         Ok(Signature {
             inputs: vec![ids("input_ids"), ids("attention_mask"), ids("token_type_ids").optional()],
             outputs: vec![PortSpec::new("hidden", hidden).ragged(1, 0.0)],
@@ -86,7 +84,11 @@ impl Kernel for BertKernel {
         if seq > self.max_positions {
             return Err(KernelError::Input {
                 port: "input_ids".into(),
-                message: format!("sequence length {seq} exceeds the model's {} positions (shape {:?})", self.max_positions, ids.dims()),
+                message: format!(
+                    "sequence length {seq} exceeds the model's {} positions (shape {:?})",
+                    self.max_positions,
+                    ids.dims()
+                ),
             });
         }
         let types = match inputs.get("token_type_ids").and_then(|v| v.as_tensor()) {

@@ -87,11 +87,24 @@ fn features(spec: &SubmodelSpec) -> Result<(usize, u64), Vec<KindError>> {
             let h = read_header(path).map_err(|e| vec![KindError::at("weights", e.to_string())])?;
             let f = match h.get("fc.weight").map(|t| t.shape.as_slice()) {
                 Some(&[f, FLAT]) => f,
-                Some(s) => return Err(vec![KindError::at("weights", format!("tensor `fc.weight` has shape {s:?}, expected [F, {FLAT}]"))]),
-                None => return Err(vec![KindError::at("weights", format!("`{}` has no tensor `fc.weight`", path.display()))]),
+                Some(s) => {
+                    return Err(vec![KindError::at(
+                        "weights",
+                        format!("tensor `fc.weight` has shape {s:?}, expected [F, {FLAT}]"),
+                    )]);
+                }
+                None => {
+                    return Err(vec![KindError::at(
+                        "weights",
+                        format!("`{}` has no tensor `fc.weight`", path.display()),
+                    )]);
+                }
             };
             if let Some(want) = p.features.filter(|&w| w != f) {
-                return Err(vec![KindError::at("params.features", format!("`features = {want}` but the weights give {f}"))]);
+                return Err(vec![KindError::at(
+                    "params.features",
+                    format!("`features = {want}` but the weights give {f}"),
+                )]);
             }
             let mut errs = Vec::new();
             for (name, shape) in tensor_shapes(f) {
@@ -118,7 +131,10 @@ impl Kind for DigitsCnnKind {
         let (f, _) = features(spec)?;
         Ok(Signature {
             inputs: vec![PortSpec::new("x", ty("f32[B,64]"))],
-            outputs: vec![PortSpec::new("features", PortType::tensor(DType::F32, [Dim::Sym("B".into()), Dim::Fixed(f)]))],
+            outputs: vec![PortSpec::new(
+                "features",
+                PortType::tensor(DType::F32, [Dim::Sym("B".into()), Dim::Fixed(f)]),
+            )],
         })
     }
 
@@ -136,7 +152,8 @@ impl Kind for DigitsCnnKind {
                 for (i, (name, shape)) in tensor_shapes(f).into_iter().enumerate() {
                     let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { shape[0] };
                     let bound = 1.0 / (fan_in as f32).sqrt();
-                    tensors.insert(name.to_string(), seeded_uniform(&shape, bound, seed.wrapping_add(i as u64), device)?);
+                    tensors
+                        .insert(name.to_string(), seeded_uniform(&shape, bound, seed.wrapping_add(i as u64), device)?);
                 }
             }
         }

@@ -20,7 +20,10 @@ impl Kind for Identity {
 
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
-        Ok(Signature { inputs: vec![PortSpec::new("x", PortType::Any)], outputs: vec![PortSpec::new("out", PortType::Any)] })
+        Ok(Signature {
+            inputs: vec![PortSpec::new("x", PortType::Any)],
+            outputs: vec![PortSpec::new("out", PortType::Any)],
+        })
     }
 
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {

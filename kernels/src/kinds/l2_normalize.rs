@@ -22,7 +22,10 @@ impl Kind for L2Normalize {
 
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
-        Ok(Signature { inputs: vec![PortSpec::new("x", ty("f32[B,D]"))], outputs: vec![PortSpec::new("out", ty("f32[B,D]"))] })
+        Ok(Signature {
+            inputs: vec![PortSpec::new("x", ty("f32[B,D]"))],
+            outputs: vec![PortSpec::new("out", ty("f32[B,D]"))],
+        })
     }
 
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {

@@ -47,7 +47,10 @@ impl Quantize {
             None | Some("f32") | Some("none") => Ok(Quantize::None),
             Some("q8_0") => Ok(Quantize::Q8_0),
             Some("q4k") => Ok(Quantize::Q4K),
-            Some(other) => Err(KindError::at("params.quantize", format!("unknown quantization `{other}`; expected \"q8_0\" or \"q4k\""))),
+            Some(other) => Err(KindError::at(
+                "params.quantize",
+                format!("unknown quantization `{other}`; expected \"q8_0\" or \"q4k\""),
+            )),
         }
     }
 
@@ -78,12 +81,18 @@ fn plan(spec: &SubmodelSpec) -> Result<Plan, Vec<KindError>> {
                 vec![KindError::at("weights", format!("`{}` has no tensor `weight` ([out, in])", path.display()))]
             })?;
             let [o, i] = w.shape[..] else {
-                return Err(vec![KindError::at("weights", format!("tensor `weight` has shape {:?}, expected [out, in]", w.shape))]);
+                return Err(vec![KindError::at(
+                    "weights",
+                    format!("tensor `weight` has shape {:?}, expected [out, in]", w.shape),
+                )]);
             };
             if let Some(b) = header.get("bias")
                 && b.shape != [o]
             {
-                return Err(vec![KindError::at("weights", format!("tensor `bias` has shape {:?}, expected [{o}]", b.shape))]);
+                return Err(vec![KindError::at(
+                    "weights",
+                    format!("tensor `bias` has shape {:?}, expected [{o}]", b.shape),
+                )]);
             }
             let mut errs = Vec::new();
             if let Some(want) = p.input.filter(|&x| x != i) {
@@ -100,7 +109,12 @@ fn plan(spec: &SubmodelSpec) -> Result<Plan, Vec<KindError>> {
         None => match (p.input, p.output) {
             (Some(i), Some(o)) if i > 0 && o > 0 => (i, o),
             (Some(_), Some(_)) => return Err(vec![KindError::at("params", "`in` and `out` must be at least 1")]),
-            _ => return Err(vec![KindError::at("params", "without `weights`, `linear` needs `params.in` and `params.out` (and optionally `seed`)")]),
+            _ => {
+                return Err(vec![KindError::at(
+                    "params",
+                    "without `weights`, `linear` needs `params.in` and `params.out` (and optionally `seed`)",
+                )]);
+            }
         },
     };
     if let Some((_, block)) = quantize.block()
@@ -108,7 +122,10 @@ fn plan(spec: &SubmodelSpec) -> Result<Plan, Vec<KindError>> {
     {
         return Err(vec![KindError::at(
             "params.quantize",
-            format!("{} needs the input size to be a multiple of {block}, but it is {input}", p.quantize.unwrap_or_default()),
+            format!(
+                "{} needs the input size to be a multiple of {block}, but it is {input}",
+                p.quantize.unwrap_or_default()
+            ),
         )]);
     }
     Ok(Plan { input, output, seed: p.seed.unwrap_or(0), quantize })

@@ -60,7 +60,10 @@ fn params(spec: &SubmodelSpec) -> Result<(Vec<usize>, Activation, u64), Vec<Kind
         "tanh" => Activation::Tanh,
         "sigmoid" => Activation::Sigmoid,
         other => {
-            errs.push(KindError::at("params.activation", format!("unknown activation `{other}`; expected relu, gelu, tanh or sigmoid")));
+            errs.push(KindError::at(
+                "params.activation",
+                format!("unknown activation `{other}`; expected relu, gelu, tanh or sigmoid"),
+            ));
             Activation::Relu
         }
     };
@@ -71,7 +74,9 @@ fn params(spec: &SubmodelSpec) -> Result<(Vec<usize>, Activation, u64), Vec<Kind
                 for (i, w) in p.layers.windows(2).enumerate() {
                     let name = format!("layers.{i}.weight");
                     match h.get(&name) {
-                        None => errs.push(KindError::at("weights", format!("`{}` has no tensor `{name}`", path.display()))),
+                        None => {
+                            errs.push(KindError::at("weights", format!("`{}` has no tensor `{name}`", path.display())))
+                        }
                         Some(t) if t.shape != [w[1], w[0]] => errs.push(KindError::at(
                             "weights",
                             format!("tensor `{name}` has shape {:?}, but `layers` needs [{}, {}]", t.shape, w[1], w[0]),
@@ -113,7 +118,10 @@ impl Kind for MlpKind {
                 None => {
                     let bound = 1.0 / (input as f32).sqrt();
                     let s = seed.wrapping_add(2 * i as u64);
-                    (seeded_uniform(&[output, input], bound, s, device)?, Some(seeded_uniform(&[output], bound, s + 1, device)?))
+                    (
+                        seeded_uniform(&[output, input], bound, s, device)?,
+                        Some(seeded_uniform(&[output], bound, s + 1, device)?),
+                    )
                 }
             };
             layers.push(Linear::new(weight, bias, Quantize::None)?);

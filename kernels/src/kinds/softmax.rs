@@ -21,7 +21,10 @@ impl Kind for Softmax {
 
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
-        Ok(Signature { inputs: vec![PortSpec::new("x", ty("f32[B,N]"))], outputs: vec![PortSpec::new("out", ty("f32[B,N]"))] })
+        Ok(Signature {
+            inputs: vec![PortSpec::new("x", ty("f32[B,N]"))],
+            outputs: vec![PortSpec::new("out", ty("f32[B,N]"))],
+        })
     }
 
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {

@@ -56,7 +56,8 @@ impl Kind for TokenizerKind {
 
     fn load(&self, spec: &SubmodelSpec, device: &Device) -> Result<Arc<dyn Kernel>> {
         let (path, max_length) = params(spec).map_err(super::settings_error)?;
-        let mut tok = Tokenizer::from_file(&path).map_err(|e| KernelError::Tokenizer(format!("`{}`: {e}", path.display())))?;
+        let mut tok =
+            Tokenizer::from_file(&path).map_err(|e| KernelError::Tokenizer(format!("`{}`: {e}", path.display())))?;
         let mut padding = tok.get_padding().cloned().unwrap_or_default();
         padding.strategy = PaddingStrategy::BatchLongest;
         tok.with_padding(Some(padding));

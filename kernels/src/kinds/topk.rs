@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use maas_graphs::{Dim, DType, KindError, PortSpec, PortType, Signature, SubmodelSpec, ty};
+use maas_graphs::{DType, Dim, KindError, PortSpec, PortType, Signature, SubmodelSpec, ty};
 
 use super::tensor;
 use crate::error::{CandleContext, KernelError, Result};
@@ -67,7 +67,10 @@ impl Kernel for TopKKernel {
         }
         let indices = x.arg_sort_last_dim(false).and_then(|i| i.narrow(1, 0, self.k)).ctx("topk sort")?;
         let values = x.gather(&indices.contiguous().ctx("topk")?, 1).ctx("topk gather")?;
-        Ok(Values::from([("values".to_string(), Value::Tensor(values)), ("indices".to_string(), Value::Tensor(indices))]))
+        Ok(Values::from([
+            ("values".to_string(), Value::Tensor(values)),
+            ("indices".to_string(), Value::Tensor(indices)),
+        ]))
     }
 
     fn trivial(&self) -> bool {
