@@ -454,10 +454,8 @@ fn cycle_through(g: &DiGraph<usize, ()>, start: NodeIndex, scc: &[NodeIndex]) ->
                 return path;
             }
             if let std::collections::hash_map::Entry::Vacant(e) = prev.entry(w) {
-                if w != start {
-                    e.insert(v);
-                    queue.push_back(w);
-                }
+                e.insert(v);
+                queue.push_back(w);
             }
         }
     }

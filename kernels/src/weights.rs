@@ -128,6 +128,11 @@ impl Weights {
         Ok(t)
     }
 
+    /// Whether the file has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
     /// A tensor that must exist, of any shape.
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
         self.tensors

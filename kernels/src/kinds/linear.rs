@@ -148,10 +148,7 @@ impl Kind for LinearKind {
             Some(path) => {
                 let w = Weights::load(path, device)?;
                 let weight = w.get("weight", &[p.output, p.input])?;
-                let bias = match w.get_any("bias") {
-                    Ok(_) => Some(w.get("bias", &[p.output])?),
-                    Err(_) => None,
-                };
+                let bias = if w.contains("bias") { Some(w.get("bias", &[p.output])?) } else { None };
                 (weight, bias)
             }
             None => {
