@@ -88,5 +88,5 @@ pub(crate) fn existing_file(spec: &SubmodelSpec, key: &str, raw: &str) -> Result
 
 /// The weights file, which this kind requires.
 pub(crate) fn required_weights(spec: &SubmodelSpec) -> Result<PathBuf, KindError> {
-    spec.weights.clone().ok_or_else(|| KindError::whole(format!("kind `{}` needs `weights`", spec.kind)))
+    spec.weights.clone().ok_or_else(|| KindError::at("weights", format!("kind `{}` needs `weights`", spec.kind)))
 }

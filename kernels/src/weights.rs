@@ -76,9 +76,15 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
                 info.dtype, info.shape
             )));
         }
+        if b as u64 > len {
+            return Err(corrupt(format!(
+                "tensor `{name}` ends at byte {b}, past the end of a {len}-byte file (truncated)"
+            )));
+        }
         end = end.max(b);
         out.insert(name, TensorInfo { dtype: info.dtype, shape: info.shape });
     }
+    // Cannot overflow: n + 8 <= len and end <= len were checked above.
     let expected = 8 + n + end as u64;
     if expected != len {
         return Err(corrupt(format!(

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, Device};
+use candle_core::{D, DType, Device, Tensor};
 use maas_graphs::{KindError, PortSpec, Signature, SubmodelSpec, ty};
 
 use super::{out, tensor};
-use crate::error::{CandleContext, Result};
+use crate::error::{CandleContext, KernelError, Result};
 use crate::kernel::{Kernel, Kind};
 use crate::value::Values;
 
@@ -35,6 +35,16 @@ impl Kind for Argmax {
 impl Kernel for ArgmaxKernel {
     fn forward(&self, inputs: &Values) -> Result<Values> {
         let x = tensor(inputs, "x")?;
+        let (b, n) = x.dims2().ctx("argmax")?;
+        if b == 0 {
+            return Ok(out("out", Tensor::zeros(0, DType::U32, x.device()).ctx("argmax")?));
+        }
+        if n == 0 {
+            return Err(KernelError::Input {
+                port: "x".into(),
+                message: format!("rows are empty (shape {:?}): no largest value", x.dims()),
+            });
+        }
         Ok(out("out", x.argmax(D::Minus1).ctx("argmax")?))
     }
 

@@ -174,8 +174,11 @@ enum Matmul {
 }
 
 impl Linear {
-    /// A layer from `weight` [out,in] and an optional `bias` [out].
+    /// A layer from `weight` [out,in] and an optional `bias` [out], in any float dtype
+    /// (computed in f32).
     pub fn new(weight: Tensor, bias: Option<Tensor>, quantize: Quantize) -> Result<Self> {
+        let weight = weight.to_dtype(candle_core::DType::F32).ctx("linear weight dtype")?;
+        let bias = bias.map(|b| b.to_dtype(candle_core::DType::F32)).transpose().ctx("linear bias dtype")?;
         let matmul = match quantize.block() {
             None => Matmul::F32(weight.t().and_then(|w| w.contiguous()).ctx("linear weight")?),
             Some((dtype, _)) => {

@@ -72,16 +72,18 @@ fn params(spec: &SubmodelSpec) -> Result<(Vec<usize>, Activation, u64), Vec<Kind
             Err(e) => errs.push(KindError::at("weights", e.to_string())),
             Ok(h) => {
                 for (i, w) in p.layers.windows(2).enumerate() {
-                    let name = format!("layers.{i}.weight");
-                    match h.get(&name) {
-                        None => {
-                            errs.push(KindError::at("weights", format!("`{}` has no tensor `{name}`", path.display())))
+                    let wanted =
+                        [(format!("layers.{i}.weight"), vec![w[1], w[0]]), (format!("layers.{i}.bias"), vec![w[1]])];
+                    for (name, shape) in wanted {
+                        match h.get(&name) {
+                            None => errs
+                                .push(KindError::at("weights", format!("`{}` has no tensor `{name}`", path.display()))),
+                            Some(t) if t.shape != shape => errs.push(KindError::at(
+                                "weights",
+                                format!("tensor `{name}` has shape {:?}, but `layers` needs {shape:?}", t.shape),
+                            )),
+                            Some(_) => {}
                         }
-                        Some(t) if t.shape != [w[1], w[0]] => errs.push(KindError::at(
-                            "weights",
-                            format!("tensor `{name}` has shape {:?}, but `layers` needs [{}, {}]", t.shape, w[1], w[0]),
-                        )),
-                        Some(_) => {}
                     }
                 }
             }
