@@ -3,6 +3,7 @@
 //! This crate is the facade: it re-exports the layers ([`graphs`], [`kernels`], [`engine`])
 //! and holds what the `maas` binary and the examples share.
 
+pub mod bench;
 pub mod digits;
 
 pub use maas_engine as engine;

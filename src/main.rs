@@ -5,10 +5,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use maas_engine::{Sequential, json};
-use maas_graphs::{Diagnostics, PortType};
+use maas::bench::{self, BenchConfig};
+use maas_engine::{Engine, Sequential, json};
+use maas_graphs::{Diagnostics, Pipeline, PortType};
 use maas_kernels::{Registry, Values};
 
 /// Serve machine-learning models as checked compositions of submodels.
@@ -51,6 +54,31 @@ enum Command {
         /// of strings for text), a plain string for a text input, or @FILE with JSON in it.
         #[arg(long = "input", value_name = "NAME=VALUE")]
         inputs: Vec<String>,
+    },
+    /// Drive a pipeline in process and print throughput and latency percentiles as JSON.
+    Bench {
+        /// Graph files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The pipeline to drive.
+        #[arg(long)]
+        pipeline: String,
+        /// Concurrent callers (closed loop).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Requests per second: an open loop instead (latency from the scheduled send time).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Inputs of every request, as for `run`.
+        #[arg(long = "input", value_name = "NAME=VALUE")]
+        inputs: Vec<String>,
+        /// Also measure the bare kernels (sequential executor, one batch of `concurrency`
+        /// requests' rows) in the same run, and report the ratio.
+        #[arg(long)]
+        baseline: bool,
     },
 }
 
@@ -98,6 +126,37 @@ fn describe(files: &[PathBuf]) -> String {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn find_pipeline<'g>(graph: &'g maas_graphs::Graph, name: &str, files: &[PathBuf]) -> anyhow::Result<&'g Pipeline> {
+    graph.pipelines.get(name).with_context(|| format!("no pipeline `{name}` in {}", describe(files)))
+}
+
+/// Parses `--input NAME=VALUE` arguments against a pipeline's declared inputs.
+fn parse_inputs(p: &Pipeline, inputs: &[String]) -> anyhow::Result<Values> {
+    let mut values = Values::new();
+    for arg in inputs {
+        let (name, raw) = arg.split_once('=').with_context(|| format!("--input `{arg}` is not NAME=VALUE"))?;
+        let input = p.inputs.iter().find(|i| i.name.as_str() == name).with_context(|| {
+            let known: Vec<&str> = p.inputs.iter().map(|i| i.name.as_str()).collect();
+            format!("pipeline `{}` has no input `{name}`; it takes: {}", p.name, known.join(", "))
+        })?;
+        let text = match raw.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+            None => raw.to_string(),
+        };
+        let parsed = match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(j) => j,
+            Err(_) if input.ty == PortType::Text => serde_json::Value::String(text),
+            Err(e) => bail!("--input {name}: not valid JSON: {e}"),
+        };
+        values.insert(name.to_string(), json::value_from_json(name, &input.ty, &parsed)?);
+    }
+    Ok(values)
+}
+
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     let registry = Registry::builtin();
     match command {
@@ -121,48 +180,66 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Graph { files, pipeline } => {
             let checked = load(&files, &registry)?;
-            let p = checked
-                .graph
-                .pipelines
-                .get(pipeline.as_str())
-                .with_context(|| format!("no pipeline `{pipeline}` in {}", describe(&files)))?;
-            println!("{}", maas_graphs::to_dot(&checked.graph, p));
+            let p = find_pipeline(&checked.graph, &pipeline, &files)?;
+            print!("{}", maas_graphs::to_dot(&checked.graph, p));
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { files, pipeline, inputs } => {
             let checked = load(&files, &registry)?;
-            let p = checked
-                .graph
-                .pipelines
-                .get(pipeline.as_str())
-                .with_context(|| format!("no pipeline `{pipeline}` in {}", describe(&files)))?;
-            let mut values = Values::new();
-            for arg in &inputs {
-                let (name, raw) = arg.split_once('=').with_context(|| format!("--input `{arg}` is not NAME=VALUE"))?;
-                let input = p.inputs.iter().find(|i| i.name.as_str() == name).with_context(|| {
-                    let known: Vec<&str> = p.inputs.iter().map(|i| i.name.as_str()).collect();
-                    format!("pipeline `{pipeline}` has no input `{name}`; it takes: {}", known.join(", "))
-                })?;
-                let text = match raw.strip_prefix('@') {
-                    Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
-                    None => raw.to_string(),
-                };
-                let parsed = match serde_json::from_str::<serde_json::Value>(&text) {
-                    Ok(j) => j,
-                    Err(_) if input.ty == PortType::Text => serde_json::Value::String(text),
-                    Err(e) => bail!("--input {name}: not valid JSON: {e}"),
-                };
-                values.insert(name.to_string(), json::value_from_json(name, &input.ty, &parsed)?);
-            }
-            let engine = Sequential::new(&checked.graph, &registry)?;
-            let outputs = engine.run(&pipeline, values)?;
-            let mut out = serde_json::Map::new();
-            for (name, v) in &outputs {
-                out.insert(name.clone(), json::value_to_json(v)?);
-            }
-            let report = serde_json::json!({ "outputs": out, "model_versions": engine.versions(p) });
-            println!("{report}");
-            Ok(ExitCode::SUCCESS)
+            let p = find_pipeline(&checked.graph, &pipeline, &files)?;
+            let values = parse_inputs(p, &inputs)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let engine = Engine::builder().from_graph(checked.graph.clone()).await?;
+                let response = engine.infer(&pipeline, values).await;
+                engine.shutdown().await;
+                let response = response?;
+                let mut out = serde_json::Map::new();
+                for (name, v) in &response.outputs {
+                    out.insert(name.clone(), json::value_to_json(v)?);
+                }
+                println!("{}", serde_json::json!({ "outputs": out, "model_versions": response.versions }));
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Bench { files, pipeline, concurrency, duration, rate, inputs, baseline } => {
+            let checked = load(&files, &registry)?;
+            let p = find_pipeline(&checked.graph, &pipeline, &files)?;
+            let values = parse_inputs(p, &inputs)?;
+            let cfg = BenchConfig {
+                pipeline: pipeline.clone(),
+                concurrency,
+                duration: Duration::from_secs_f64(duration),
+                rate,
+            };
+            let base = if baseline {
+                let seq = Sequential::new(&checked.graph, &registry)?;
+                Some(bench::baseline(
+                    &seq,
+                    &pipeline,
+                    &values,
+                    concurrency.max(1),
+                    cfg.duration.min(Duration::from_secs(10)),
+                )?)
+            } else {
+                None
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let engine = Engine::builder().from_graph(checked.graph.clone()).await?;
+                // Warm up every submodel once before measuring.
+                let _ = engine.infer(&pipeline, values.clone()).await;
+                let mut report = bench::run(&engine, values, &cfg).await;
+                engine.shutdown().await;
+                if let Some(base) = base {
+                    let ratio = report["throughput_rps"].as_f64().unwrap_or(0.0)
+                        / base["requests_per_s"].as_f64().unwrap_or(f64::NAN);
+                    report["baseline"] = base;
+                    report["vs_baseline"] = serde_json::json!((ratio * 1000.0).round() / 1000.0);
+                }
+                println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            })
         }
     }
 }

@@ -1,1 +1,27 @@
-//! placeholder
+//! The maas runtime: supervised submodel actors with their own execution streams and dynamic
+//! batching.
+//!
+//! - A [`SubmodelActor`] (ractor) per submodel owns the submodel's queue, batches jobs across
+//!   every request of every pipeline, and dispatches each batch to an idle replica.
+//! - A [`ReplicaActor`] per replica owns one execution stream: an OS thread that holds the
+//!   replica's kernel and device and runs batches one at a time (so `forward` never blocks the
+//!   async runtime). A kernel panic is caught on the stream; the replica fails and the submodel
+//!   actor restarts it with backoff, within a restart budget.
+//! - [`batch`] pads ragged ports so rows of different lengths share a batch, and trims outputs
+//!   back to each job's own length.
+//!
+//! See `docs/runtime-semantics.md` for ordering, backpressure, deadlines, cancellation, panics
+//! and shutdown.
+
+pub mod batch;
+pub mod metrics;
+mod protocol;
+mod replica;
+mod status;
+mod stream;
+mod submodel;
+
+pub use protocol::{Job, JobError, JobOutput, SubmodelMessage};
+pub use replica::{ReplicaActor, ReplicaArgs, ReplicaMessage, Started};
+pub use status::{SubmodelState, SubmodelStatus};
+pub use submodel::{RestartPolicy, SubmodelActor, SubmodelActorState, SubmodelArgs};

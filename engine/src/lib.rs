@@ -19,11 +19,17 @@
 //! assert_eq!(out["embedding"].as_tensor().unwrap().dims(), &[1, 384]);
 //! ```
 
+mod engine;
 mod error;
 pub mod json;
+mod metrics;
 mod sequential;
 
-pub use error::{EngineError, Result};
+pub use engine::{Engine, EngineBuilder, EngineOptions, InferOptions, PipelineInfo, Response, SubmodelInfo};
+pub use error::{EngineError, InferError, Result};
+pub use maas_actors::RestartPolicy;
+pub use maas_actors::metrics::HistogramSnapshot;
+pub use metrics::{MetricsSnapshot, PipelineSnapshot, SubmodelSnapshot};
 pub use sequential::Sequential;
 
 use std::path::Path;

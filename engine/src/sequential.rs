@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use maas_graphs::{Graph, Pipeline, Source, SubmodelName};
 use maas_kernels::{KernelError, Loaded, Registry, Values, check_inputs};
 
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, InferError, Result};
 
 /// Every submodel of a graph loaded once, and the graph's pipelines, run synchronously.
 pub struct Sequential {
@@ -45,8 +45,8 @@ impl Sequential {
     }
 
     /// Runs a pipeline on named inputs; returns its named outputs.
-    pub fn run(&self, pipeline: &str, inputs: Values) -> Result<Values> {
-        let p = self.graph.pipelines.get(pipeline).ok_or_else(|| EngineError::UnknownPipeline(pipeline.to_string()))?;
+    pub fn run(&self, pipeline: &str, inputs: Values) -> Result<Values, InferError> {
+        let p = self.graph.pipelines.get(pipeline).ok_or_else(|| InferError::UnknownPipeline(pipeline.to_string()))?;
         check_pipeline_inputs(p, &inputs)?;
         let mut produced: BTreeMap<(&str, &str), maas_kernels::Value> = BTreeMap::new();
         for node in &p.nodes {
@@ -59,10 +59,10 @@ impl Sequential {
                 args.insert(port.to_string(), v);
             }
             let loaded = &self.submodels[&node.submodel];
-            let fail = |source: KernelError| EngineError::SubmodelFailed {
+            let fail = |e: KernelError| InferError::SubmodelFailed {
                 node: node.name.to_string(),
                 submodel: node.submodel.to_string(),
-                source,
+                message: e.to_string(),
             };
             let mut out = loaded.forward(&args).map_err(fail)?;
             for port in &loaded.signature.outputs {
@@ -79,11 +79,11 @@ impl Sequential {
 }
 
 /// Checks a request's inputs against the pipeline's declared inputs.
-pub(crate) fn check_pipeline_inputs(p: &Pipeline, inputs: &Values) -> Result<()> {
+pub(crate) fn check_pipeline_inputs(p: &Pipeline, inputs: &Values) -> Result<(), InferError> {
     for name in inputs.keys() {
         if !p.inputs.iter().any(|i| i.name.as_str() == name) {
             let known: Vec<&str> = p.inputs.iter().map(|i| i.name.as_str()).collect();
-            return Err(EngineError::InvalidInput(format!(
+            return Err(InferError::InvalidInput(format!(
                 "pipeline `{}` has no input `{name}`; it takes: {}",
                 p.name,
                 known.join(", ")
@@ -94,6 +94,6 @@ pub(crate) fn check_pipeline_inputs(p: &Pipeline, inputs: &Values) -> Result<()>
         inputs: p.inputs.iter().map(|i| maas_graphs::PortSpec::new(i.name.as_str(), i.ty.clone())).collect(),
         outputs: Vec::new(),
     };
-    check_inputs(&sig, inputs).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    check_inputs(&sig, inputs).map_err(|e| InferError::InvalidInput(e.to_string()))?;
     Ok(())
 }

@@ -16,18 +16,18 @@ use crate::value::{Value, Values};
 pub trait Kernel: Send + Sync {
     /// Runs one batch. Every output keeps the batch dimension of the inputs.
     fn forward(&self, inputs: &Values) -> Result<Values>;
-
-    /// Cheap enough to run inline on the caller's thread, without a hop to an execution stream
-    /// (element-wise ops, pooling). Defaults to `false`.
-    fn trivial(&self) -> bool {
-        false
-    }
 }
 
 /// A kind of kernel, registered by name: declares signatures and loads kernels.
 pub trait Kind: Send + Sync {
     /// The name used in `kind = "..."`.
     fn name(&self) -> &str;
+
+    /// Cheap enough to run inline on the caller's task, without batching or a hop to an
+    /// execution stream (element-wise ops, pooling, small reductions). Defaults to `false`.
+    fn trivial(&self) -> bool {
+        false
+    }
 
     /// The signature of a submodel of this kind, from its params and files; checks settings
     /// without loading weights (reads headers and configs only).
@@ -73,11 +73,6 @@ impl Loaded {
             }
         }
         Ok(out)
-    }
-
-    /// Whether the kernel may run inline.
-    pub fn trivial(&self) -> bool {
-        self.kernel.trivial()
     }
 }
 

@@ -19,6 +19,10 @@ impl Kind for Argmax {
         "argmax"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
         Ok(Signature {
@@ -46,9 +50,5 @@ impl Kernel for ArgmaxKernel {
             });
         }
         Ok(out("out", x.argmax(D::Minus1).ctx("argmax")?))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

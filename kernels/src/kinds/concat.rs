@@ -19,6 +19,10 @@ impl Kind for Concat {
         "concat"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
         Ok(Signature {
@@ -36,9 +40,5 @@ impl Kernel for ConcatKernel {
     fn forward(&self, inputs: &Values) -> Result<Values> {
         let (a, b) = (tensor(inputs, "a")?, tensor(inputs, "b")?);
         Ok(out("out", Tensor::cat(&[a, b], 1).ctx("concat")?))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

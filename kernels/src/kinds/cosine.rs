@@ -20,6 +20,10 @@ impl Kind for Cosine {
         "cosine"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
         Ok(Signature {
@@ -44,9 +48,5 @@ impl Kernel for CosineKernel {
         })()
         .ctx("cosine")?;
         Ok(out("out", score))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

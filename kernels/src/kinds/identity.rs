@@ -18,6 +18,10 @@ impl Kind for Identity {
         "identity"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
         Ok(Signature {
@@ -35,9 +39,5 @@ impl Kernel for IdentityKernel {
     fn forward(&self, inputs: &Values) -> Result<Values> {
         let x = inputs.get("x").cloned().ok_or(crate::KernelError::MissingInput { port: "x".into() })?;
         Ok(Values::from([("out".to_string(), x)]))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

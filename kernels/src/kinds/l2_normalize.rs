@@ -20,6 +20,10 @@ impl Kind for L2Normalize {
         "l2_normalize"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
         Ok(Signature {
@@ -43,9 +47,5 @@ impl Kernel for L2NormalizeKernel {
         let x = tensor(inputs, "x")?;
         let norms = row_norms(x, 1e-12).ctx("l2_normalize norm")?;
         Ok(out("out", x.broadcast_div(&norms).ctx("l2_normalize div")?))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

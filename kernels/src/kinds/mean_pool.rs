@@ -21,6 +21,10 @@ impl Kind for MeanPool {
         "mean_pool"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
         Ok(Signature {
@@ -44,9 +48,5 @@ impl Kernel for MeanPoolKernel {
         let summed = hidden.broadcast_mul(&mask).and_then(|t| t.sum(1)).ctx("mean_pool sum")?;
         let counts = mask.sum(1).and_then(|c| c.clamp(1e-9f32, f32::MAX)).ctx("mean_pool count")?;
         Ok(out("out", summed.broadcast_div(&counts).ctx("mean_pool div")?))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

@@ -19,6 +19,10 @@ impl Kind for Softmax {
         "softmax"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         super::no_settings(spec)?;
         Ok(Signature {
@@ -40,9 +44,5 @@ impl Kernel for SoftmaxKernel {
             return Ok(out("out", x.clone()));
         }
         Ok(out("out", candle_nn::ops::softmax_last_dim(x).ctx("softmax")?))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

@@ -40,6 +40,10 @@ impl Kind for TopK {
         "topk"
     }
 
+    fn trivial(&self) -> bool {
+        true
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         let k = params(spec)?.k;
         let out = |dtype| PortType::tensor(dtype, [Dim::Sym("B".into()), Dim::Fixed(k)]);
@@ -71,9 +75,5 @@ impl Kernel for TopKKernel {
             ("values".to_string(), Value::Tensor(values)),
             ("indices".to_string(), Value::Tensor(indices)),
         ]))
-    }
-
-    fn trivial(&self) -> bool {
-        true
     }
 }

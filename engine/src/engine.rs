@@ -1,0 +1,626 @@
+//! The embeddable engine: serves a checked graph with supervised submodel actors.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use candle_core::Tensor;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use maas_actors::metrics::SubmodelMetrics;
+use maas_actors::{
+    Job, JobError, RestartPolicy, SubmodelActor, SubmodelArgs, SubmodelMessage, SubmodelState, SubmodelStatus,
+};
+use maas_graphs::{Graph, Pipeline, PortType, Source, SourceFile, SubmodelSpec};
+use maas_kernels::{Kind, Loaded, Registry, Value, Values};
+use ractor::{Actor, ActorRef};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::error::{EngineError, InferError, Result};
+use crate::metrics::{MetricsSnapshot, PipelineMetrics, SubmodelSnapshot};
+use crate::sequential::check_pipeline_inputs;
+
+/// Settings of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Requests admitted at once; more are refused with [`InferError::Overloaded`].
+    pub max_in_flight: usize,
+    /// How failed replicas are restarted.
+    pub restart: RestartPolicy,
+    /// How long [`Engine::shutdown`] waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { max_in_flight: 4096, restart: RestartPolicy::default(), drain_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Builds an [`Engine`]: choose kinds and options, then load graphs.
+pub struct EngineBuilder {
+    registry: Registry,
+    options: EngineOptions,
+}
+
+impl EngineBuilder {
+    /// Adds a kind of your own (or replaces a built-in one of the same name).
+    pub fn register(mut self, kind: impl Kind + 'static) -> Self {
+        self.registry.register(kind);
+        self
+    }
+
+    /// Sets the options.
+    pub fn options(mut self, options: EngineOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The registry the graphs will be checked and loaded with.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Checks graph files, loads every submodel and starts serving.
+    pub async fn from_files<P: AsRef<Path>>(self, paths: &[P]) -> Result<Engine> {
+        let checked = crate::load_files(paths, &self.registry).map_err(EngineError::Graph)?;
+        for w in &checked.warnings {
+            tracing::warn!("{w}");
+        }
+        self.from_graph(checked.graph).await
+    }
+
+    /// Checks graph sources (TOML text) and starts serving.
+    pub async fn from_sources(self, sources: Vec<SourceFile>) -> Result<Engine> {
+        let checked = crate::load_sources(sources, &self.registry).map_err(EngineError::Graph)?;
+        self.from_graph(checked.graph).await
+    }
+
+    /// Starts serving a graph that was already checked.
+    pub async fn from_graph(self, graph: Graph) -> Result<Engine> {
+        let mut submodels = BTreeMap::new();
+        for (name, spec) in &graph.submodels {
+            let sub = start_submodel(Arc::new(spec.clone()), &self.registry, self.options.restart).await?;
+            submodels.insert(name.to_string(), Arc::new(sub));
+        }
+        let served = Served::compile(graph, submodels)?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                registry: self.registry,
+                served: ArcSwap::from_pointee(served),
+                admission: Arc::new(Semaphore::new(self.options.max_in_flight)),
+                shutting_down: AtomicBool::new(false),
+                options: self.options,
+            }),
+        })
+    }
+}
+
+/// How a submodel computes.
+enum Exec {
+    /// A trivial kind, run on the request's own task.
+    Inline(Loaded),
+    /// A supervised actor with replicas and batching.
+    Actor(ActorRef<SubmodelMessage>),
+}
+
+/// A running submodel.
+pub(crate) struct Submodel {
+    spec: Arc<SubmodelSpec>,
+    exec: Exec,
+    metrics: Arc<SubmodelMetrics>,
+    status: Arc<SubmodelStatus>,
+}
+
+async fn start_submodel(spec: Arc<SubmodelSpec>, registry: &Registry, restart: RestartPolicy) -> Result<Submodel> {
+    let name = spec.name.to_string();
+    let kind = registry.get(&spec.kind).ok_or_else(|| EngineError::Start {
+        submodel: name.clone(),
+        message: format!("unknown kind `{}`", spec.kind),
+    })?;
+    let metrics = Arc::new(SubmodelMetrics::default());
+    let status = Arc::new(SubmodelStatus::default());
+    if kind.trivial() {
+        let reg = registry.clone();
+        let s = spec.clone();
+        let loaded = tokio::task::spawn_blocking(move || reg.load(&s))
+            .await
+            .map_err(|e| EngineError::Start { submodel: name.clone(), message: e.to_string() })?
+            .map_err(|source| EngineError::Load { submodel: name.clone(), source })?;
+        status.set_inline();
+        return Ok(Submodel { spec, exec: Exec::Inline(loaded), metrics, status });
+    }
+    let args = SubmodelArgs {
+        spec: spec.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        status: status.clone(),
+        policy: restart,
+    };
+    let (actor, _) = Actor::spawn(None, SubmodelActor, args)
+        .await
+        .map_err(|e| EngineError::Start { submodel: name, message: e.to_string() })?;
+    Ok(Submodel { spec, exec: Exec::Actor(actor), metrics, status })
+}
+
+/// Where a node input comes from, compiled.
+enum Src {
+    Input(String),
+    Node(usize, String),
+}
+
+struct PlanNode {
+    name: String,
+    submodel: Arc<Submodel>,
+    inputs: Vec<(String, Src)>,
+    /// Nodes that read this node's outputs.
+    consumers: Vec<usize>,
+    /// How many distinct nodes this node waits for.
+    deps: usize,
+}
+
+/// A pipeline compiled against running submodels: immutable; a request keeps the plan it
+/// started with.
+struct Plan {
+    pipeline: Pipeline,
+    nodes: Vec<PlanNode>,
+    outputs: Vec<(String, usize, String)>,
+    metrics: PipelineMetrics,
+}
+
+/// What an engine serves: the graph, its plans and its submodels, swapped as a whole.
+struct Served {
+    graph: Graph,
+    plans: BTreeMap<String, Arc<Plan>>,
+    submodels: BTreeMap<String, Arc<Submodel>>,
+}
+
+impl Served {
+    fn compile(graph: Graph, submodels: BTreeMap<String, Arc<Submodel>>) -> Result<Self> {
+        let mut plans = BTreeMap::new();
+        for (name, p) in &graph.pipelines {
+            let index: BTreeMap<&str, usize> = p.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+            let mut nodes: Vec<PlanNode> = Vec::with_capacity(p.nodes.len());
+            for n in &p.nodes {
+                let submodel = submodels.get(n.submodel.as_str()).cloned().ok_or_else(|| EngineError::Start {
+                    submodel: n.submodel.to_string(),
+                    message: "not started".into(),
+                })?;
+                let inputs = n
+                    .inputs
+                    .iter()
+                    .map(|(port, src)| {
+                        let s = match src {
+                            Source::Input(i) => Src::Input(i.to_string()),
+                            Source::Node { node, port } => Src::Node(index[node.as_str()], port.to_string()),
+                        };
+                        (port.to_string(), s)
+                    })
+                    .collect();
+                nodes.push(PlanNode { name: n.name.to_string(), submodel, inputs, consumers: Vec::new(), deps: 0 });
+            }
+            for i in 0..nodes.len() {
+                let mut producers: Vec<usize> = nodes[i]
+                    .inputs
+                    .iter()
+                    .filter_map(|(_, s)| if let Src::Node(j, _) = s { Some(*j) } else { None })
+                    .collect();
+                producers.sort_unstable();
+                producers.dedup();
+                nodes[i].deps = producers.len();
+                for j in producers {
+                    nodes[j].consumers.push(i);
+                }
+            }
+            let outputs =
+                p.outputs.iter().map(|o| (o.name.to_string(), index[o.node.as_str()], o.port.to_string())).collect();
+            plans.insert(
+                name.to_string(),
+                Arc::new(Plan { pipeline: p.clone(), nodes, outputs, metrics: PipelineMetrics::default() }),
+            );
+        }
+        Ok(Self { graph, plans, submodels })
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    served: ArcSwap<Served>,
+    admission: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+    options: EngineOptions,
+}
+
+/// The engine a service embeds: serves pipelines from a checked graph with supervised,
+/// batching submodel actors. Cheap to clone (all clones serve the same pipelines).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Per-request options.
+#[derive(Debug, Clone, Default)]
+pub struct InferOptions {
+    /// Overrides the pipeline's `deadline_ms`.
+    pub deadline: Option<Duration>,
+}
+
+/// A request's result: outputs and the version of every submodel that served it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Named outputs, batch first.
+    pub outputs: Values,
+    /// Submodel -> version that computed this request.
+    pub versions: BTreeMap<String, String>,
+}
+
+/// A pipeline as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineInfo {
+    /// Its name.
+    pub name: String,
+    /// Inputs with their types.
+    pub inputs: Vec<(String, PortType)>,
+    /// Outputs with their types.
+    pub outputs: Vec<(String, PortType)>,
+    /// The submodels it uses.
+    pub submodels: Vec<String>,
+}
+
+/// A submodel as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmodelInfo {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// The version serving now.
+    pub version: String,
+    /// Its device.
+    pub device: String,
+    /// Replicas configured.
+    pub replicas: usize,
+    /// Replicas serving now.
+    pub ready_replicas: usize,
+    /// `starting`, `ready`, `degraded`, `failed`, `stopped`.
+    pub state: String,
+    /// Runs inline on the request's task (trivial kinds).
+    pub inline: bool,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+impl Engine {
+    /// A builder with the built-in kinds and default options.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder { registry: Registry::builtin(), options: EngineOptions::default() }
+    }
+
+    /// Checks graph files and serves them with the built-in kinds and default options.
+    pub async fn from_files<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        Self::builder().from_files(paths).await
+    }
+
+    /// The registry of kinds this engine uses.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The graph served now.
+    pub fn graph(&self) -> Graph {
+        self.inner.served.load().graph.clone()
+    }
+
+    /// Runs a pipeline with its default deadline.
+    pub async fn infer(&self, pipeline: &str, inputs: Values) -> Result<Response, InferError> {
+        self.infer_with(pipeline, inputs, InferOptions::default()).await
+    }
+
+    /// Runs a pipeline. Dropping the returned future cancels the rest of the request's work.
+    pub async fn infer_with(
+        &self,
+        pipeline: &str,
+        inputs: Values,
+        options: InferOptions,
+    ) -> Result<Response, InferError> {
+        let started = Instant::now();
+        let served = self.inner.served.load_full();
+        let plan = served.plans.get(pipeline).cloned().ok_or_else(|| InferError::UnknownPipeline(pipeline.into()))?;
+        let span = tracing::debug_span!("request", pipeline);
+        let result = async {
+            if self.inner.shutting_down.load(Relaxed) {
+                return Err(InferError::ShuttingDown);
+            }
+            let _permit = self.inner.admission.clone().try_acquire_owned().map_err(|_| {
+                InferError::Overloaded(format!("{} requests in flight", self.inner.options.max_in_flight))
+            })?;
+            check_pipeline_inputs(&plan.pipeline, &inputs)?;
+            let limit = options.deadline.or(plan.pipeline.deadline);
+            let deadline = limit.map(|d| started + d);
+            match (limit, deadline) {
+                (Some(limit), Some(at)) => tokio::time::timeout_at(at.into(), run_plan(&plan, inputs, deadline))
+                    .await
+                    .unwrap_or(Err(InferError::DeadlineExceeded(limit))),
+                _ => run_plan(&plan, inputs, None).await,
+            }
+        }
+        .instrument(span)
+        .await;
+        plan.metrics.record(started.elapsed().as_secs_f64(), result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// The pipelines served, with their types.
+    pub fn pipelines(&self) -> Vec<PipelineInfo> {
+        self.inner
+            .served
+            .load()
+            .plans
+            .values()
+            .map(|p| PipelineInfo {
+                name: p.pipeline.name.to_string(),
+                inputs: p.pipeline.inputs.iter().map(|i| (i.name.to_string(), i.ty.clone())).collect(),
+                outputs: p.pipeline.outputs.iter().map(|o| (o.name.to_string(), o.ty.clone())).collect(),
+                submodels: p.pipeline.submodels().into_iter().map(|s| s.to_string()).collect(),
+            })
+            .collect()
+    }
+
+    /// The submodels served, with their state.
+    pub fn submodels(&self) -> Vec<SubmodelInfo> {
+        self.inner
+            .served
+            .load()
+            .submodels
+            .values()
+            .map(|s| SubmodelInfo {
+                name: s.spec.name.to_string(),
+                kind: s.spec.kind.clone(),
+                version: s.spec.version.clone(),
+                device: s.spec.device.to_string(),
+                replicas: s.spec.replicas,
+                ready_replicas: s.status.ready_replicas(),
+                state: s.status.state().as_str().to_string(),
+                inline: matches!(s.exec, Exec::Inline(_)),
+                last_error: s.status.last_error(),
+            })
+            .collect()
+    }
+
+    /// Every submodel serves (none starting or failed) and the engine is not shutting down.
+    pub fn ready(&self) -> bool {
+        !self.inner.shutting_down.load(Relaxed)
+            && self.inner.served.load().submodels.values().all(|s| s.status.state().serving())
+    }
+
+    /// Every metric now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let served = self.inner.served.load();
+        MetricsSnapshot {
+            submodels: served.submodels.iter().map(|(n, s)| (n.clone(), SubmodelSnapshot::of(&s.metrics))).collect(),
+            pipelines: served.plans.iter().map(|(n, p)| (n.clone(), p.metrics.snapshot())).collect(),
+            in_flight: (self.inner.options.max_in_flight - self.inner.admission.available_permits()) as u64,
+        }
+    }
+
+    /// Stops taking requests, waits (up to the drain timeout) for those in flight to finish,
+    /// then stops every submodel. Returns how many requests were still running at the timeout.
+    pub async fn shutdown(&self) -> usize {
+        self.inner.shutting_down.store(true, Relaxed);
+        let all = self.inner.options.max_in_flight as u32;
+        let drained =
+            tokio::time::timeout(self.inner.options.drain_timeout, self.inner.admission.acquire_many(all)).await;
+        let left = match drained {
+            Ok(Ok(permits)) => {
+                permits.forget();
+                0
+            }
+            _ => self.inner.options.max_in_flight - self.inner.admission.available_permits(),
+        };
+        let served = self.inner.served.load();
+        for s in served.submodels.values() {
+            if let Exec::Actor(a) = &s.exec {
+                let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+            } else {
+                s.status.set_stopped();
+            }
+        }
+        left
+    }
+}
+
+/// Runs a plan's nodes as their inputs become ready; independent branches run concurrently.
+async fn run_plan(plan: &Plan, inputs: Values, deadline: Option<Instant>) -> Result<Response, InferError> {
+    let n = plan.nodes.len();
+    let mut outputs: Vec<Option<Values>> = vec![None; n];
+    let mut waiting: Vec<usize> = plan.nodes.iter().map(|p| p.deps).collect();
+    let mut versions = BTreeMap::new();
+    let mut ready: VecDeque<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+    let mut running = FuturesUnordered::new();
+    let mut done = 0;
+    while done < n {
+        while let Some(i) = ready.pop_front() {
+            let node = &plan.nodes[i];
+            let mut args = Values::new();
+            for (port, src) in &node.inputs {
+                let v = match src {
+                    Src::Input(name) => inputs[name.as_str()].clone(),
+                    Src::Node(j, p) => outputs[*j].as_ref().and_then(|o| o.get(p)).cloned().ok_or_else(|| {
+                        InferError::SubmodelFailed {
+                            node: plan.nodes[*j].name.clone(),
+                            submodel: plan.nodes[*j].submodel.spec.name.to_string(),
+                            message: format!("produced no output `{p}`"),
+                        }
+                    })?,
+                };
+                args.insert(port.clone(), v);
+            }
+            match &node.submodel.exec {
+                Exec::Inline(kernel) => {
+                    let out = run_inline(node, kernel, &args)?;
+                    running.push(futures_util::future::Either::Left(std::future::ready((i, Ok(out)))));
+                }
+                Exec::Actor(actor) => {
+                    let span = tracing::debug_span!("node", node = %node.name, submodel = %node.submodel.spec.name);
+                    let fut = async move { (i, call_actor(node, actor, args, deadline).await) }.instrument(span);
+                    running.push(futures_util::future::Either::Right(fut));
+                }
+            }
+        }
+        let Some((i, result)) = running.next().await else { break };
+        let (values, version) = result?;
+        versions.insert(plan.nodes[i].submodel.spec.name.to_string(), version);
+        outputs[i] = Some(values);
+        done += 1;
+        for &c in &plan.nodes[i].consumers {
+            waiting[c] -= 1;
+            if waiting[c] == 0 {
+                ready.push_back(c);
+            }
+        }
+    }
+    let mut out = Values::new();
+    for (name, node, port) in &plan.outputs {
+        let v =
+            outputs[*node].as_ref().and_then(|o| o.get(port)).cloned().ok_or_else(|| InferError::SubmodelFailed {
+                node: plan.nodes[*node].name.clone(),
+                submodel: plan.nodes[*node].submodel.spec.name.to_string(),
+                message: format!("produced no output `{port}`"),
+            })?;
+        out.insert(name.clone(), v);
+    }
+    Ok(Response { outputs: out, versions })
+}
+
+fn failed(node: &PlanNode, message: impl Into<String>) -> InferError {
+    InferError::SubmodelFailed {
+        node: node.name.clone(),
+        submodel: node.submodel.spec.name.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Runs a trivial kernel on the request's task, catching panics.
+fn run_inline(node: &PlanNode, kernel: &Loaded, args: &Values) -> Result<(Values, String), InferError> {
+    let m = &node.submodel.metrics;
+    let started = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| kernel.forward(args)));
+    m.compute_seconds.observe(started.elapsed().as_secs_f64());
+    m.batch_rows.observe(args.values().next().and_then(Value::rows).unwrap_or(0) as f64);
+    match result {
+        Ok(Ok(out)) => {
+            m.jobs_ok.fetch_add(1, Relaxed);
+            Ok((out, node.submodel.spec.version.clone()))
+        }
+        Ok(Err(e)) => {
+            m.jobs_failed.fetch_add(1, Relaxed);
+            Err(failed(node, e.to_string()))
+        }
+        Err(_) => {
+            m.jobs_failed.fetch_add(1, Relaxed);
+            Err(failed(node, "kernel panicked"))
+        }
+    }
+}
+
+/// Sends a node's rows to its submodel actor (split into chunks of at most `max_size` rows)
+/// and joins the answers.
+async fn call_actor(
+    node: &PlanNode,
+    actor: &ActorRef<SubmodelMessage>,
+    args: Values,
+    deadline: Option<Instant>,
+) -> Result<(Values, String), InferError> {
+    let sub = &node.submodel;
+    if sub.status.state() == SubmodelState::Failed {
+        let why = sub.status.last_error().unwrap_or_default();
+        return Err(failed(node, format!("submodel is not serving: {why}")));
+    }
+    let rows = args.values().next().and_then(Value::rows).unwrap_or(0);
+    let max = sub.spec.batch.map_or(usize::MAX, |b| b.max_size).max(1);
+    let chunks = if rows <= max { vec![args] } else { split_rows(&args, rows, max).map_err(|e| failed(node, e))? };
+    let mut receivers = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let chunk_rows = chunk.values().next().and_then(Value::rows).unwrap_or(0);
+        // The submodel's queue bound: refuse at once when full.
+        let before = sub.metrics.queued.fetch_add(1, Relaxed);
+        if before >= sub.spec.queue as u64 {
+            sub.metrics.queued.fetch_sub(1, Relaxed);
+            sub.metrics.jobs_rejected.fetch_add(1, Relaxed);
+            return Err(InferError::Overloaded(format!(
+                "submodel `{}` has {} jobs waiting (queue = {})",
+                sub.spec.name, before, sub.spec.queue
+            )));
+        }
+        let (job, rx) = Job::new(chunk, chunk_rows, deadline);
+        if actor.cast(SubmodelMessage::Infer(job)).is_err() {
+            sub.metrics.queued.fetch_sub(1, Relaxed);
+            return Err(failed(node, "submodel is not running"));
+        }
+        receivers.push(rx);
+    }
+    let mut parts = Vec::with_capacity(receivers.len());
+    let mut version = String::new();
+    for rx in receivers {
+        match rx.await {
+            Ok(Ok(out)) => {
+                version = out.version.to_string();
+                parts.push(out.values);
+            }
+            Ok(Err(JobError::DeadlineExceeded)) => {
+                return Err(InferError::DeadlineExceeded(
+                    deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(Instant::now())),
+                ));
+            }
+            Ok(Err(e)) => return Err(failed(node, e.to_string())),
+            Err(_) => return Err(failed(node, "the replica running this request was lost")),
+        }
+    }
+    let values = if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        join_rows(parts).map_err(|e| failed(node, e))?
+    };
+    Ok((values, version))
+}
+
+/// Splits named values into chunks of at most `max` rows.
+fn split_rows(args: &Values, rows: usize, max: usize) -> Result<Vec<Values>, String> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let len = max.min(rows - start);
+        let mut chunk = Values::new();
+        for (port, v) in args {
+            let part = match v {
+                Value::Tensor(t) => Value::Tensor(t.narrow(0, start, len).map_err(|e| e.to_string())?),
+                Value::Text(t) => Value::text(t[start..start + len].iter().cloned()),
+            };
+            chunk.insert(port.clone(), part);
+        }
+        chunks.push(chunk);
+        start += len;
+    }
+    Ok(chunks)
+}
+
+/// Joins chunk outputs back along the batch dimension.
+fn join_rows(parts: Vec<Values>) -> Result<Values, String> {
+    let mut out = Values::new();
+    for port in parts[0].keys() {
+        let vals: Vec<&Value> = parts.iter().filter_map(|p| p.get(port)).collect();
+        let joined = match vals[0] {
+            Value::Text(_) => Value::text(vals.iter().filter_map(|v| v.as_text()).flatten().cloned()),
+            Value::Tensor(_) => {
+                let ts: Vec<&Tensor> = vals.iter().filter_map(|v| v.as_tensor()).collect();
+                Value::Tensor(Tensor::cat(&ts, 0).map_err(|e| e.to_string())?)
+            }
+        };
+        out.insert(port.clone(), joined);
+    }
+    Ok(out)
+}

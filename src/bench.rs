@@ -1,0 +1,185 @@
+//! The in-process load generator behind `maas bench`.
+//!
+//! Closed loop: `concurrency` callers each send the next request as soon as the previous one
+//! ends. Open loop (`rate`): requests are sent on a fixed schedule whatever happens, and each
+//! latency is measured from its *scheduled* send time, so queueing is not hidden.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use maas_engine::{Engine, InferError, Sequential};
+use maas_kernels::Values;
+use serde_json::{Value as Json, json};
+
+/// What to drive and how hard.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The pipeline.
+    pub pipeline: String,
+    /// Concurrent callers (closed loop), or the most requests outstanding (open loop).
+    pub concurrency: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Requests per second for an open loop; `None` for a closed loop.
+    pub rate: Option<f64>,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<f64>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn record(&mut self, seconds: f64, result: Result<(), &InferError>) {
+        match result {
+            Ok(()) => self.latencies.push(seconds),
+            Err(e) => *self.errors.entry(e.kind().to_string()).or_default() += 1,
+        }
+    }
+}
+
+/// Percentile (0..=100) of sorted values, nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Drives `engine` and returns the JSON report.
+pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig) -> Json {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now();
+    let end = start + cfg.duration;
+    let progress = tokio::spawn(report_progress(tally.clone(), start, cfg.duration));
+    let before = engine.metrics();
+    match cfg.rate {
+        None => {
+            let mut callers = Vec::new();
+            for _ in 0..cfg.concurrency.max(1) {
+                let (engine, inputs, tally, pipeline) =
+                    (engine.clone(), inputs.clone(), tally.clone(), cfg.pipeline.clone());
+                callers.push(tokio::spawn(async move {
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let r = engine.infer(&pipeline, inputs.clone()).await;
+                        let secs = t.elapsed().as_secs_f64();
+                        tally.lock().expect("tally").record(secs, r.as_ref().map(|_| ()));
+                    }
+                }));
+            }
+            for c in callers {
+                let _ = c.await;
+            }
+        }
+        Some(rate) => {
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut k: u32 = 0;
+            loop {
+                let scheduled = start + interval * k;
+                if scheduled >= end {
+                    break;
+                }
+                tokio::time::sleep_until(scheduled.into()).await;
+                let (engine, inputs, tally, pipeline) =
+                    (engine.clone(), inputs.clone(), tally.clone(), cfg.pipeline.clone());
+                tasks.spawn(async move {
+                    let r = engine.infer(&pipeline, inputs).await;
+                    let secs = scheduled.elapsed().as_secs_f64();
+                    tally.lock().expect("tally").record(secs, r.as_ref().map(|_| ()));
+                });
+                while tasks.try_join_next().is_some() {}
+                k += 1;
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+    progress.abort();
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = engine.metrics();
+    let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    tally.latencies.sort_by(f64::total_cmp);
+    let ms = |p: f64| percentile(&tally.latencies, p) * 1e3;
+    let mut batches = serde_json::Map::new();
+    for (name, m) in &after.submodels {
+        let b = before.submodels.get(name);
+        let count = m.batch_rows.count - b.map_or(0, |b| b.batch_rows.count);
+        let rows = m.batch_rows.sum - b.map_or(0.0, |b| b.batch_rows.sum);
+        if count > 0 {
+            batches.insert(name.clone(), json!((rows / count as f64 * 100.0).round() / 100.0));
+        }
+    }
+    let ok = tally.latencies.len() as u64;
+    let errors: u64 = tally.errors.values().sum();
+    json!({
+        "pipeline": cfg.pipeline,
+        "mode": if cfg.rate.is_some() { "open" } else { "closed" },
+        "concurrency": cfg.concurrency,
+        "rate": cfg.rate,
+        "duration_s": (elapsed * 1000.0).round() / 1000.0,
+        "requests": ok + errors,
+        "ok": ok,
+        "errors": tally.errors,
+        "throughput_rps": ((ok as f64 / elapsed) * 100.0).round() / 100.0,
+        "latency_ms": { "p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0) },
+        "mean_batch_rows": batches,
+    })
+}
+
+async fn report_progress(tally: Arc<Mutex<Tally>>, start: Instant, total: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (ok, err) = {
+            let t = tally.lock().expect("tally");
+            (t.latencies.len(), t.errors.values().sum::<u64>())
+        };
+        eprintln!("bench: {:.0}/{:.0} s, {ok} ok, {err} errors", start.elapsed().as_secs_f64(), total.as_secs_f64());
+    }
+}
+
+/// The baseline: the same pipeline run by the sequential executor on one batch of
+/// `batch` copies of the inputs' rows (no actors, no queues, no batching logic), repeated for
+/// `duration`. Returns rows per second and seconds per batch (median).
+pub fn baseline(
+    engine: &Sequential,
+    pipeline: &str,
+    inputs: &Values,
+    batch: usize,
+    duration: Duration,
+) -> anyhow::Result<Json> {
+    let rows = inputs.values().next().and_then(maas_kernels::Value::rows).unwrap_or(1);
+    let mut big = Values::new();
+    for (name, v) in inputs {
+        let joined = match v {
+            maas_kernels::Value::Text(t) => maas_kernels::Value::text((0..batch).flat_map(|_| t.iter().cloned())),
+            maas_kernels::Value::Tensor(t) => {
+                let copies: Vec<&candle_core::Tensor> = (0..batch).map(|_| t).collect();
+                maas_kernels::Value::Tensor(candle_core::Tensor::cat(&copies, 0)?)
+            }
+        };
+        big.insert(name.clone(), joined);
+    }
+    engine.run(pipeline, big.clone())?; // warm-up
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < duration || times.len() < 3 {
+        let t = Instant::now();
+        engine.run(pipeline, big.clone())?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 50.0);
+    Ok(json!({
+        "batch_requests": batch,
+        "rows_per_batch": batch * rows,
+        "batches": times.len(),
+        "batch_ms_p50": median * 1e3,
+        "requests_per_s": ((batch as f64 / median) * 100.0).round() / 100.0,
+    }))
+}
