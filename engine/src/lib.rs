@@ -1,22 +1,35 @@
-//! The maas engine: loads graphs against the kernel registry and runs pipelines.
+//! The maas engine: serves checked graphs with supervised, batching submodel actors.
 //!
-//! This crate is the only one that knows graphs and kernels (and, later, actors) together.
-//! [`load_files`]/[`load_sources`] check graph files with the registry's signatures;
-//! [`Sequential`] is the reference executor: it loads every submodel once and runs a
-//! pipeline's nodes one after another on the calling thread. It is what `maas run` uses, and
-//! the oracle that concurrent execution is tested against.
+//! This crate is the only one that knows graphs, kernels and actors together. An [`Engine`]
+//! checks graph files against the kernel registry, starts a [`maas_actors::SubmodelActor`] per
+//! submodel (trivial kinds run inline), compiles one immutable plan per pipeline, and runs
+//! requests through the DAG: bounded admission, deadlines, cancellation on drop, typed errors
+//! ([`InferError`]), metrics, graceful shutdown. See `docs/runtime-semantics.md`.
 //!
-//! ```no_run
-//! use maas_engine::{Sequential, load_files};
-//! use maas_kernels::{Registry, Value, Values};
+//! [`Sequential`] is the reference executor: every node in order on the calling thread, no
+//! actors. It is the oracle concurrent execution is tested against, and `maas bench`'s
+//! baseline.
 //!
-//! let registry = Registry::builtin();
-//! let checked = load_files(&["examples/pipelines/minilm.toml"], &registry).expect("valid graph");
-//! let engine = Sequential::new(&checked.graph, &registry).expect("weights load");
-//! let out = engine
-//!     .run("embed", Values::from([("text".to_string(), Value::text(["hello world"]))]))
-//!     .expect("runs");
-//! assert_eq!(out["embedding"].as_tensor().unwrap().dims(), &[1, 384]);
+//! ```
+//! use maas_engine::Engine;
+//! use maas_kernels::{Value, Values};
+//! use candle_core::{Device, Tensor};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let engine = Engine::from_files(&["../examples/pipelines/digits.toml"]).await?;
+//! let pixels = Tensor::zeros((2, 64), candle_core::DType::F32, &Device::Cpu)?;
+//! let response = engine.infer("classify", Values::from([("pixels".to_string(), Value::Tensor(pixels))])).await?;
+//! assert_eq!(response.outputs["label"].as_tensor().unwrap().dims(), &[2]);
+//! assert_eq!(response.versions["head"], "v1");
+//!
+//! // Bad input is a typed error naming the port; the engine keeps serving.
+//! let wrong = Tensor::zeros((1, 63), candle_core::DType::F32, &Device::Cpu)?;
+//! let err = engine.infer("classify", Values::from([("pixels".to_string(), Value::Tensor(wrong))])).await.unwrap_err();
+//! assert_eq!(err.kind(), "invalid_input");
+//! engine.shutdown().await;
+//! # Ok(())
+//! # }
 //! ```
 
 mod engine;
