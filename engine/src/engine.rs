@@ -130,7 +130,7 @@ async fn start_submodel(spec: Arc<SubmodelSpec>, registry: &Registry, restart: R
         let loaded = tokio::task::spawn_blocking(move || reg.load(&s))
             .await
             .map_err(|e| EngineError::Start { submodel: name.clone(), message: e.to_string() })?
-            .map_err(|source| EngineError::Load { submodel: name.clone(), source })?;
+            .map_err(|source| EngineError::Load { submodel: name.clone(), source: Box::new(source) })?;
         status.set_inline();
         return Ok(Submodel { spec, exec: Exec::Inline(loaded), metrics, status });
     }

@@ -18,7 +18,7 @@ pub enum EngineError {
         submodel: String,
         /// Why.
         #[source]
-        source: KernelError,
+        source: Box<KernelError>,
     },
     /// A submodel's actors failed to start (the message carries the loader's error).
     #[error("submodel `{submodel}` failed to start: {message}")]

@@ -18,8 +18,9 @@ impl Sequential {
     pub fn new(graph: &Graph, registry: &Registry) -> Result<Self> {
         let mut submodels = BTreeMap::new();
         for (name, spec) in &graph.submodels {
-            let loaded =
-                registry.load(spec).map_err(|source| EngineError::Load { submodel: name.to_string(), source })?;
+            let loaded = registry
+                .load(spec)
+                .map_err(|source| EngineError::Load { submodel: name.to_string(), source: Box::new(source) })?;
             submodels.insert(name.clone(), loaded);
         }
         Ok(Self { graph: graph.clone(), submodels })
@@ -94,6 +95,9 @@ pub(crate) fn check_pipeline_inputs(p: &Pipeline, inputs: &Values) -> Result<(),
         inputs: p.inputs.iter().map(|i| maas_graphs::PortSpec::new(i.name.as_str(), i.ty.clone())).collect(),
         outputs: Vec::new(),
     };
-    check_inputs(&sig, inputs).map_err(|e| InferError::InvalidInput(e.to_string()))?;
+    let rows = check_inputs(&sig, inputs).map_err(|e| InferError::InvalidInput(e.to_string()))?;
+    if rows == Some(0) {
+        return Err(InferError::InvalidInput("the request has no rows (the batch dimension is 0)".into()));
+    }
     Ok(())
 }

@@ -45,7 +45,7 @@
 //! let err = maas_graphs::check(vec![SourceFile::new("quad.toml", bad, ".")], &Kinds).unwrap_err();
 //! assert_eq!(
 //!     err.to_string(),
-//!     "quad.toml:9:43: error: node `a` has no output port `nope`; kind `double` produces: out"
+//!     "quad.toml:9:48: error: node `a` has no output port `nope`; kind `double` produces: out"
 //! );
 //! ```
 

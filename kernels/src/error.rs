@@ -82,7 +82,7 @@ pub enum KernelError {
         message: String,
     },
     /// A tensor operation failed.
-    #[error("{op}: {source}")]
+    #[error("{op}: {}", candle_message(source))]
     Candle {
         /// What was being done.
         op: &'static str,
@@ -96,6 +96,16 @@ pub enum KernelError {
     /// A kernel panicked; the runtime turns the panic into this error.
     #[error("kernel panicked: {0}")]
     Panicked(String),
+}
+
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set (which
+/// would otherwise reach clients in error messages).
+fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => other.to_string(),
+    }
 }
 
 /// `Result` with [`KernelError`].

@@ -1,7 +1,7 @@
 //! `digits_cnn`: a small convolutional feature extractor for 8x8 digit images.
-//! `x` f32[B,64] (pixels 0..16, row-major) -> `features` f32[B,F].
+//! `x: f32[B,64]` (pixels 0..16, row-major) -> `features: f32[B,F]`.
 //!
-//! x/16 -> [B,1,8,8] -> conv3x3(16) -> relu -> conv3x3(32) -> relu -> maxpool2 -> flatten(512)
+//! `x/16 -> [B,1,8,8]` -> conv3x3(16) -> relu -> conv3x3(32) -> relu -> maxpool2 -> flatten(512)
 //! -> linear(F) -> relu. Weights: `conv1.*`, `conv2.*`, `fc.*` (F from `fc.weight`), or a seeded
 //! random init with `params = { features, seed }`.
 
@@ -56,7 +56,7 @@ impl DigitsCnn {
         })
     }
 
-    /// `x` [B,64] pixels 0..16 -> features [B,F].
+    /// `x: [B,64]` pixels 0..16 -> features `[B,F]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let x = (x / 16.0)?.reshape((b, 1, 8, 8))?;

@@ -1,6 +1,6 @@
-//! `linear`: `x` f32[B,in] -> `out` f32[B,out] = x·Wᵀ + b.
+//! `linear`: `x: f32[B,in]` -> `out: f32[B,out]` = x·Wᵀ + b.
 //!
-//! Weights come from a safetensors file (`weight` [out,in], optional `bias` [out]) or, without
+//! Weights come from a safetensors file (`weight: [out,in]`, optional `bias: [out]`) or, without
 //! a file, from a seeded random init (`params = { in, out, seed }`). `params.quantize = "q8_0"`
 //! or `"q4k"` keeps the weight quantized (candle `QMatMul`); q8_0 needs `in` divisible by 32,
 //! q4k by 256.
@@ -174,7 +174,7 @@ enum Matmul {
 }
 
 impl Linear {
-    /// A layer from `weight` [out,in] and an optional `bias` [out], in any float dtype
+    /// A layer from `weight: [out,in]` and an optional `bias: [out]`, in any float dtype
     /// (computed in f32).
     pub fn new(weight: Tensor, bias: Option<Tensor>, quantize: Quantize) -> Result<Self> {
         let weight = weight.to_dtype(candle_core::DType::F32).ctx("linear weight dtype")?;
@@ -189,7 +189,7 @@ impl Linear {
         Ok(Self { matmul, bias })
     }
 
-    /// x [B,in] -> [B,out].
+    /// `x: [B,in]` -> `[B,out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.matmul {
             Matmul::F32(wt) => x.matmul(wt).ctx("linear matmul")?,
