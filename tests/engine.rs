@@ -78,10 +78,19 @@ const GRAPH: &str = r#"
 kind = "gated"
 SETTINGS
 
+[submodels.other]
+kind = "linear"
+params = { in = 2, out = 2, seed = 3 }
+
 [pipelines.p]
 inputs = { x = "f32[B,2]" }
 outputs = { y = "n.out" }
 nodes.n = { submodel = "g", inputs = { x = "$x" } }
+
+[pipelines.q]
+inputs = { x = "f32[B,2]" }
+outputs = { y = "n.out" }
+nodes.n = { submodel = "other", inputs = { x = "$x" } }
 "#;
 
 async fn engine(kind: Gated, settings: &str, options: EngineOptions) -> Engine {
@@ -164,6 +173,19 @@ async fn a_poison_row_fails_only_its_request_and_the_replica_restarts() {
         })
         .collect();
     assert!(eventually(Duration::from_secs(5), || e.metrics().submodels["g"].queued == 5).await);
+    // Another pipeline on another submodel keeps serving while `g` fails and restarts.
+    let bystander = tokio::spawn({
+        let e = e.clone();
+        async move {
+            let mut ok = 0;
+            for i in 0..200 {
+                e.infer("q", row(i as f32)).await.expect("the other pipeline keeps serving");
+                ok += 1;
+                tokio::task::yield_now().await;
+            }
+            ok
+        }
+    });
     for _ in 0..20 {
         open.send(()).unwrap();
     }
@@ -188,6 +210,7 @@ async fn a_poison_row_fails_only_its_request_and_the_replica_restarts() {
     assert_eq!(m.submodels["g"].restarts, 2, "{:?}", m.submodels["g"]);
     assert_eq!(m.submodels["g"].jobs_failed, 1);
     assert_eq!(*log.batches.lock().unwrap(), vec![1, 1, 1, 1, 1], "the blocker, then the four innocent rows alone");
+    assert_eq!(bystander.await.unwrap(), 200);
     assert!(eventually(Duration::from_secs(5), || e.ready()).await, "{:?}", e.submodels());
     assert!(e.infer("p", row(7.0)).await.is_ok(), "serves again after the restarts");
 }
@@ -355,8 +378,10 @@ async fn bad_requests_get_typed_errors_and_the_engine_keeps_serving() {
     );
     assert!(e.infer("p", row(1.0)).await.is_ok());
     let listed = e.pipelines();
+    assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].name, "p");
     assert_eq!(listed[0].inputs[0].1.to_string(), "f32[B,2]");
     let subs = e.submodels();
     assert_eq!((subs[0].name.as_str(), subs[0].state.as_str(), subs[0].inline), ("g", "ready", false));
+    assert_eq!(subs.len(), 2);
 }

@@ -159,7 +159,7 @@ impl SubmodelActorState {
             let Some(r) = self.replicas.iter().position(|r| r.batches.is_some() && !r.busy) else { break };
             let idle_for = self.replicas[r].idle_since.elapsed();
             if !front.alone && idle_for < self.max_delay {
-                let queued_rows: usize = self.queue.iter().map(|j| j.rows).sum();
+                let queued_rows = self.queue.iter().fold(0usize, |n, j| n.saturating_add(j.rows));
                 if queued_rows < self.max_size {
                     if !self.flush_pending {
                         self.flush_pending = true;
@@ -176,10 +176,10 @@ impl SubmodelActorState {
                 while let Some(next) = self.queue.front() {
                     let same_ports =
                         next.inputs.len() == ports.len() && next.inputs.keys().zip(&ports).all(|(a, b)| a == b);
-                    if next.alone || rows + next.rows > self.max_size || !same_ports {
+                    if next.alone || rows.saturating_add(next.rows) > self.max_size || !same_ports {
                         break;
                     }
-                    rows += next.rows;
+                    rows = rows.saturating_add(next.rows);
                     batch.push(self.queue.pop_front().expect("front exists"));
                 }
             }

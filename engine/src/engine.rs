@@ -342,9 +342,13 @@ impl Engine {
             let limit = options.deadline.or(plan.pipeline.deadline);
             let deadline = limit.map(|d| started + d);
             match (limit, deadline) {
-                (Some(limit), Some(at)) => tokio::time::timeout_at(at.into(), run_plan(&plan, inputs, deadline))
-                    .await
-                    .unwrap_or(Err(InferError::DeadlineExceeded(limit))),
+                (Some(limit), Some(at)) => {
+                    match tokio::time::timeout_at(at.into(), run_plan(&plan, inputs, deadline)).await {
+                        // A job that expired on its way reports the request's limit too.
+                        Ok(Err(InferError::DeadlineExceeded(_))) | Err(_) => Err(InferError::DeadlineExceeded(limit)),
+                        Ok(result) => result,
+                    }
+                }
                 _ => run_plan(&plan, inputs, None).await,
             }
         }
@@ -409,8 +413,11 @@ impl Engine {
 
     /// Stops taking requests, waits (up to the drain timeout) for those in flight to finish,
     /// then stops every submodel. Returns how many requests were still running at the timeout.
+    /// A second call returns 0 at once (the first one does the work).
     pub async fn shutdown(&self) -> usize {
-        self.inner.shutting_down.store(true, Relaxed);
+        if self.inner.shutting_down.swap(true, Relaxed) {
+            return 0;
+        }
         let all = self.inner.options.max_in_flight as u32;
         let drained =
             tokio::time::timeout(self.inner.options.drain_timeout, self.inner.admission.acquire_many(all)).await;
