@@ -1,7 +1,8 @@
 //! The in-process load generator behind `maas bench`.
 //!
-//! Closed loop: `concurrency` callers each send the next request as soon as the previous one
-//! ends. Open loop (`rate`): requests are sent on a fixed schedule whatever happens, and each
+//! In process ([`run`]) or against a running server over HTTP ([`run_http`]), with one JSON
+//! report. Closed loop: `concurrency` callers each send the next request as soon as the
+//! previous one ends. Open loop (`rate`): requests are sent on a fixed schedule whatever happens, and each
 //! latency is measured from its *scheduled* send time, so queueing is not hidden.
 
 use std::collections::BTreeMap;
@@ -32,10 +33,10 @@ struct Tally {
 }
 
 impl Tally {
-    fn record(&mut self, seconds: f64, result: Result<(), &InferError>) {
+    fn record(&mut self, seconds: f64, result: Result<(), String>) {
         match result {
             Ok(()) => self.latencies.push(seconds),
-            Err(e) => *self.errors.entry(e.kind().to_string()).or_default() += 1,
+            Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
     }
 }
@@ -49,25 +50,87 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Drives `engine` and returns the JSON report.
+/// Drives `engine` in process and returns the JSON report (with mean batch rows per
+/// submodel, from the engine's metrics).
 pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig) -> Json {
+    let before = engine.metrics();
+    let (e, p) = (engine.clone(), cfg.pipeline.clone());
+    let call = move || {
+        let (e, p, inputs) = (e.clone(), p.clone(), inputs.clone());
+        async move { e.infer(&p, inputs).await.map(|_| ()).map_err(|e: InferError| e.kind().to_string()) }
+    };
+    let mut report = drive(cfg, call).await;
+    let after = engine.metrics();
+    let mut batches = serde_json::Map::new();
+    for (name, m) in &after.submodels {
+        let b = before.submodels.get(name);
+        let count = m.batch_rows.count - b.map_or(0, |b| b.batch_rows.count);
+        let rows = m.batch_rows.sum - b.map_or(0.0, |b| b.batch_rows.sum);
+        if count > 0 {
+            batches.insert(name.clone(), json!((rows / count as f64 * 100.0).round() / 100.0));
+        }
+    }
+    report["mean_batch_rows"] = Json::Object(batches);
+    report
+}
+
+/// Drives a running server over HTTP: `POST {url}/v1/pipelines/{pipeline}/infer` with
+/// `{"inputs": inputs}`. Errors are counted by the `error.kind` the server answers (or
+/// `http_<status>`, or `connection`).
+pub async fn run_http(url: &str, inputs: serde_json::Map<String, Json>, cfg: &BenchConfig) -> Json {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
+        .build()
+        .expect("an HTTP client without TLS builds");
+    let endpoint = format!("{}/v1/pipelines/{}/infer", url.trim_end_matches('/'), cfg.pipeline);
+    let body = Arc::new(json!({ "inputs": inputs }).to_string());
+    let call = move || {
+        let (client, endpoint, body) = (client.clone(), endpoint.clone(), body.clone());
+        async move {
+            let r = client
+                .post(&endpoint)
+                .header("content-type", "application/json")
+                .body(body.as_str().to_owned())
+                .send()
+                .await
+                .map_err(|_| "connection".to_string())?;
+            let status = r.status();
+            let text = r.text().await.map_err(|_| "connection".to_string())?;
+            if status.is_success() {
+                return Ok(());
+            }
+            let kind = serde_json::from_str::<Json>(&text)
+                .ok()
+                .and_then(|j| j["error"]["kind"].as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("http_{}", status.as_u16()));
+            Err(kind)
+        }
+    };
+    let mut report = drive(cfg, call).await;
+    report["url"] = json!(url);
+    report
+}
+
+/// Runs `call` closed-loop or open-loop as `cfg` says and reports latency and errors.
+pub async fn drive<F, Fut>(cfg: &BenchConfig, call: F) -> Json
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start = Instant::now();
     let end = start + cfg.duration;
     let progress = tokio::spawn(report_progress(tally.clone(), start, cfg.duration));
-    let before = engine.metrics();
     match cfg.rate {
         None => {
             let mut callers = Vec::new();
             for _ in 0..cfg.concurrency.max(1) {
-                let (engine, inputs, tally, pipeline) =
-                    (engine.clone(), inputs.clone(), tally.clone(), cfg.pipeline.clone());
+                let (call, tally) = (call.clone(), tally.clone());
                 callers.push(tokio::spawn(async move {
                     while Instant::now() < end {
                         let t = Instant::now();
-                        let r = engine.infer(&pipeline, inputs.clone()).await;
-                        let secs = t.elapsed().as_secs_f64();
-                        tally.lock().expect("tally").record(secs, r.as_ref().map(|_| ()));
+                        let r = call().await;
+                        tally.lock().expect("tally").record(t.elapsed().as_secs_f64(), r);
                     }
                 }));
             }
@@ -85,12 +148,10 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig) -> Json {
                     break;
                 }
                 tokio::time::sleep_until(scheduled.into()).await;
-                let (engine, inputs, tally, pipeline) =
-                    (engine.clone(), inputs.clone(), tally.clone(), cfg.pipeline.clone());
+                let (call, tally) = (call.clone(), tally.clone());
                 tasks.spawn(async move {
-                    let r = engine.infer(&pipeline, inputs).await;
-                    let secs = scheduled.elapsed().as_secs_f64();
-                    tally.lock().expect("tally").record(secs, r.as_ref().map(|_| ()));
+                    let r = call().await;
+                    tally.lock().expect("tally").record(scheduled.elapsed().as_secs_f64(), r);
                 });
                 while tasks.try_join_next().is_some() {}
                 k += 1;
@@ -100,19 +161,9 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig) -> Json {
     }
     progress.abort();
     let elapsed = start.elapsed().as_secs_f64();
-    let after = engine.metrics();
     let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
     tally.latencies.sort_by(f64::total_cmp);
     let ms = |p: f64| percentile(&tally.latencies, p) * 1e3;
-    let mut batches = serde_json::Map::new();
-    for (name, m) in &after.submodels {
-        let b = before.submodels.get(name);
-        let count = m.batch_rows.count - b.map_or(0, |b| b.batch_rows.count);
-        let rows = m.batch_rows.sum - b.map_or(0.0, |b| b.batch_rows.sum);
-        if count > 0 {
-            batches.insert(name.clone(), json!((rows / count as f64 * 100.0).round() / 100.0));
-        }
-    }
     let ok = tally.latencies.len() as u64;
     let errors: u64 = tally.errors.values().sum();
     json!({
@@ -126,7 +177,6 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig) -> Json {
         "errors": tally.errors,
         "throughput_rps": ((ok as f64 / elapsed) * 100.0).round() / 100.0,
         "latency_ms": { "p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0) },
-        "mean_batch_rows": batches,
     })
 }
 

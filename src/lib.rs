@@ -4,7 +4,11 @@
 //! and holds what the `maas` binary and the examples share.
 
 pub mod bench;
+pub mod default_graph;
 pub mod digits;
+pub mod graph_toml;
+pub mod http;
+pub mod prometheus;
 
 pub use maas_engine as engine;
 pub use maas_graphs as graphs;

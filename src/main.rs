@@ -55,11 +55,33 @@ enum Command {
         #[arg(long = "input", value_name = "NAME=VALUE")]
         inputs: Vec<String>,
     },
-    /// Drive a pipeline in process and print throughput and latency percentiles as JSON.
-    Bench {
-        /// Graph files (TOML).
-        #[arg(required = true)]
+    /// Serve pipelines over HTTP: the given graphs, or the embedded default pipelines.
+    ///
+    /// Without graph files it serves the committed digits model as `classify`, and the MiniLM
+    /// pipelines `embed` and `similarity` when `./models` holds the fetched model. Admin routes
+    /// need `MAAS_ADMIN_TOKEN`. SIGINT/SIGTERM: stop accepting, finish requests in flight, exit 0.
+    Serve {
+        /// Graph files (TOML); none: the embedded default pipelines.
         files: Vec<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = maas::http::DEFAULT_MAX_BODY)]
+        max_body: usize,
+        /// Most rows in one request.
+        #[arg(long, default_value_t = maas::http::DEFAULT_MAX_ROWS)]
+        max_rows: usize,
+    },
+    /// Drive a pipeline (in process, or a server with --url) and print throughput and latency
+    /// percentiles as JSON.
+    Bench {
+        /// Graph files (TOML); not needed with --url.
+        #[arg(required_unless_present = "url")]
+        files: Vec<PathBuf>,
+        /// Drive a running server over HTTP instead (e.g. http://127.0.0.1:8080).
+        #[arg(long)]
+        url: Option<String>,
         /// The pipeline to drive.
         #[arg(long)]
         pipeline: String,
@@ -123,6 +145,62 @@ fn describe(files: &[PathBuf]) -> String {
     match files {
         [one] => one.display().to_string(),
         many => format!("{} graph files", many.len()),
+    }
+}
+
+fn serve(files: Vec<PathBuf>, addr: String, max_body: usize, max_rows: usize) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let engine = if files.is_empty() {
+            let cwd = std::env::current_dir()?;
+            let sources = maas::default_graph::sources(&maas::default_graph::scratch_dir(), &cwd)?;
+            if !maas::default_graph::minilm_present(&cwd) {
+                eprintln!("maas: ./models has no MiniLM model: serving `classify` only (run scripts/fetch-models for `embed` and `similarity`)");
+            }
+            Engine::builder().from_sources(sources).await?
+        } else {
+            Engine::builder().from_files(&files).await?
+        };
+        let mut config = maas::http::HttpConfig::from_env();
+        config.max_body = max_body;
+        config.max_rows = max_rows;
+        if config.admin_token.is_none() {
+            eprintln!("maas: admin routes disabled (set MAAS_ADMIN_TOKEN to enable them)");
+        }
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        let names: Vec<String> = engine.pipelines().into_iter().map(|p| p.name).collect();
+        eprintln!("maas: serving {} on http://{}", names.join(", "), listener.local_addr()?);
+        axum::serve(listener, maas::http::router_with(engine.clone(), config))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        eprintln!("maas: stopped accepting; draining requests in flight");
+        let left = engine.shutdown().await;
+        if left > 0 {
+            eprintln!("maas: {left} requests were still running at the drain timeout");
+        }
+        eprintln!("maas: stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
     }
 }
 
@@ -202,7 +280,24 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Bench { files, pipeline, concurrency, duration, rate, inputs, baseline } => {
+        Command::Serve { files, addr, max_body, max_rows } => serve(files, addr, max_body, max_rows),
+        Command::Bench { url: Some(url), pipeline, concurrency, duration, rate, inputs, .. } => {
+            let mut body = serde_json::Map::new();
+            for arg in &inputs {
+                let (name, raw) = arg.split_once('=').with_context(|| format!("--input `{arg}` is not NAME=VALUE"))?;
+                let text = match raw.strip_prefix('@') {
+                    Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+                    None => raw.to_string(),
+                };
+                let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+                body.insert(name.to_string(), value);
+            }
+            let cfg = BenchConfig { pipeline, concurrency, duration: Duration::from_secs_f64(duration), rate };
+            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg));
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { files, url: None, pipeline, concurrency, duration, rate, inputs, baseline } => {
             let checked = load(&files, &registry)?;
             let p = find_pipeline(&checked.graph, &pipeline, &files)?;
             let values = parse_inputs(p, &inputs)?;

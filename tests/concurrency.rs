@@ -112,3 +112,27 @@ async fn concurrent_embed_of_ragged_rows_matches_sequential() {
     assert!(worst <= 1e-5, "max abs diff {worst}");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_split_into_chunks_matches_sequential() {
+    // A tokenizer batch of at most 2 rows: a 5-row request becomes 3 chunks whose padded
+    // lengths differ; they are joined back padded to the longest, as one batch would be.
+    let graph = graph();
+    let text = std::fs::read_to_string(&graph).unwrap().replace(
+        "params = { path = \"../../models/all-MiniLM-L6-v2/tokenizer.json\", max_length = 256 }",
+        "params = { path = \"../../models/all-MiniLM-L6-v2/tokenizer.json\", max_length = 256 }\nbatch = { max_size = 2 }",
+    );
+    assert!(text.contains("batch = { max_size = 2 }"));
+    let src = maas_graphs::SourceFile::new("chunked.toml", text, graph.parent().unwrap());
+    let engine = Engine::builder().from_sources(vec![src]).await.expect("starts");
+    let registry = Registry::builtin();
+    let seq = Sequential::new(&maas_engine::load_files(&[&graph], &registry).unwrap().graph, &registry).unwrap();
+    let rows = ["hi", "a much longer sentence than the others here", "ok", "medium length text", "x"];
+    let inputs = Values::from([("text".to_string(), Value::text(rows))]);
+    let got = engine.infer("embed", inputs.clone()).await.expect("chunked request");
+    let want = seq.run("embed", inputs).unwrap();
+    let d = max_abs_diff(got.outputs["embedding"].as_tensor().unwrap(), want["embedding"].as_tensor().unwrap());
+    assert!(d <= 1e-5, "max abs diff {d}");
+    assert!(engine.metrics().submodels["tokenizer"].batch_rows.count >= 3);
+    engine.shutdown().await;
+}

@@ -385,3 +385,59 @@ async fn bad_requests_get_typed_errors_and_the_engine_keeps_serving() {
     assert_eq!((subs[0].name.as_str(), subs[0].state.as_str(), subs[0].inline), ("g", "ready", false));
     assert_eq!(subs.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_submodel_comes_back_after_its_restart_window() {
+    let (kind, _) = gated(None);
+    let policy = RestartPolicy {
+        max_restarts: 2,
+        window: Duration::from_millis(300),
+        backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(1),
+    };
+    let e = engine(kind, "", EngineOptions { restart: policy, ..EngineOptions::default() }).await;
+    // Poison requests until the budget is spent and the submodel is failed.
+    for _ in 0..3 {
+        let _ = e.infer("p", row(13.0)).await;
+        if e.submodels().iter().any(|s| s.name == "g" && s.state == "failed") {
+            break;
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || e.submodels()[0].ready_replicas == 1
+                || e.submodels()[0].state == "failed")
+            .await
+        );
+    }
+    assert!(eventually(Duration::from_secs(5), || e.submodels()[0].state == "failed").await, "{:?}", e.submodels());
+    assert!(!e.ready());
+    match e.infer("p", row(1.0)).await {
+        Err(InferError::SubmodelFailed { message, .. }) => assert!(message.contains("not serving"), "{message}"),
+        other => panic!("a failed submodel answers at once: {other:?}"),
+    }
+    // After the window, the replica is started again and serves.
+    assert!(eventually(Duration::from_secs(10), || e.ready()).await, "{:?}", e.submodels());
+    assert_eq!(out_first(&e.infer("p", row(1.0)).await.expect("serves again")), [2.0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_needing_more_batches_than_the_queue_holds_is_invalid() {
+    let (kind, log) = gated(None);
+    let e = engine(kind, "queue = 2\nbatch = { max_size = 1 }", EngineOptions::default()).await;
+    let x = Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+    match e.infer("p", Values::from([("x".to_string(), Value::Tensor(x))])).await {
+        Err(InferError::InvalidInput(m)) => assert!(m.contains("3 rows need 3 batches"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(log.calls.load(SeqCst), 0);
+    assert_eq!(e.metrics().submodels["g"].queued, 0, "no slot stays reserved");
+    let x = Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(e.infer("p", Values::from([("x".to_string(), Value::Tensor(x))])).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enormous_deadline_is_no_deadline() {
+    let (kind, _) = gated(None);
+    let e = engine(kind, "", EngineOptions::default()).await;
+    let r = e.infer_with("p", row(1.0), InferOptions { deadline: Some(Duration::MAX) }).await;
+    assert_eq!(out_first(&r.expect("ok")), [2.0]);
+}

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use maas_graphs::{BATCH, Dim, PortType, Signature};
+use maas_graphs::{BATCH, Dim, PortType, Ragged, Signature};
 use maas_kernels::{CandleContext, KernelError, Result, Value, Values};
 
 /// The sizes a job binds to the signature's symbols (`S` -> 12), for trimming outputs.
@@ -74,24 +74,30 @@ pub fn assemble(sig: &Signature, jobs: &[&Values]) -> Result<Values> {
                 for p in &parts {
                     tensors.push(p.as_tensor().ok_or_else(|| mixed(&port.name))?.clone());
                 }
-                if let Some(r) = port.ragged {
-                    let longest = tensors.iter().filter_map(|t| t.dims().get(r.dim).copied()).max().unwrap_or(0);
-                    for t in &mut tensors {
-                        let len = t.dims().get(r.dim).copied().unwrap_or(longest);
-                        if len < longest {
-                            let mut pad_shape = t.dims().to_vec();
-                            pad_shape[r.dim] = longest - len;
-                            let pad = full(r.pad, t.dtype(), &pad_shape, t.device()).ctx("batch padding")?;
-                            *t = Tensor::cat(&[&*t, &pad], r.dim).ctx("batch padding")?;
-                        }
-                    }
-                }
-                Value::Tensor(Tensor::cat(&tensors, 0).ctx("batch assembly")?)
+                Value::Tensor(cat_padded(tensors, port.ragged)?)
             }
         };
         out.insert(port.name.clone(), value);
     }
     Ok(out)
+}
+
+/// Joins tensors along the batch dimension; with `ragged`, first pads each to the longest on
+/// the ragged dimension with its pad value.
+pub fn cat_padded(mut tensors: Vec<Tensor>, ragged: Option<Ragged>) -> Result<Tensor> {
+    if let Some(r) = ragged {
+        let longest = tensors.iter().filter_map(|t| t.dims().get(r.dim).copied()).max().unwrap_or(0);
+        for t in &mut tensors {
+            let len = t.dims().get(r.dim).copied().unwrap_or(longest);
+            if len < longest {
+                let mut pad_shape = t.dims().to_vec();
+                pad_shape[r.dim] = longest - len;
+                let pad = full(r.pad, t.dtype(), &pad_shape, t.device()).ctx("batch padding")?;
+                *t = Tensor::cat(&[&*t, &pad], r.dim).ctx("batch padding")?;
+            }
+        }
+    }
+    Tensor::cat(&tensors, 0).ctx("batch assembly")
 }
 
 fn mixed(port: &str) -> KernelError {

@@ -156,7 +156,13 @@ impl SubmodelActorState {
                 }
             }
             let Some(front) = self.queue.front() else { break };
-            let Some(r) = self.replicas.iter().position(|r| r.batches.is_some() && !r.busy) else { break };
+            // The replica idle longest: it waits the least (or not at all) for a fuller batch.
+            let Some(r) = (0..self.replicas.len())
+                .filter(|&i| self.replicas[i].batches.is_some() && !self.replicas[i].busy)
+                .min_by_key(|&i| self.replicas[i].idle_since)
+            else {
+                break;
+            };
             let idle_for = self.replicas[r].idle_since.elapsed();
             if !front.alone && idle_for < self.max_delay {
                 let queued_rows = self.queue.iter().fold(0usize, |n, j| n.saturating_add(j.rows));
@@ -226,8 +232,12 @@ impl SubmodelActorState {
         self.status.set_error(format!("replica {i}: {reason}"));
         r.restarts.retain(|t| now.duration_since(*t) < policy.window);
         if r.restarts.len() >= policy.max_restarts {
+            // Crash loop: stop restarting for a whole window (the submodel reports `failed`
+            // when no replica is left), then try once more, so that a burst of bad requests
+            // cannot take a submodel down for good.
             r.failed = true;
-            tracing::error!(submodel = %name, replica = i, %reason, "replica failed; restart budget spent");
+            tracing::error!(submodel = %name, replica = i, %reason, retry_in = ?policy.window, "replica failed; restart budget spent");
+            myself.send_after(policy.window, move || SubmodelMessage::Restart(i));
         } else {
             let delay = policy.backoff.saturating_mul(1 << r.restarts.len().min(16)).min(policy.max_backoff);
             r.restarts.push_back(now);
@@ -402,6 +412,7 @@ impl Actor for SubmodelActor {
                 match result {
                     Ok(s) => {
                         let r = &mut state.replicas[replica];
+                        r.failed = false;
                         r.actor = Some(s.actor);
                         r.batches = Some(s.batches);
                         r.busy = false;

@@ -14,7 +14,7 @@ use maas_actors::metrics::SubmodelMetrics;
 use maas_actors::{
     Job, JobError, RestartPolicy, SubmodelActor, SubmodelArgs, SubmodelMessage, SubmodelState, SubmodelStatus,
 };
-use maas_graphs::{Graph, Pipeline, PortType, Source, SourceFile, SubmodelSpec};
+use maas_graphs::{Graph, Pipeline, PortType, Signature, Source, SourceFile, SubmodelSpec};
 use maas_kernels::{Kind, Loaded, Registry, Value, Values};
 use ractor::{Actor, ActorRef};
 use tokio::sync::Semaphore;
@@ -23,6 +23,22 @@ use tracing::Instrument;
 use crate::error::{EngineError, InferError, Result};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics, SubmodelSnapshot};
 use crate::sequential::check_pipeline_inputs;
+
+/// Counts a request in flight until dropped (also when the request's future is dropped).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
 
 /// Settings of an engine.
 #[derive(Debug, Clone)]
@@ -82,10 +98,20 @@ impl EngineBuilder {
 
     /// Starts serving a graph that was already checked.
     pub async fn from_graph(self, graph: Graph) -> Result<Engine> {
-        let mut submodels = BTreeMap::new();
+        let mut submodels: BTreeMap<String, Arc<Submodel>> = BTreeMap::new();
         for (name, spec) in &graph.submodels {
-            let sub = start_submodel(Arc::new(spec.clone()), &self.registry, self.options.restart).await?;
-            submodels.insert(name.to_string(), Arc::new(sub));
+            match start_submodel(Arc::new(spec.clone()), &self.registry, self.options.restart).await {
+                Ok(sub) => {
+                    submodels.insert(name.to_string(), Arc::new(sub));
+                }
+                Err(e) => {
+                    // Stop what already started: its threads and loaded weights would leak.
+                    for s in submodels.values() {
+                        s.stop().await;
+                    }
+                    return Err(e);
+                }
+            }
         }
         let served = Served::compile(graph, submodels)?;
         Ok(Engine {
@@ -93,6 +119,7 @@ impl EngineBuilder {
                 registry: self.registry,
                 served: ArcSwap::from_pointee(served),
                 admission: Arc::new(Semaphore::new(self.options.max_in_flight)),
+                in_flight: Arc::default(),
                 shutting_down: AtomicBool::new(false),
                 options: self.options,
             }),
@@ -111,9 +138,21 @@ enum Exec {
 /// A running submodel.
 pub(crate) struct Submodel {
     spec: Arc<SubmodelSpec>,
+    signature: Arc<Signature>,
     exec: Exec,
     metrics: Arc<SubmodelMetrics>,
     status: Arc<SubmodelStatus>,
+}
+
+impl Submodel {
+    async fn stop(&self) {
+        match &self.exec {
+            Exec::Actor(a) => {
+                let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+            }
+            Exec::Inline(_) => self.status.set_stopped(),
+        }
+    }
 }
 
 async fn start_submodel(spec: Arc<SubmodelSpec>, registry: &Registry, restart: RestartPolicy) -> Result<Submodel> {
@@ -132,8 +171,11 @@ async fn start_submodel(spec: Arc<SubmodelSpec>, registry: &Registry, restart: R
             .map_err(|e| EngineError::Start { submodel: name.clone(), message: e.to_string() })?
             .map_err(|source| EngineError::Load { submodel: name.clone(), source: Box::new(source) })?;
         status.set_inline();
-        return Ok(Submodel { spec, exec: Exec::Inline(loaded), metrics, status });
+        let signature = loaded.signature.clone();
+        return Ok(Submodel { spec, signature, exec: Exec::Inline(loaded), metrics, status });
     }
+    let signature = maas_graphs::Catalog::signature(registry, &spec)
+        .map_err(|e| EngineError::Start { submodel: name.clone(), message: format!("{e:?}") })?;
     let args = SubmodelArgs {
         spec: spec.clone(),
         registry: registry.clone(),
@@ -144,7 +186,7 @@ async fn start_submodel(spec: Arc<SubmodelSpec>, registry: &Registry, restart: R
     let (actor, _) = Actor::spawn(None, SubmodelActor, args)
         .await
         .map_err(|e| EngineError::Start { submodel: name, message: e.to_string() })?;
-    Ok(Submodel { spec, exec: Exec::Actor(actor), metrics, status })
+    Ok(Submodel { spec, signature: Arc::new(signature), exec: Exec::Actor(actor), metrics, status })
 }
 
 /// Where a node input comes from, compiled.
@@ -231,6 +273,8 @@ struct Inner {
     registry: Registry,
     served: ArcSwap<Served>,
     admission: Arc<Semaphore>,
+    /// Requests admitted and not yet ended (the semaphore cannot say during a shutdown).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     shutting_down: AtomicBool,
     options: EngineOptions,
 }
@@ -338,9 +382,10 @@ impl Engine {
             let _permit = self.inner.admission.clone().try_acquire_owned().map_err(|_| {
                 InferError::Overloaded(format!("{} requests in flight", self.inner.options.max_in_flight))
             })?;
+            let _counted = InFlight::enter(&self.inner.in_flight);
             check_pipeline_inputs(&plan.pipeline, &inputs)?;
             let limit = options.deadline.or(plan.pipeline.deadline);
-            let deadline = limit.map(|d| started + d);
+            let deadline = limit.and_then(|d| started.checked_add(d));
             match (limit, deadline) {
                 (Some(limit), Some(at)) => {
                     match tokio::time::timeout_at(at.into(), run_plan(&plan, inputs, deadline)).await {
@@ -360,18 +405,12 @@ impl Engine {
 
     /// The pipelines served, with their types.
     pub fn pipelines(&self) -> Vec<PipelineInfo> {
-        self.inner
-            .served
-            .load()
-            .plans
-            .values()
-            .map(|p| PipelineInfo {
-                name: p.pipeline.name.to_string(),
-                inputs: p.pipeline.inputs.iter().map(|i| (i.name.to_string(), i.ty.clone())).collect(),
-                outputs: p.pipeline.outputs.iter().map(|o| (o.name.to_string(), o.ty.clone())).collect(),
-                submodels: p.pipeline.submodels().into_iter().map(|s| s.to_string()).collect(),
-            })
-            .collect()
+        self.inner.served.load().plans.values().map(|p| pipeline_info(&p.pipeline)).collect()
+    }
+
+    /// One pipeline served, with its types.
+    pub fn pipeline(&self, name: &str) -> Option<PipelineInfo> {
+        self.inner.served.load().plans.get(name).map(|p| pipeline_info(&p.pipeline))
     }
 
     /// The submodels served, with their state.
@@ -407,7 +446,7 @@ impl Engine {
         MetricsSnapshot {
             submodels: served.submodels.iter().map(|(n, s)| (n.clone(), SubmodelSnapshot::of(&s.metrics))).collect(),
             pipelines: served.plans.iter().map(|(n, p)| (n.clone(), p.metrics.snapshot())).collect(),
-            in_flight: (self.inner.options.max_in_flight - self.inner.admission.available_permits()) as u64,
+            in_flight: self.inner.in_flight.load(Relaxed) as u64,
         }
     }
 
@@ -426,17 +465,22 @@ impl Engine {
                 permits.forget();
                 0
             }
-            _ => self.inner.options.max_in_flight - self.inner.admission.available_permits(),
+            _ => self.inner.in_flight.load(Relaxed),
         };
         let served = self.inner.served.load();
         for s in served.submodels.values() {
-            if let Exec::Actor(a) = &s.exec {
-                let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
-            } else {
-                s.status.set_stopped();
-            }
+            s.stop().await;
         }
         left
+    }
+}
+
+fn pipeline_info(p: &Pipeline) -> PipelineInfo {
+    PipelineInfo {
+        name: p.name.to_string(),
+        inputs: p.inputs.iter().map(|i| (i.name.to_string(), i.ty.clone())).collect(),
+        outputs: p.outputs.iter().map(|o| (o.name.to_string(), o.ty.clone())).collect(),
+        submodels: p.submodels().into_iter().map(|s| s.to_string()).collect(),
     }
 }
 
@@ -550,24 +594,33 @@ async fn call_actor(
     let rows = args.values().next().and_then(Value::rows).unwrap_or(0);
     let max = sub.spec.batch.map_or(usize::MAX, |b| b.max_size).max(1);
     let chunks = if rows <= max { vec![args] } else { split_rows(&args, rows, max).map_err(|e| failed(node, e))? };
+    // The submodel's queue bound: reserve a slot for every chunk at once, or refuse at once.
+    let n = chunks.len() as u64;
+    if n > sub.spec.queue as u64 {
+        return Err(InferError::InvalidInput(format!(
+            "{rows} rows need {n} batches of at most {max} at submodel `{}`, more than its queue holds ({})",
+            sub.spec.name, sub.spec.queue
+        )));
+    }
+    let before = sub.metrics.queued.fetch_add(n, Relaxed);
+    if before + n > sub.spec.queue as u64 {
+        sub.metrics.queued.fetch_sub(n, Relaxed);
+        sub.metrics.jobs_rejected.fetch_add(n, Relaxed);
+        return Err(InferError::Overloaded(format!(
+            "submodel `{}` has {} jobs waiting (queue = {})",
+            sub.spec.name, before, sub.spec.queue
+        )));
+    }
     let mut receivers = Vec::with_capacity(chunks.len());
+    let mut unsent = n;
     for chunk in chunks {
         let chunk_rows = chunk.values().next().and_then(Value::rows).unwrap_or(0);
-        // The submodel's queue bound: refuse at once when full.
-        let before = sub.metrics.queued.fetch_add(1, Relaxed);
-        if before >= sub.spec.queue as u64 {
-            sub.metrics.queued.fetch_sub(1, Relaxed);
-            sub.metrics.jobs_rejected.fetch_add(1, Relaxed);
-            return Err(InferError::Overloaded(format!(
-                "submodel `{}` has {} jobs waiting (queue = {})",
-                sub.spec.name, before, sub.spec.queue
-            )));
-        }
         let (job, rx) = Job::new(chunk, chunk_rows, deadline);
         if actor.cast(SubmodelMessage::Infer(job)).is_err() {
-            sub.metrics.queued.fetch_sub(1, Relaxed);
+            sub.metrics.queued.fetch_sub(unsent, Relaxed);
             return Err(failed(node, "submodel is not running"));
         }
+        unsent -= 1;
         receivers.push(rx);
     }
     let mut parts = Vec::with_capacity(receivers.len());
@@ -590,7 +643,7 @@ async fn call_actor(
     let values = if parts.len() == 1 {
         parts.pop().expect("one part")
     } else {
-        join_rows(parts).map_err(|e| failed(node, e))?
+        join_rows(&sub.signature, parts).map_err(|e| failed(node, e))?
     };
     Ok((values, version))
 }
@@ -615,16 +668,18 @@ fn split_rows(args: &Values, rows: usize, max: usize) -> Result<Vec<Values>, Str
     Ok(chunks)
 }
 
-/// Joins chunk outputs back along the batch dimension.
-fn join_rows(parts: Vec<Values>) -> Result<Values, String> {
+/// Joins chunk outputs back along the batch dimension (ragged outputs padded to the longest
+/// chunk, as if the chunks had shared one batch).
+fn join_rows(sig: &Signature, parts: Vec<Values>) -> Result<Values, String> {
     let mut out = Values::new();
     for port in parts[0].keys() {
         let vals: Vec<&Value> = parts.iter().filter_map(|p| p.get(port)).collect();
         let joined = match vals[0] {
             Value::Text(_) => Value::text(vals.iter().filter_map(|v| v.as_text()).flatten().cloned()),
             Value::Tensor(_) => {
-                let ts: Vec<&Tensor> = vals.iter().filter_map(|v| v.as_tensor()).collect();
-                Value::Tensor(Tensor::cat(&ts, 0).map_err(|e| e.to_string())?)
+                let ts: Vec<Tensor> = vals.iter().filter_map(|v| v.as_tensor()).cloned().collect();
+                let ragged = sig.output(port).and_then(|p| p.ragged);
+                Value::Tensor(maas_actors::batch::cat_padded(ts, ragged).map_err(|e| e.to_string())?)
             }
         };
         out.insert(port.clone(), joined);

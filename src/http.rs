@@ -1,0 +1,298 @@
+//! The HTTP API, as an axum [`Router`] a service can mount inside its own app.
+//!
+//! - `POST /v1/pipelines/{name}/infer` `{"inputs": {...}}` -> `{"outputs": {...},
+//!   "model_versions": {...}}`; optional headers `x-maas-deadline-ms` (per-request deadline) and
+//!   `x-request-id` (echoed, or generated, and logged).
+//! - `GET /v1/pipelines`, `GET /v1/submodels`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
+//! - Admin routes (`/v1/graph`, and the change-while-serving routes under `/v1/submodels/{name}`)
+//!   sit behind one bearer-token layer that runs before any lookup: disabled (404) without a
+//!   token configured, 401 for a missing or wrong token, compared in constant time.
+//!
+//! Every error, including the ones axum raises itself (bad JSON, body too large, unknown route),
+//! is `{"error": {"kind": "...", "message": "..."}}` with a status that fits it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use maas_engine::{Engine, InferError, InferOptions, json as values_json};
+use maas_kernels::Values;
+use serde_json::{Value as Json, json};
+use tracing::Instrument;
+
+/// Default largest request body (16 MiB).
+pub const DEFAULT_MAX_BODY: usize = 16 << 20;
+/// Default most rows in one request.
+pub const DEFAULT_MAX_ROWS: usize = 4096;
+
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body in bytes; larger -> 413.
+    pub max_body: usize,
+    /// Most rows (batch size) in one request; more -> 413.
+    pub max_rows: usize,
+    /// The admin bearer token; `None` disables the admin routes.
+    pub admin_token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { max_body: DEFAULT_MAX_BODY, max_rows: DEFAULT_MAX_ROWS, admin_token: None }
+    }
+}
+
+impl HttpConfig {
+    /// Defaults, with the admin token from `MAAS_ADMIN_TOKEN` (unset or empty: admin disabled).
+    pub fn from_env() -> Self {
+        let admin_token = std::env::var("MAAS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+        Self { admin_token, ..Self::default() }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Engine,
+    config: Arc<HttpConfig>,
+}
+
+/// The API over `engine`, configured from the environment ([`HttpConfig::from_env`]).
+pub fn router(engine: Engine) -> Router {
+    router_with(engine, HttpConfig::from_env())
+}
+
+/// The API over `engine` with explicit settings.
+pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
+    let state = AppState { engine, config: Arc::new(config.clone()) };
+    let admin = Router::new()
+        .route("/v1/graph", get(get_graph))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
+    Router::new()
+        .route("/v1/pipelines/{name}/infer", post(infer))
+        .route("/v1/pipelines", get(list_pipelines))
+        .route("/v1/submodels", get(list_submodels))
+        .route("/healthz", get(|| async { json_response(StatusCode::OK, json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+        })
+        .layer(DefaultBodyLimit::max(config.max_body))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// An error as the API answers it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "kind": self.kind, "message": self.message } }).to_string();
+        let mut r = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        let status = match &e {
+            InferError::UnknownPipeline(_) => StatusCode::NOT_FOUND,
+            InferError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+            InferError::Overloaded(_) | InferError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            InferError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            InferError::SubmodelFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.kind(), e.to_string())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+        Self::new(status, kind, r.body_text())
+    }
+}
+
+fn json_response(status: StatusCode, body: Json) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Echoes `x-request-id` (or makes one) and runs the request inside a span that carries it.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    req.headers_mut().insert(REQUEST_ID, value.clone());
+    let span = tracing::info_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let started = std::time::Instant::now();
+    let mut response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(status = response.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1e3, "request")
+    });
+    response.headers_mut().insert(REQUEST_ID, value);
+    response
+}
+
+/// The admin gate: runs before the route's handler, so nothing is looked up unauthenticated.
+async fn admin_auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    use subtle::ConstantTimeEq;
+    let Some(token) = st.config.admin_token.as_deref() else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "admin routes are disabled (set MAAS_ADMIN_TOKEN)")
+            .into_response();
+    };
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if bool::from(g.as_bytes().ct_eq(token.as_bytes())) => next.run(req).await,
+        _ => {
+            let mut r =
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin bearer token is required")
+                    .into_response();
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferBody {
+    inputs: serde_json::Map<String, Json>,
+}
+
+async fn infer(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let pipeline =
+        st.engine.pipeline(&name).ok_or_else(|| ApiError::from(InferError::UnknownPipeline(name.clone())))?;
+    let req: InferBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid request body: {e}")))?;
+    let mut values = Values::new();
+    for (input, v) in &req.inputs {
+        let Some((_, ty)) = pipeline.inputs.iter().find(|(n, _)| n == input) else {
+            let known: Vec<&str> = pipeline.inputs.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(ApiError::from(InferError::InvalidInput(format!(
+                "pipeline `{name}` has no input `{input}`; it takes: {}",
+                known.join(", ")
+            ))));
+        };
+        let value = values_json::value_from_json(input, ty, v)
+            .map_err(|e| ApiError::from(InferError::InvalidInput(e.to_string())))?;
+        if let Some(rows) = value.rows()
+            && rows > st.config.max_rows
+        {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_rows",
+                format!("input `{input}` has {rows} rows; at most {} per request", st.config.max_rows),
+            ));
+        }
+        values.insert(input.clone(), value);
+    }
+    let mut options = InferOptions::default();
+    if let Some(v) = headers.get("x-maas-deadline-ms") {
+        let ms = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).filter(|ms| *ms > 0).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_header", "x-maas-deadline-ms must be a positive integer")
+        })?;
+        options.deadline = Some(std::time::Duration::from_millis(ms));
+    }
+    let response = st.engine.infer_with(&name, values, options).await?;
+    let mut outputs = serde_json::Map::new();
+    for (k, v) in &response.outputs {
+        let j = values_json::value_to_json(v)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        outputs.insert(k.clone(), j);
+    }
+    Ok(json_response(StatusCode::OK, json!({ "outputs": outputs, "model_versions": response.versions })))
+}
+
+async fn list_pipelines(State(st): State<AppState>) -> Response {
+    let list: Vec<Json> = st
+        .engine
+        .pipelines()
+        .into_iter()
+        .map(|p| {
+            let ports =
+                |v: &[(String, maas_graphs::PortType)]| v.iter().map(|(n, t)| (n.clone(), Json::from(t.to_string()))).collect::<serde_json::Map<_, _>>();
+            json!({ "name": p.name, "inputs": ports(&p.inputs), "outputs": ports(&p.outputs), "submodels": p.submodels })
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({ "pipelines": list }))
+}
+
+async fn list_submodels(State(st): State<AppState>) -> Response {
+    let list: Vec<Json> = st
+        .engine
+        .submodels()
+        .into_iter()
+        .map(|s| {
+            json!({
+                "name": s.name, "kind": s.kind, "version": s.version, "device": s.device,
+                "replicas": s.replicas, "ready_replicas": s.ready_replicas, "state": s.state,
+                "inline": s.inline, "last_error": s.last_error,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({ "submodels": list }))
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    let not_ready: Vec<Json> = st
+        .engine
+        .submodels()
+        .into_iter()
+        .filter(|s| s.state != "ready" && s.state != "degraded")
+        .map(|s| json!({ "name": s.name, "state": s.state }))
+        .collect();
+    if st.engine.ready() {
+        json_response(StatusCode::OK, json!({ "ready": true }))
+    } else {
+        let mut r = json_response(StatusCode::SERVICE_UNAVAILABLE, json!({ "ready": false, "submodels": not_ready }));
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let body = crate::prometheus::render(&st.engine);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn get_graph(State(st): State<AppState>) -> Response {
+    let text = crate::graph_toml::to_toml(&st.engine.graph());
+    ([(header::CONTENT_TYPE, "application/toml")], text).into_response()
+}

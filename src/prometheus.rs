@@ -1,0 +1,101 @@
+//! The engine's metrics in the Prometheus text exposition format (version 0.0.4), every
+//! metric name prefixed `maas_`.
+
+use std::fmt::Write;
+
+use maas_engine::{Engine, HistogramSnapshot};
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
+    let mut cumulative = 0;
+    for (bound, count) in h.bounds.iter().zip(&h.counts) {
+        cumulative += count;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+}
+
+/// Renders every metric of `engine`.
+pub fn render(engine: &Engine) -> String {
+    let m = engine.metrics();
+    let mut out = String::new();
+    header(&mut out, "maas_in_flight_requests", "gauge", "Requests being served now.");
+    let _ = writeln!(out, "maas_in_flight_requests {}", m.in_flight);
+    header(&mut out, "maas_ready", "gauge", "1 when every submodel serves.");
+    let _ = writeln!(out, "maas_ready {}", u8::from(engine.ready()));
+
+    header(&mut out, "maas_requests_total", "counter", "Requests by pipeline and outcome (ok or the error kind).");
+    for (p, s) in &m.pipelines {
+        let p = escape(p);
+        let _ = writeln!(out, "maas_requests_total{{pipeline=\"{p}\",outcome=\"ok\"}} {}", s.ok);
+        for (kind, n) in &s.errors {
+            let _ = writeln!(out, "maas_requests_total{{pipeline=\"{p}\",outcome=\"{kind}\"}} {n}");
+        }
+    }
+    header(&mut out, "maas_request_duration_seconds", "histogram", "Request latency by pipeline.");
+    for (p, s) in &m.pipelines {
+        histogram(
+            &mut out,
+            "maas_request_duration_seconds",
+            &format!("pipeline=\"{}\"", escape(p)),
+            &s.latency_seconds,
+        );
+    }
+
+    let states = engine.submodels();
+    header(&mut out, "maas_submodel_ready_replicas", "gauge", "Replicas serving now.");
+    for s in &states {
+        let _ = writeln!(out, "maas_submodel_ready_replicas{{submodel=\"{}\"}} {}", escape(&s.name), s.ready_replicas);
+    }
+    header(&mut out, "maas_submodel_up", "gauge", "1 when the submodel serves (ready or degraded).");
+    for s in &states {
+        let up = u8::from(s.state == "ready" || s.state == "degraded");
+        let _ = writeln!(out, "maas_submodel_up{{submodel=\"{}\",state=\"{}\"}} {up}", escape(&s.name), s.state);
+    }
+    header(&mut out, "maas_submodel_queued_jobs", "gauge", "Jobs waiting in the submodel's queue.");
+    for (n, s) in &m.submodels {
+        let _ = writeln!(out, "maas_submodel_queued_jobs{{submodel=\"{}\"}} {}", escape(n), s.queued);
+    }
+    header(&mut out, "maas_submodel_restarts_total", "counter", "Replica restarts.");
+    for (n, s) in &m.submodels {
+        let _ = writeln!(out, "maas_submodel_restarts_total{{submodel=\"{}\"}} {}", escape(n), s.restarts);
+    }
+    header(
+        &mut out,
+        "maas_submodel_jobs_total",
+        "counter",
+        "Jobs by outcome: ok, failed, rejected (queue full), dropped.",
+    );
+    for (n, s) in &m.submodels {
+        let n = escape(n);
+        for (outcome, v) in
+            [("ok", s.jobs_ok), ("failed", s.jobs_failed), ("rejected", s.jobs_rejected), ("dropped", s.jobs_dropped)]
+        {
+            let _ = writeln!(out, "maas_submodel_jobs_total{{submodel=\"{n}\",outcome=\"{outcome}\"}} {v}");
+        }
+    }
+    header(&mut out, "maas_submodel_batch_rows", "histogram", "Rows per batch.");
+    for (n, s) in &m.submodels {
+        histogram(&mut out, "maas_submodel_batch_rows", &format!("submodel=\"{}\"", escape(n)), &s.batch_rows);
+    }
+    header(&mut out, "maas_submodel_compute_seconds", "histogram", "Compute time per batch.");
+    for (n, s) in &m.submodels {
+        histogram(
+            &mut out,
+            "maas_submodel_compute_seconds",
+            &format!("submodel=\"{}\"", escape(n)),
+            &s.compute_seconds,
+        );
+    }
+    out
+}
