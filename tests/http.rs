@@ -358,3 +358,68 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
     server.await.unwrap();
     assert_eq!(engine.shutdown().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_is_504_and_overload_is_503_with_retry_after() {
+    let (open, gate) = flume::unbounded();
+    let graph = "[submodels.g]\nkind = \"gate\"\nqueue = 1\nbatch = { max_size = 1 }\n\
+                 [pipelines.p]\ninputs = { x = \"f32[B,2]\" }\noutputs = { y = \"n.out\" }\n\
+                 nodes.n = { submodel = \"g\", inputs = { x = \"$x\" } }\n";
+    let engine = Engine::builder()
+        .register(Gate(gate))
+        .from_sources(vec![SourceFile::new("gate.toml", graph, ".")])
+        .await
+        .expect("engine");
+    let s = {
+        let app = router_with(engine.clone(), HttpConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Server { addr, engine: engine.clone(), stop, done }
+    };
+    let body = r#"{"inputs": {"x": [[1, 2]]}}"#;
+    // The stream is held by the gate: a 50 ms deadline passes -> 504.
+    let r = client()
+        .post(format!("http://{}/v1/pipelines/p/infer", s.addr))
+        .header("x-maas-deadline-ms", "50")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["kind"], "deadline_exceeded");
+    // The expired request's batch still holds the stream (a computing batch is not
+    // interrupted); one request waits in the queue (queue = 1); the next is refused.
+    let addr = s.addr;
+    let held: Vec<_> = (0..1)
+        .map(|_| {
+            tokio::spawn(
+                async move { client().post(format!("http://{addr}/v1/pipelines/p/infer")).body(body).send().await },
+            )
+        })
+        .collect();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.metrics().submodels["g"].queued < 1 && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (st, h, b) = post(&s, "/v1/pipelines/p/infer", body).await;
+    assert_error(st, &b, 503, "overloaded");
+    assert_eq!(h["retry-after"], "1");
+    for _ in 0..4 {
+        open.send(()).unwrap();
+    }
+    for r in held {
+        assert_eq!(r.await.unwrap().unwrap().status().as_u16(), 200);
+    }
+    s.stop.send(()).unwrap();
+    s.done.await.unwrap();
+}
