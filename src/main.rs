@@ -98,7 +98,8 @@ enum Command {
         #[arg(long = "input", value_name = "NAME=VALUE")]
         inputs: Vec<String>,
         /// Also measure the bare kernels (sequential executor, one batch of `concurrency`
-        /// requests' rows) in the same run, and report the ratio.
+        /// requests' rows) in the same run, and report the ratio (with --url: needs the graph
+        /// files too).
         #[arg(long)]
         baseline: bool,
     },
@@ -281,7 +282,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Serve { files, addr, max_body, max_rows } => serve(files, addr, max_body, max_rows),
-        Command::Bench { url: Some(url), pipeline, concurrency, duration, rate, inputs, .. } => {
+        Command::Bench { url: Some(url), files, pipeline, concurrency, duration, rate, inputs, baseline } => {
             let mut body = serde_json::Map::new();
             for arg in &inputs {
                 let (name, raw) = arg.split_once('=').with_context(|| format!("--input `{arg}` is not NAME=VALUE"))?;
@@ -292,8 +293,35 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
                 body.insert(name.to_string(), value);
             }
-            let cfg = BenchConfig { pipeline, concurrency, duration: Duration::from_secs_f64(duration), rate };
-            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg));
+            let cfg = BenchConfig {
+                pipeline: pipeline.clone(),
+                concurrency,
+                duration: Duration::from_secs_f64(duration),
+                rate,
+            };
+            // With graph files, --baseline also runs the bare kernels here, in the same run.
+            let base = if baseline && !files.is_empty() {
+                let checked = load(&files, &registry)?;
+                let p = find_pipeline(&checked.graph, &pipeline, &files)?;
+                let values = parse_inputs(p, &inputs)?;
+                let seq = Sequential::new(&checked.graph, &registry)?;
+                Some(bench::baseline(
+                    &seq,
+                    &pipeline,
+                    &values,
+                    concurrency.max(1),
+                    cfg.duration.min(Duration::from_secs(10)),
+                )?)
+            } else {
+                None
+            };
+            let mut report = runtime()?.block_on(bench::run_http(&url, body, &cfg));
+            if let Some(base) = base {
+                let ratio = report["throughput_rps"].as_f64().unwrap_or(0.0)
+                    / base["requests_per_s"].as_f64().unwrap_or(f64::NAN);
+                report["baseline"] = base;
+                report["vs_baseline"] = serde_json::json!((ratio * 1000.0).round() / 1000.0);
+            }
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
