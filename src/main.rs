@@ -205,6 +205,30 @@ async fn shutdown_signal() {
     }
 }
 
+/// The bare-kernels baseline for a bench: one batch of `concurrency` requests' rows through the
+/// sequential executor, for at most 10 s.
+fn measure_baseline(
+    graph: &maas_graphs::Graph,
+    registry: &Registry,
+    values: &Values,
+    cfg: &BenchConfig,
+) -> anyhow::Result<serde_json::Value> {
+    let seq = Sequential::new(graph, registry)?;
+    let limit = cfg.duration.min(Duration::from_secs(10));
+    bench::baseline(&seq, &cfg.pipeline, values, cfg.concurrency.max(1), limit)
+}
+
+/// Adds the baseline and the throughput ratio to a bench report.
+fn with_baseline(mut report: serde_json::Value, base: Option<serde_json::Value>) -> serde_json::Value {
+    if let Some(base) = base {
+        let ratio =
+            report["throughput_rps"].as_f64().unwrap_or(0.0) / base["requests_per_s"].as_f64().unwrap_or(f64::NAN);
+        report["baseline"] = base;
+        report["vs_baseline"] = serde_json::json!((ratio * 1000.0).round() / 1000.0);
+    }
+    report
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -304,25 +328,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let checked = load(&files, &registry)?;
                 let p = find_pipeline(&checked.graph, &pipeline, &files)?;
                 let values = parse_inputs(p, &inputs)?;
-                let seq = Sequential::new(&checked.graph, &registry)?;
-                Some(bench::baseline(
-                    &seq,
-                    &pipeline,
-                    &values,
-                    concurrency.max(1),
-                    cfg.duration.min(Duration::from_secs(10)),
-                )?)
+                Some(measure_baseline(&checked.graph, &registry, &values, &cfg)?)
             } else {
                 None
             };
-            let mut report = runtime()?.block_on(bench::run_http(&url, body, &cfg));
-            if let Some(base) = base {
-                let ratio = report["throughput_rps"].as_f64().unwrap_or(0.0)
-                    / base["requests_per_s"].as_f64().unwrap_or(f64::NAN);
-                report["baseline"] = base;
-                report["vs_baseline"] = serde_json::json!((ratio * 1000.0).round() / 1000.0);
-            }
-            println!("{report}");
+            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg));
+            println!("{}", with_baseline(report, base));
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { files, url: None, pipeline, concurrency, duration, rate, inputs, baseline } => {
@@ -335,31 +346,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 duration: Duration::from_secs_f64(duration),
                 rate,
             };
-            let base = if baseline {
-                let seq = Sequential::new(&checked.graph, &registry)?;
-                Some(bench::baseline(
-                    &seq,
-                    &pipeline,
-                    &values,
-                    concurrency.max(1),
-                    cfg.duration.min(Duration::from_secs(10)),
-                )?)
-            } else {
-                None
-            };
+            let base = if baseline { Some(measure_baseline(&checked.graph, &registry, &values, &cfg)?) } else { None };
             let rt = runtime()?;
             rt.block_on(async {
                 let engine = Engine::builder().from_graph(checked.graph.clone()).await?;
                 // Warm up every submodel once before measuring.
                 let _ = engine.infer(&pipeline, values.clone()).await;
-                let mut report = bench::run(&engine, values, &cfg).await;
+                let report = bench::run(&engine, values, &cfg).await;
                 engine.shutdown().await;
-                if let Some(base) = base {
-                    let ratio = report["throughput_rps"].as_f64().unwrap_or(0.0)
-                        / base["requests_per_s"].as_f64().unwrap_or(f64::NAN);
-                    report["baseline"] = base;
-                    report["vs_baseline"] = serde_json::json!((ratio * 1000.0).round() / 1000.0);
-                }
+                let report = with_baseline(report, base);
                 println!("{report}");
                 Ok(ExitCode::SUCCESS)
             })

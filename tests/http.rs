@@ -38,6 +38,11 @@ struct Server {
 
 async fn start(config: HttpConfig) -> Server {
     let engine = Engine::builder().from_sources(vec![SourceFile::new("http.toml", GRAPH, ".")]).await.expect("engine");
+    serve(engine, config).await
+}
+
+/// Serves `engine` on a free loopback port until `stop` is sent.
+async fn serve(engine: Engine, config: HttpConfig) -> Server {
     let app = router_with(engine.clone(), config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -316,18 +321,7 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
         .from_sources(vec![SourceFile::new("gate.toml", graph, ".")])
         .await
         .expect("engine");
-    let app = router_with(engine.clone(), HttpConfig::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let Server { addr, stop, done: server, .. } = serve(engine.clone(), HttpConfig::default()).await;
     let inflight: Vec<_> = (0..4)
         .map(|i| {
             tokio::spawn(async move {
@@ -370,21 +364,7 @@ async fn deadline_is_504_and_overload_is_503_with_retry_after() {
         .from_sources(vec![SourceFile::new("gate.toml", graph, ".")])
         .await
         .expect("engine");
-    let s = {
-        let app = router_with(engine.clone(), HttpConfig::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let done = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        Server { addr, engine: engine.clone(), stop, done }
-    };
+    let s = serve(engine.clone(), HttpConfig::default()).await;
     let body = r#"{"inputs": {"x": [[1, 2]]}}"#;
     // The stream is held by the gate: a 50 ms deadline passes -> 504.
     let r = client()
