@@ -58,6 +58,18 @@ async fn serve(engine: Engine, config: HttpConfig) -> Server {
     Server { addr, engine, stop, done }
 }
 
+/// Polls `cond` every millisecond until it holds or 10 s pass.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client")
 }
@@ -335,11 +347,7 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
             })
         })
         .collect();
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while engine.metrics().in_flight < 4 && std::time::Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(engine.metrics().in_flight, 4);
+    assert!(eventually(|| engine.metrics().in_flight == 4).await, "the four requests never arrived");
     stop.send(()).unwrap();
     for _ in 0..4 {
         open.send(()).unwrap();
@@ -387,10 +395,7 @@ async fn deadline_is_504_and_overload_is_503_with_retry_after() {
             )
         })
         .collect();
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while engine.metrics().submodels["g"].queued < 1 && std::time::Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    assert!(eventually(|| engine.metrics().submodels["g"].queued == 1).await, "the held request never queued");
     let (st, h, b) = post(&s, "/v1/pipelines/p/infer", body).await;
     assert_error(st, &b, 503, "overloaded");
     assert_eq!(h["retry-after"], "1");
