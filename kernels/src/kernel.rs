@@ -44,6 +44,8 @@ pub struct Loaded {
     pub kernel: Arc<dyn Kernel>,
     /// What it accepts and produces.
     pub signature: Arc<Signature>,
+    /// Where it computes: inputs on another device are moved here first.
+    pub device: Device,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -57,6 +59,28 @@ impl Loaded {
     /// declared output came back with the batch's row count.
     pub fn forward(&self, inputs: &Values) -> Result<Values> {
         let rows = check_inputs(&self.signature, inputs)?;
+        // An edge that crosses devices (CPU input into a CUDA submodel, or between two CUDA
+        // streams) is moved here, once, before the kernel sees it.
+        let moved;
+        let inputs = if inputs.values().any(|v| v.as_tensor().is_some_and(|t| !t.device().same_device(&self.device))) {
+            let mut m = Values::new();
+            for (port, v) in inputs {
+                let v = match v {
+                    Value::Tensor(t) if !t.device().same_device(&self.device) => {
+                        Value::Tensor(t.to_device(&self.device).map_err(|source| KernelError::Candle {
+                            op: "move input to the submodel's device",
+                            source,
+                        })?)
+                    }
+                    other => other.clone(),
+                };
+                m.insert(port.clone(), v);
+            }
+            moved = m;
+            &moved
+        } else {
+            inputs
+        };
         let out = self.kernel.forward(inputs)?;
         for port in &self.signature.outputs {
             match out.get(&port.name) {
