@@ -322,17 +322,23 @@ impl maas_kernels::Kernel for GateKernel {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_finishes_requests_in_flight() {
-    let (open, gate) = flume::unbounded();
-    let graph = "[submodels.g]\nkind = \"gate\"\nbatch = { max_size = 1 }\n\
-                 [pipelines.p]\ninputs = { x = \"f32[B,2]\" }\noutputs = { y = \"n.out\" }\n\
-                 nodes.n = { submodel = \"g\", inputs = { x = \"$x\" } }\n";
-    let engine = Engine::builder()
+/// An engine serving pipeline `p` (`x: f32[B,2]`) through one gated submodel `g`.
+async fn gate_engine(gate: flume::Receiver<()>, settings: &str) -> Engine {
+    let graph = format!(
+        "[submodels.g]\nkind = \"gate\"\n{settings}\n[pipelines.p]\ninputs = {{ x = \"f32[B,2]\" }}\n\
+         outputs = {{ y = \"n.out\" }}\nnodes.n = {{ submodel = \"g\", inputs = {{ x = \"$x\" }} }}\n"
+    );
+    Engine::builder()
         .register(Gate(gate))
         .from_sources(vec![SourceFile::new("gate.toml", graph, ".")])
         .await
-        .expect("engine");
+        .expect("engine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let (open, gate) = flume::unbounded();
+    let engine = gate_engine(gate, "batch = { max_size = 1 }").await;
     let Server { addr, stop, done: server, .. } = serve(engine.clone(), HttpConfig::default()).await;
     let inflight: Vec<_> = (0..4)
         .map(|i| {
@@ -364,14 +370,7 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_is_504_and_overload_is_503_with_retry_after() {
     let (open, gate) = flume::unbounded();
-    let graph = "[submodels.g]\nkind = \"gate\"\nqueue = 1\nbatch = { max_size = 1 }\n\
-                 [pipelines.p]\ninputs = { x = \"f32[B,2]\" }\noutputs = { y = \"n.out\" }\n\
-                 nodes.n = { submodel = \"g\", inputs = { x = \"$x\" } }\n";
-    let engine = Engine::builder()
-        .register(Gate(gate))
-        .from_sources(vec![SourceFile::new("gate.toml", graph, ".")])
-        .await
-        .expect("engine");
+    let engine = gate_engine(gate, "queue = 1\nbatch = { max_size = 1 }").await;
     let s = serve(engine.clone(), HttpConfig::default()).await;
     let body = r#"{"inputs": {"x": [[1, 2]]}}"#;
     // The stream is held by the gate: a 50 ms deadline passes -> 504.

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use maas_graphs::{Catalog, KindError, PortSpec, Signature, SignatureError, SubmodelName, SubmodelSpec, ty};
@@ -17,31 +16,11 @@ use maas_kernels::{Kernel, KernelError, Kind, Registry, Value, Values};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh, empty directory under the system temp dir, unique to this process and call;
-/// removed when dropped, also when the test fails.
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn temp_dir(tag: &str) -> TempDir {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!("maas-kernels-weights-{}-{n}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+    common::temp_dir("weights", tag)
 }
 
 /// Writes a small valid file: `w` f32 [2,3] = 0..6 and `b` f32 [2] = [10, 20].
