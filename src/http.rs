@@ -4,9 +4,15 @@
 //!   "model_versions": {...}}`; optional headers `x-maas-deadline-ms` (per-request deadline) and
 //!   `x-request-id` (echoed, or generated, and logged).
 //! - `GET /v1/pipelines`, `GET /v1/submodels`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
-//! - Admin routes (`/v1/graph`, and the change-while-serving routes under `/v1/submodels/{name}`)
-//!   sit behind one bearer-token layer that runs before any lookup: disabled (404) without a
-//!   token configured, 401 for a missing or wrong token, compared in constant time.
+//! - Admin routes sit behind one bearer-token layer that runs before any lookup: disabled (404)
+//!   without a token configured, 401 for a missing or wrong token, compared in constant time:
+//!   - `PUT /v1/submodels/{name}` `{"weights": "...", "version": "...", "params": {...}}`:
+//!     hot-swap; 200 once every replica serves the new version (422 bad weights, 404 unknown
+//!     submodel, 409 a signature the pipelines cannot accept, 403 a file outside the roots);
+//!   - `POST /v1/submodels/{name}/rollback` (any body, ignored): back to the previous version;
+//!   - `GET /v1/submodels/{name}/versions`: the serving and previous versions;
+//!   - `GET /v1/graph`: the graph served now, as TOML; `PUT /v1/graph` (TOML body,
+//!     `?dry_run=true` to only check and diff): recompose, answering what changed.
 //!
 //! Every error, including the ones axum raises itself (bad JSON, body too large, unknown route),
 //! is `{"error": {"kind": "...", "message": "..."}}` with a status that fits it.
@@ -21,7 +27,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use maas_engine::{Engine, InferError, InferOptions, json as values_json};
+use maas_engine::{ChangeError, Engine, InferError, InferOptions, SwapRequest, VersionInfo, json as values_json};
 use maas_kernels::Values;
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
@@ -71,7 +77,10 @@ pub fn router(engine: Engine) -> Router {
 pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
     let state = AppState { engine, config: Arc::new(config.clone()) };
     let admin = Router::new()
-        .route("/v1/graph", get(get_graph))
+        .route("/v1/graph", get(get_graph).put(put_graph))
+        .route("/v1/submodels/{name}", axum::routing::put(swap))
+        .route("/v1/submodels/{name}/rollback", post(rollback))
+        .route("/v1/submodels/{name}/versions", get(versions))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
         .route("/v1/pipelines/{name}/infer", post(infer))
@@ -96,17 +105,23 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     message: String,
+    /// The checker's diagnostics, one line each (for graphs and signatures that do not check).
+    diagnostics: Option<Vec<String>>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into() }
+        Self { status, kind, message: message.into(), diagnostics: None }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "kind": self.kind, "message": self.message } }).to_string();
+        let mut error = json!({ "kind": self.kind, "message": self.message });
+        if let Some(d) = self.diagnostics {
+            error["diagnostics"] = json!(d);
+        }
+        let body = json!({ "error": error }).to_string();
         let mut r = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -125,6 +140,27 @@ impl From<InferError> for ApiError {
             InferError::SubmodelFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.kind(), e.to_string())
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        let status = match &e {
+            ChangeError::UnknownSubmodel(_) => StatusCode::NOT_FOUND,
+            ChangeError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ChangeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ChangeError::InvalidWeights { .. } | ChangeError::InvalidGraph(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ChangeError::Incompatible { .. } | ChangeError::NoPreviousVersion(_) => StatusCode::CONFLICT,
+            ChangeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ChangeError::NotRecorded(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let diagnostics = match &e {
+            ChangeError::InvalidGraph(d) | ChangeError::Incompatible { diagnostics: d, .. } => {
+                Some(d.0.iter().map(ToString::to_string).collect())
+            }
+            _ => None,
+        };
+        Self { status, kind: e.kind(), message: e.to_string(), diagnostics }
     }
 }
 
@@ -293,6 +329,136 @@ async fn metrics(State(st): State<AppState>) -> Response {
 }
 
 async fn get_graph(State(st): State<AppState>) -> Response {
-    let text = crate::graph_toml::to_toml(&st.engine.graph());
+    let text = maas_graphs::to_toml(&st.engine.graph());
     ([(header::CONTENT_TYPE, "application/toml")], text).into_response()
+}
+
+/// A hot-swap request body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapBody {
+    weights: Option<std::path::PathBuf>,
+    version: Option<String>,
+    params: Option<serde_json::Map<String, Json>>,
+}
+
+fn bad_body(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid request body: {e}"))
+}
+
+/// A JSON value as TOML (params are TOML tables); `null` has no TOML form.
+fn json_to_toml(key: &str, v: &Json) -> Result<toml::Value, ApiError> {
+    Ok(match v {
+        Json::Null => return Err(bad_body(format!("params.{key}: null is not a parameter value"))),
+        Json::Bool(b) => toml::Value::Boolean(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => toml::Value::String(s.clone()),
+        Json::Array(a) => toml::Value::Array(a.iter().map(|x| json_to_toml(key, x)).collect::<Result<_, _>>()?),
+        Json::Object(o) => toml::Value::Table(
+            o.iter()
+                .map(|(k, x)| Ok((k.clone(), json_to_toml(&format!("{key}.{k}"), x)?)))
+                .collect::<Result<_, ApiError>>()?,
+        ),
+    })
+}
+
+fn swapped_json(s: &maas_engine::Swapped) -> Json {
+    json!({
+        "submodel": s.submodel, "previous": s.previous, "version": s.version, "replicas": s.replicas,
+        "elapsed_ms": s.elapsed.as_secs_f64() * 1e3,
+    })
+}
+
+async fn swap(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let req: SwapBody = serde_json::from_slice(&body).map_err(bad_body)?;
+    let params = match &req.params {
+        Some(p) => Some(p.iter().map(|(k, v)| Ok((k.clone(), json_to_toml(k, v)?))).collect::<Result<_, ApiError>>()?),
+        None => None,
+    };
+    let request = SwapRequest { weights: req.weights, version: req.version, params };
+    let swapped = st.engine.swap(&name, request).await?;
+    Ok(json_response(StatusCode::OK, swapped_json(&swapped)))
+}
+
+async fn rollback(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let swapped = st.engine.rollback(&name).await?;
+    Ok(json_response(StatusCode::OK, swapped_json(&swapped)))
+}
+
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn version_json(v: &VersionInfo) -> Json {
+    json!({
+        "version": v.version,
+        "weights": v.weights.as_ref().map(|w| w.display().to_string()),
+        "params": serde_json::to_value(&v.params).unwrap_or(Json::Null),
+        "since_unix_ms": unix_ms(v.since),
+        "until_unix_ms": v.until.map(unix_ms),
+    })
+}
+
+async fn versions(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let v = st.engine.versions(&name).ok_or_else(|| ApiError::from(ChangeError::UnknownSubmodel(name)))?;
+    let previous: Vec<Json> = v.previous.iter().map(version_json).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "submodel": v.submodel, "serving": version_json(&v.serving), "previous": previous }),
+    ))
+}
+
+async fn put_graph(
+    State(st): State<AppState>,
+    uri: axum::http::Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let mut dry_run = false;
+    for pair in uri.query().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "true")) {
+            ("dry_run", "true" | "1") => dry_run = true,
+            ("dry_run", "false" | "0") => dry_run = false,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("unknown query `{pair}`; expected dry_run=true or dry_run=false"),
+                ));
+            }
+        }
+    }
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the graph must be UTF-8 TOML text"))?;
+    // Relative paths in the body resolve against the server's working directory.
+    let source = maas_graphs::SourceFile::new("request.toml", text, "");
+    let r = st.engine.recompose(vec![source], dry_run).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "applied": r.applied,
+            "dry_run": dry_run,
+            "submodels": changes_json(&r.diff.submodels),
+            "pipelines": changes_json(&r.diff.pipelines),
+            "affected_pipelines": names(&r.diff.affected),
+            "warnings": r.warnings,
+            "elapsed_ms": r.elapsed.as_secs_f64() * 1e3,
+        }),
+    ))
+}
+
+fn names<T: ToString>(v: &[T]) -> Vec<String> {
+    v.iter().map(ToString::to_string).collect()
+}
+
+fn changes_json<T: ToString>(c: &maas_graphs::Changes<T>) -> Json {
+    json!({ "added": names(&c.added), "removed": names(&c.removed), "changed": names(&c.changed) })
 }

@@ -2,7 +2,7 @@
 //!
 //! Machine output (JSON, DOT) goes to stdout only; logs and diagnostics go to stderr.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use maas::bench::{self, BenchConfig};
 use maas_engine::{Engine, Sequential, json};
-use maas_graphs::{Diagnostics, Pipeline, PortType};
+use maas_graphs::{Diagnostics, Pipeline, PortType, SourceFile};
 use maas_kernels::{Registry, Values};
 
 /// Serve machine-learning models as checked compositions of submodels.
@@ -72,6 +72,18 @@ enum Command {
         /// Most rows in one request.
         #[arg(long, default_value_t = maas::http::DEFAULT_MAX_ROWS)]
         max_rows: usize,
+        /// Record every change (swap, rollback, recomposition) here, and come back serving the
+        /// recorded graph and versions after a restart.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// A directory swaps and recompositions may read weights from, besides the graph files'
+        /// directories (repeatable).
+        #[arg(long = "model-root", value_name = "DIR")]
+        model_roots: Vec<PathBuf>,
+        /// Watch the graph files: a change is checked and applied as a recomposition (an
+        /// invalid one is logged, and the served graph stays).
+        #[arg(long)]
+        watch: bool,
     },
     /// Drive a pipeline (in process, or a server with --url) and print throughput and latency
     /// percentiles as JSON.
@@ -149,18 +161,61 @@ fn describe(files: &[PathBuf]) -> String {
     }
 }
 
-fn serve(files: Vec<PathBuf>, addr: String, max_body: usize, max_rows: usize) -> anyhow::Result<ExitCode> {
+/// `maas serve`'s settings.
+struct ServeArgs {
+    files: Vec<PathBuf>,
+    addr: String,
+    max_body: usize,
+    max_rows: usize,
+    state_dir: Option<PathBuf>,
+    model_roots: Vec<PathBuf>,
+    watch: bool,
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch } = args;
     runtime()?.block_on(async {
+        // Changes may read files under the graph files' directories and the model roots.
+        let mut roots = model_roots;
+        let mut options = maas::engine::EngineOptions { state_dir: state_dir.clone(), ..Default::default() };
+        match &state_dir {
+            Some(dir) if maas::engine::has_record(dir) => eprintln!(
+                "maas: serving the graph and versions recorded in {} (delete it to serve the graph files as written)",
+                dir.join(maas::engine::STATE_FILE).display()
+            ),
+            Some(dir) => eprintln!("maas: recording changes in {}", dir.display()),
+            None => eprintln!(
+                "maas: no --state-dir: swaps, rollbacks and recompositions last until this process stops; a restart serves the graph files as written"
+            ),
+        }
         let engine = if files.is_empty() {
             let cwd = std::env::current_dir()?;
-            let sources = maas::default_graph::sources(&maas::default_graph::scratch_dir(), &cwd)?;
-            if !maas::default_graph::minilm_present(&cwd) {
+            // With a state directory, the embedded assets get a stable home the record can name.
+            let assets = state_dir.as_ref().map_or_else(maas::default_graph::scratch_dir, |d| d.join("default"));
+            let sources = maas::default_graph::sources(&assets, &cwd)?;
+            roots.push(assets);
+            if maas::default_graph::minilm_present(&cwd) {
+                roots.push(cwd.join("models"));
+            } else {
                 eprintln!("maas: ./models has no MiniLM model: serving `classify` only (run scripts/fetch-models for `embed` and `similarity`)");
             }
-            Engine::builder().from_sources(sources).await?
+            options.file_roots = Some(roots);
+            Engine::builder().options(options).from_sources(sources).await?
         } else {
-            Engine::builder().from_files(&files).await?
+            for f in &files {
+                let dir = f.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                roots.push(dir.to_path_buf());
+            }
+            options.file_roots = Some(roots);
+            Engine::builder().options(options).from_files(&files).await?
         };
+        if watch {
+            if files.is_empty() {
+                eprintln!("maas: --watch needs graph files; the embedded graph is not watched");
+            } else {
+                tokio::spawn(watch_files(engine.clone(), files.clone()));
+            }
+        }
         let mut config = maas::http::HttpConfig::from_env();
         config.max_body = max_body;
         config.max_rows = max_rows;
@@ -181,6 +236,36 @@ fn serve(files: Vec<PathBuf>, addr: String, max_body: usize, max_rows: usize) ->
         eprintln!("maas: stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Polls the graph files once a second; when their text changes, applies them as a
+/// recomposition (the operator's own files: not confined to the file roots).
+async fn watch_files(engine: Engine, files: Vec<PathBuf>) {
+    let read = |files: &[PathBuf]| files.iter().map(|f| std::fs::read_to_string(f).ok()).collect::<Vec<_>>();
+    let mut seen = read(&files);
+    eprintln!("maas: watching {} for changes", describe(&files));
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = read(&files);
+        if now == seen || now.iter().any(Option::is_none) {
+            continue; // unchanged, or a file is being replaced: look again next time
+        }
+        seen = now;
+        let sources: Vec<SourceFile> = files.iter().filter_map(|f| SourceFile::read(f).ok()).collect();
+        match engine.recompose_trusted(sources).await {
+            Ok(r) if r.applied => eprintln!(
+                "maas: applied the changed graph: submodels +{:?} ~{:?} -{:?}, pipelines +{:?} ~{:?} -{:?}",
+                r.diff.submodels.added,
+                r.diff.submodels.changed,
+                r.diff.submodels.removed,
+                r.diff.pipelines.added,
+                r.diff.pipelines.changed,
+                r.diff.pipelines.removed
+            ),
+            Ok(_) => eprintln!("maas: the graph files changed but serve the same graph"),
+            Err(e) => eprintln!("maas: the changed graph was not applied; the served graph stays:\n{e}"),
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -305,7 +390,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Serve { files, addr, max_body, max_rows } => serve(files, addr, max_body, max_rows),
+        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch } => {
+            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch })
+        }
         Command::Bench { url: Some(url), files, pipeline, concurrency, duration, rate, inputs, baseline } => {
             let mut body = serde_json::Map::new();
             for arg in &inputs {

@@ -97,5 +97,16 @@ pub fn render(engine: &Engine) -> String {
             &s.compute_seconds,
         );
     }
+    header(&mut out, "maas_submodel_version_info", "gauge", "The version each submodel serves now (always 1).");
+    for (n, v) in &m.versions {
+        let _ = writeln!(out, "maas_submodel_version_info{{submodel=\"{}\",version=\"{}\"}} 1", escape(n), escape(v));
+    }
+    header(&mut out, "maas_changes_total", "counter", "Changes attempted while serving (swap, rollback, recompose).");
+    for change in ["swap", "rollback", "recompose"] {
+        for result in ["ok", "rejected"] {
+            let n = m.changes.get(&(change.to_string(), result.to_string())).copied().unwrap_or(0);
+            let _ = writeln!(out, "maas_changes_total{{change=\"{change}\",result=\"{result}\"}} {n}");
+        }
+    }
     out
 }

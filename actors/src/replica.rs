@@ -62,8 +62,17 @@ impl Actor for ReplicaActor {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let name = format!("maas-{}-{}", args.spec.name, args.replica);
         std::thread::Builder::new().name(name).spawn(move || {
-            // Load on the stream's own thread: it owns the kernel and its device from birth.
-            let loaded = catch_unwind(AssertUnwindSafe(|| args.registry.load(&args.spec)));
+            // Load on the stream's own thread: it owns the kernel and its device from birth. Then
+            // warm it up there, before it is reported ready: lazy device initialisation is paid
+            // here, off the serving path. A warm-up that fails on synthetic input is only logged
+            // (real inputs may differ); one that panics fails the load.
+            let loaded = catch_unwind(AssertUnwindSafe(|| {
+                let kernel = args.registry.load(&args.spec)?;
+                if let Err(e) = kernel.warm_up() {
+                    tracing::warn!(submodel = %args.spec.name, replica = args.replica, error = %e, "warm-up failed");
+                }
+                Ok::<_, maas_kernels::KernelError>(kernel)
+            }));
             let kernel = match loaded {
                 Ok(Ok(k)) => k,
                 Ok(Err(e)) => {
@@ -71,7 +80,7 @@ impl Actor for ReplicaActor {
                     return;
                 }
                 Err(_) => {
-                    let _ = ready_tx.send(Err("loading the kernel panicked".into()));
+                    let _ = ready_tx.send(Err("loading or warming up the kernel panicked".into()));
                     return;
                 }
             };

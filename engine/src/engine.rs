@@ -2,10 +2,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use candle_core::Tensor;
@@ -20,6 +20,7 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::change::{ChangeCounts, History};
 use crate::error::{EngineError, InferError, Result};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics, SubmodelSnapshot};
 use crate::sequential::check_pipeline_inputs;
@@ -49,11 +50,29 @@ pub struct EngineOptions {
     pub restart: RestartPolicy,
     /// How long [`Engine::shutdown`] waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Previous versions kept per submodel for [`Engine::rollback`].
+    pub keep_versions: usize,
+    /// Where changes may read files from: swaps and recompositions that name a file whose
+    /// canonical path (symlinks and `..` resolved) lies outside every one of these directories
+    /// are refused with [`ChangeError::Forbidden`](crate::ChangeError::Forbidden). `None`: any
+    /// file (an embedding service that trusts its callers).
+    pub file_roots: Option<Vec<PathBuf>>,
+    /// Where every applied change is recorded (atomically); an engine built with a state
+    /// directory that holds a record serves the recorded graph and versions instead of the
+    /// graph it was given. `None`: changes live as long as the process.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_in_flight: 4096, restart: RestartPolicy::default(), drain_timeout: Duration::from_secs(30) }
+        Self {
+            max_in_flight: 4096,
+            restart: RestartPolicy::default(),
+            drain_timeout: Duration::from_secs(30),
+            keep_versions: 5,
+            file_roots: None,
+            state_dir: None,
+        }
     }
 }
 
@@ -96,11 +115,30 @@ impl EngineBuilder {
         self.from_graph(checked.graph).await
     }
 
-    /// Starts serving a graph that was already checked.
+    /// Starts serving a graph that was already checked (or, when the options name a state
+    /// directory that holds a record, the recorded graph and versions instead).
     pub async fn from_graph(self, graph: Graph) -> Result<Engine> {
+        let mut options = self.options;
+        let file_roots = match options.file_roots.take() {
+            Some(roots) => Some(crate::change::canonical_roots(&roots).map_err(EngineError::Setup)?),
+            None => None,
+        };
+        options.file_roots = file_roots;
+        let restored = match &options.state_dir {
+            Some(dir) => crate::state::restore(dir, &self.registry).map_err(EngineError::Setup)?,
+            None => None,
+        };
+        let (graph, history, revision) = match restored {
+            Some(r) => {
+                tracing::info!(state_dir = %r.dir.display(), revision = r.revision, "serving the graph and versions recorded in the state directory");
+                (r.graph, r.history, r.revision)
+            }
+            None => (graph, History::default(), 0),
+        };
         let mut submodels: BTreeMap<String, Arc<Submodel>> = BTreeMap::new();
         for (name, spec) in &graph.submodels {
-            match start_submodel(Arc::new(spec.clone()), &self.registry, self.options.restart).await {
+            let metrics = Arc::new(SubmodelMetrics::default());
+            match start_submodel(Arc::new(spec.clone()), &self.registry, options.restart, metrics).await {
                 Ok(sub) => {
                     submodels.insert(name.to_string(), Arc::new(sub));
                 }
@@ -113,15 +151,18 @@ impl EngineBuilder {
                 }
             }
         }
-        let served = Served::compile(graph, submodels)?;
+        let served = Served::compile(graph, submodels, history, None)?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 registry: self.registry,
                 served: ArcSwap::from_pointee(served),
-                admission: Arc::new(Semaphore::new(self.options.max_in_flight)),
+                admission: Arc::new(Semaphore::new(options.max_in_flight)),
                 in_flight: Arc::default(),
                 shutting_down: AtomicBool::new(false),
-                options: self.options,
+                options,
+                change_lock: tokio::sync::Mutex::new(()),
+                change_counts: ChangeCounts::default(),
+                revision: AtomicU64::new(revision),
             }),
         })
     }
@@ -135,13 +176,27 @@ enum Exec {
     Actor(ActorRef<SubmodelMessage>),
 }
 
-/// A running submodel.
+/// A running submodel: one version of it. A swap starts a new one beside it; the old one stops
+/// when the last request that holds it (through its plan) ends.
 pub(crate) struct Submodel {
-    spec: Arc<SubmodelSpec>,
-    signature: Arc<Signature>,
+    pub(crate) spec: Arc<SubmodelSpec>,
+    pub(crate) signature: Arc<Signature>,
     exec: Exec,
-    metrics: Arc<SubmodelMetrics>,
+    /// Shared by every version of the submodel (counters keep counting across swaps).
+    pub(crate) metrics: Arc<SubmodelMetrics>,
     status: Arc<SubmodelStatus>,
+    /// When this version started serving.
+    pub(crate) since: SystemTime,
+}
+
+impl Drop for Submodel {
+    fn drop(&mut self) {
+        // Nothing can reach this version any more (plans and requests hold it): stop its actor,
+        // which stops its replicas and their streams.
+        if let Exec::Actor(a) = &self.exec {
+            a.stop(None);
+        }
+    }
 }
 
 impl Submodel {
@@ -155,24 +210,36 @@ impl Submodel {
     }
 }
 
-async fn start_submodel(spec: Arc<SubmodelSpec>, registry: &Registry, restart: RestartPolicy) -> Result<Submodel> {
+/// Loads a submodel (every replica loaded and warmed up) and starts serving it.
+pub(crate) async fn start_submodel(
+    spec: Arc<SubmodelSpec>,
+    registry: &Registry,
+    restart: RestartPolicy,
+    metrics: Arc<SubmodelMetrics>,
+) -> Result<Submodel> {
     let name = spec.name.to_string();
     let kind = registry.get(&spec.kind).ok_or_else(|| EngineError::Start {
         submodel: name.clone(),
         message: format!("unknown kind `{}`", spec.kind),
     })?;
-    let metrics = Arc::new(SubmodelMetrics::default());
     let status = Arc::new(SubmodelStatus::default());
+    let since = SystemTime::now();
     if kind.trivial() {
         let reg = registry.clone();
         let s = spec.clone();
-        let loaded = tokio::task::spawn_blocking(move || reg.load(&s))
-            .await
-            .map_err(|e| EngineError::Start { submodel: name.clone(), message: e.to_string() })?
-            .map_err(|source| EngineError::Load { submodel: name.clone(), source: Box::new(source) })?;
+        let loaded = tokio::task::spawn_blocking(move || {
+            let loaded = reg.load(&s)?;
+            if let Err(e) = loaded.warm_up() {
+                tracing::warn!(submodel = %s.name, error = %e, "warm-up failed");
+            }
+            Ok(loaded)
+        })
+        .await
+        .map_err(|e| EngineError::Start { submodel: name.clone(), message: e.to_string() })?
+        .map_err(|source| EngineError::Load { submodel: name.clone(), source: Box::new(source) })?;
         status.set_inline();
         let signature = loaded.signature.clone();
-        return Ok(Submodel { spec, signature, exec: Exec::Inline(loaded), metrics, status });
+        return Ok(Submodel { spec, signature, exec: Exec::Inline(loaded), metrics, status, since });
     }
     let signature = maas_graphs::Catalog::signature(registry, &spec)
         .map_err(|e| EngineError::Start { submodel: name.clone(), message: format!("{e:?}") })?;
@@ -186,7 +253,7 @@ async fn start_submodel(spec: Arc<SubmodelSpec>, registry: &Registry, restart: R
     let (actor, _) = Actor::spawn(None, SubmodelActor, args)
         .await
         .map_err(|e| EngineError::Start { submodel: name, message: e.to_string() })?;
-    Ok(Submodel { spec, signature: Arc::new(signature), exec: Exec::Actor(actor), metrics, status })
+    Ok(Submodel { spec, signature: Arc::new(signature), exec: Exec::Actor(actor), metrics, status, since })
 }
 
 /// Where a node input comes from, compiled.
@@ -211,18 +278,28 @@ struct Plan {
     pipeline: Pipeline,
     nodes: Vec<PlanNode>,
     outputs: Vec<(String, usize, String)>,
-    metrics: PipelineMetrics,
+    /// Shared by every plan of the pipeline (counters keep counting across changes).
+    metrics: Arc<PipelineMetrics>,
 }
 
-/// What an engine serves: the graph, its plans and its submodels, swapped as a whole.
-struct Served {
-    graph: Graph,
+/// What an engine serves: the graph, its plans, its submodels and their previous versions,
+/// swapped as a whole (a request keeps the `Served` it started with until it ends).
+pub(crate) struct Served {
+    pub(crate) graph: Graph,
     plans: BTreeMap<String, Arc<Plan>>,
-    submodels: BTreeMap<String, Arc<Submodel>>,
+    pub(crate) submodels: BTreeMap<String, Arc<Submodel>>,
+    pub(crate) history: History,
 }
 
 impl Served {
-    fn compile(graph: Graph, submodels: BTreeMap<String, Arc<Submodel>>) -> Result<Self> {
+    /// Compiles plans for `graph` against running `submodels`; pipelines that `previous` also
+    /// serves keep their metrics.
+    pub(crate) fn compile(
+        graph: Graph,
+        submodels: BTreeMap<String, Arc<Submodel>>,
+        history: History,
+        previous: Option<&Served>,
+    ) -> Result<Self> {
         let mut plans = BTreeMap::new();
         for (name, p) in &graph.pipelines {
             let index: BTreeMap<&str, usize> = p.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
@@ -260,30 +337,38 @@ impl Served {
             }
             let outputs =
                 p.outputs.iter().map(|o| (o.name.to_string(), index[o.node.as_str()], o.port.to_string())).collect();
-            plans.insert(
-                name.to_string(),
-                Arc::new(Plan { pipeline: p.clone(), nodes, outputs, metrics: PipelineMetrics::default() }),
-            );
+            let metrics = previous
+                .and_then(|s| s.plans.get(name.as_str()))
+                .map(|p| p.metrics.clone())
+                .unwrap_or_default();
+            plans.insert(name.to_string(), Arc::new(Plan { pipeline: p.clone(), nodes, outputs, metrics }));
         }
-        Ok(Self { graph, plans, submodels })
+        Ok(Self { graph, plans, submodels, history })
     }
 }
 
-struct Inner {
-    registry: Registry,
-    served: ArcSwap<Served>,
+pub(crate) struct Inner {
+    pub(crate) registry: Registry,
+    pub(crate) served: ArcSwap<Served>,
     admission: Arc<Semaphore>,
     /// Requests admitted and not yet ended (the semaphore cannot say during a shutdown).
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
-    shutting_down: AtomicBool,
-    options: EngineOptions,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) options: EngineOptions,
+    /// Held by every change (swap, rollback, recomposition) from its first check to its switch:
+    /// changes are serialised, so no two load the same submodel or build on the same `Served`.
+    pub(crate) change_lock: tokio::sync::Mutex<()>,
+    pub(crate) change_counts: ChangeCounts,
+    /// Changes applied so far (kept in the state directory across restarts).
+    pub(crate) revision: AtomicU64,
 }
 
 /// The engine a service embeds: serves pipelines from a checked graph with supervised,
-/// batching submodel actors. Cheap to clone (all clones serve the same pipelines).
+/// batching submodel actors, and changes what it serves while serving (hot-swap, rollback,
+/// recomposition). Cheap to clone (all clones serve the same pipelines).
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// Per-request options.
@@ -447,6 +532,8 @@ impl Engine {
             submodels: served.submodels.iter().map(|(n, s)| (n.clone(), SubmodelSnapshot::of(&s.metrics))).collect(),
             pipelines: served.plans.iter().map(|(n, p)| (n.clone(), p.metrics.snapshot())).collect(),
             in_flight: self.inner.in_flight.load(Relaxed) as u64,
+            changes: self.inner.change_counts.snapshot(),
+            versions: served.submodels.iter().map(|(n, s)| (n.clone(), s.spec.version.clone())).collect(),
         }
     }
 

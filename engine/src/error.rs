@@ -28,6 +28,10 @@ pub enum EngineError {
         /// Why.
         message: String,
     },
+    /// The engine's settings cannot be used: a state directory that cannot be read or whose
+    /// record no longer checks, or a file root that does not exist.
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Why a request ended without outputs. Every request ends with outputs or one of these.

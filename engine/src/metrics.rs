@@ -105,4 +105,8 @@ pub struct MetricsSnapshot {
     pub pipelines: BTreeMap<String, PipelineSnapshot>,
     /// Requests in flight now.
     pub in_flight: u64,
+    /// Changes attempted, by (`swap` | `rollback` | `recompose`, `ok` | `rejected`).
+    pub changes: BTreeMap<(String, String), u64>,
+    /// The version each submodel serves now.
+    pub versions: BTreeMap<String, String>,
 }

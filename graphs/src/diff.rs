@@ -33,7 +33,7 @@ impl<T> Changes<T> {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GraphDiff {
     /// Submodels added, removed, or changed (kind, weights, version, device, replicas,
-    /// batching, queue or params).
+    /// batching, queue or params; file paths compared after resolving them).
     pub submodels: Changes<SubmodelName>,
     /// Pipelines added, removed, or changed (inputs, outputs, deadline or wiring).
     pub pipelines: Changes<PipelineName>,
@@ -65,7 +65,10 @@ fn changes<K: Ord + Clone, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K,
 impl Graph {
     /// What must change to go from `self` (running) to `new`.
     pub fn diff(&self, new: &Graph) -> GraphDiff {
-        let submodels = changes(&self.submodels, &new.submodels);
+        let norm = |g: &Graph| -> BTreeMap<SubmodelName, _> {
+            g.submodels.iter().map(|(k, v)| (k.clone(), v.normalized())).collect()
+        };
+        let submodels = changes(&norm(self), &norm(new));
         let pipelines = changes(&self.pipelines, &new.pipelines);
         let changed: Vec<&SubmodelName> = submodels.changed.iter().collect();
         let affected = new

@@ -19,6 +19,9 @@ use crate::signature::PortType;
 pub const DEFAULT_VERSION: &str = "v1";
 /// Default `queue` of a submodel: requests that may wait at it.
 pub const DEFAULT_QUEUE: usize = 1024;
+/// The `params` keys that name files (resolved against the graph file's directory), by the
+/// convention every built-in kind follows: `path` (e.g. a tokenizer) and `config`.
+pub const FILE_PARAMS: &[&str] = &["path", "config"];
 
 /// A validated set of submodels and the pipelines that wire them.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -118,6 +121,29 @@ impl SubmodelSpec {
     /// Resolves a path written in this submodel's graph file.
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
         self.base_dir.join(path)
+    }
+
+    /// Every file this submodel reads: its weights and its file params ([`FILE_PARAMS`]),
+    /// resolved.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let params = FILE_PARAMS.iter().filter_map(|k| self.params.get(*k)?.as_str().map(|p| self.resolve(p)));
+        self.weights.iter().cloned().chain(params).collect()
+    }
+
+    /// The same submodel, written so that two specs compare equal exactly when they serve the
+    /// same thing: file paths made canonical (where they exist) and `base_dir` dropped, so that a
+    /// graph read from another directory, or written back by [`crate::to_toml`], is not a change.
+    pub fn normalized(&self) -> SubmodelSpec {
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut s = self.clone();
+        s.weights = self.weights.as_deref().map(canon);
+        for k in FILE_PARAMS {
+            if let Some(toml::Value::String(p)) = s.params.get_mut(*k) {
+                *p = canon(&self.resolve(p.as_str())).display().to_string();
+            }
+        }
+        s.base_dir = PathBuf::new();
+        s
     }
 }
 

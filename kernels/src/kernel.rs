@@ -29,6 +29,15 @@ pub trait Kind: Send + Sync {
         false
     }
 
+    /// Run one synthetic row (zeros, or the text `"warm-up"`) through every freshly loaded
+    /// kernel before it serves, so that lazy initialisation (CUDA context, cuBLAS handles,
+    /// allocator pools) is not paid by the first request, and a kernel that cannot run is
+    /// rejected before it takes traffic. Defaults to `true`; a kind whose `forward` has side
+    /// effects says `false`.
+    fn warm_up(&self) -> bool {
+        true
+    }
+
     /// The signature of a submodel of this kind, from its params and files; checks settings
     /// without loading weights (reads headers and configs only).
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>>;
@@ -46,6 +55,8 @@ pub struct Loaded {
     pub signature: Arc<Signature>,
     /// Where it computes: inputs on another device are moved here first.
     pub device: Device,
+    /// Whether [`Loaded::warm_up`] runs a synthetic row (the kind's [`Kind::warm_up`]).
+    pub warm_up: bool,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -55,6 +66,38 @@ impl std::fmt::Debug for Loaded {
 }
 
 impl Loaded {
+    /// Runs one synthetic row through the kernel (see [`Kind::warm_up`]); a no-op for kinds that
+    /// opt out. Every required port gets one row: text `"warm-up"`, or zeros of its dtype with
+    /// every other symbolic dimension 8. Its outputs are discarded.
+    pub fn warm_up(&self) -> Result<()> {
+        if !self.warm_up {
+            return Ok(());
+        }
+        let mut inputs = Values::new();
+        for port in self.signature.inputs.iter().filter(|p| !p.optional) {
+            let value = match &port.ty {
+                PortType::Text | PortType::Any => Value::text(["warm-up"]),
+                PortType::Tensor { dtype, shape } => {
+                    let dims: Vec<usize> = shape
+                        .iter()
+                        .filter(|d| **d != Dim::Rest)
+                        .enumerate()
+                        .map(|(i, d)| match d {
+                            Dim::Fixed(n) => *n,
+                            _ if i == 0 => 1,
+                            _ => 8,
+                        })
+                        .collect();
+                    let t = candle_core::Tensor::zeros(dims, candle_dtype(*dtype), &self.device)
+                        .map_err(|source| KernelError::Candle { op: "warm-up input", source })?;
+                    Value::Tensor(t)
+                }
+            };
+            inputs.insert(port.name.clone(), value);
+        }
+        self.forward(&inputs).map(|_| ())
+    }
+
     /// Checks `inputs` against the signature, then runs the kernel and checks that every
     /// declared output came back with the batch's row count.
     pub fn forward(&self, inputs: &Values) -> Result<Values> {

@@ -55,7 +55,7 @@ impl Registry {
         let signature = kind.signature(spec).map_err(crate::kinds::settings_error)?;
         let device = open_device(spec.device)?;
         let kernel = kind.load(spec, &device)?;
-        Ok(Loaded { kernel, signature: Arc::new(signature), device })
+        Ok(Loaded { kernel, signature: Arc::new(signature), device, warm_up: kind.warm_up() })
     }
 }
 

@@ -1,41 +1,17 @@
-//! A served graph written back as TOML in the graph language (paths as resolved at load).
+//! A graph written back as TOML in the graph language (paths as resolved at load, so the text
+//! means the same from any directory).
 
-use maas_graphs::{Graph, Source};
 use toml::{Table, Value};
 
-/// The graph as TOML text that `maas validate` accepts.
+use crate::spec::{FILE_PARAMS, Graph, Source, SubmodelSpec};
+
+/// The graph as TOML text that the checker accepts (and that checks back to the same graph).
 pub fn to_toml(graph: &Graph) -> String {
     let mut submodels = Table::new();
     for (name, s) in &graph.submodels {
-        let mut t = Table::new();
-        t.insert("kind".into(), Value::from(s.kind.clone()));
-        if let Some(w) = &s.weights {
-            t.insert("weights".into(), Value::from(w.display().to_string()));
-        }
-        t.insert("version".into(), Value::from(s.version.clone()));
-        t.insert("device".into(), Value::from(s.device.to_string()));
-        t.insert("replicas".into(), Value::from(s.replicas as i64));
-        if let Some(b) = s.batch {
-            let mut bt = Table::new();
-            bt.insert("max_size".into(), Value::from(b.max_size as i64));
-            bt.insert("max_delay_ms".into(), Value::from(b.max_delay.as_millis() as i64));
-            t.insert("batch".into(), Value::Table(bt));
-        }
-        t.insert("queue".into(), Value::from(s.queue as i64));
-        if !s.params.is_empty() {
-            // Relative file params are written resolved, so the TOML means the same anywhere.
-            let mut params = s.params.clone();
-            for (k, v) in params.iter_mut() {
-                if let Value::String(p) = v
-                    && (k == "path" || k == "config")
-                {
-                    *v = Value::from(s.resolve(p.as_str()).display().to_string());
-                }
-            }
-            t.insert("params".into(), Value::Table(params));
-        }
-        submodels.insert(name.to_string(), Value::Table(t));
+        submodels.insert(name.to_string(), Value::Table(submodel_table(s)));
     }
+
     let mut pipelines = Table::new();
     for (name, p) in &graph.pipelines {
         let mut t = Table::new();
@@ -72,4 +48,36 @@ pub fn to_toml(graph: &Graph) -> String {
     root.insert("submodels".into(), Value::Table(submodels));
     root.insert("pipelines".into(), Value::Table(pipelines));
     toml::to_string(&root).unwrap_or_default()
+}
+
+/// One submodel as a `[submodels.NAME]` table (file paths resolved).
+pub fn submodel_table(s: &SubmodelSpec) -> Table {
+    let mut t = Table::new();
+    t.insert("kind".into(), Value::from(s.kind.clone()));
+    if let Some(w) = &s.weights {
+        t.insert("weights".into(), Value::from(w.display().to_string()));
+    }
+    t.insert("version".into(), Value::from(s.version.clone()));
+    t.insert("device".into(), Value::from(s.device.to_string()));
+    t.insert("replicas".into(), Value::from(s.replicas as i64));
+    if let Some(b) = s.batch {
+        let mut bt = Table::new();
+        bt.insert("max_size".into(), Value::from(b.max_size as i64));
+        bt.insert("max_delay_ms".into(), Value::from(b.max_delay.as_millis() as i64));
+        t.insert("batch".into(), Value::Table(bt));
+    }
+    t.insert("queue".into(), Value::from(s.queue as i64));
+    if !s.params.is_empty() {
+        // Relative file params are written resolved, so the TOML means the same anywhere.
+        let mut params = s.params.clone();
+        for (k, v) in params.iter_mut() {
+            if let Value::String(p) = v
+                && FILE_PARAMS.contains(&k.as_str())
+            {
+                *v = Value::from(s.resolve(p.as_str()).display().to_string());
+            }
+        }
+        t.insert("params".into(), Value::Table(params));
+    }
+    t
 }

@@ -1,0 +1,502 @@
+//! Changing what an engine serves while it serves: hot-swap, rollback and recomposition.
+//!
+//! Every change is built beside what serves, then switched in one atomic store:
+//!
+//! 1. the change lock is taken (changes are serialised: no double load, no lost update);
+//! 2. files are confined to the engine's file roots, then checked from their headers (missing,
+//!    truncated, corrupt or wrongly shaped weights are rejected here);
+//! 3. a changed signature is checked against every pipeline that uses the submodel;
+//! 4. new versions are loaded and warmed up on their own replicas (new actors beside the old
+//!    ones), off the serving path;
+//! 5. new plans are compiled, the change is recorded in the state directory (if any), and the
+//!    `Served` pointer is swapped.
+//!
+//! A request holds the `Served` it was admitted with, so it sees one version of every submodel
+//! from start to end (a `similarity` request never mixes two encoders); an old version stops when
+//! its last request ends. Any failure before step 5 drops what was started, and nothing changes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use maas_graphs::{
+    Catalog, Diagnostics, FILE_PARAMS, Graph, GraphDiff, SignatureError, SourceFile, SubmodelName, SubmodelSpec,
+};
+
+use crate::engine::{Engine, Served, Submodel, start_submodel};
+
+/// A version that served before the current one.
+#[derive(Debug, Clone)]
+pub(crate) struct PastVersion {
+    pub(crate) spec: Arc<SubmodelSpec>,
+    pub(crate) since: SystemTime,
+    pub(crate) until: SystemTime,
+}
+
+/// Previous versions per submodel, oldest first.
+pub(crate) type History = BTreeMap<String, Vec<PastVersion>>;
+
+/// What a swap changes; what it leaves out stays as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SwapRequest {
+    /// New weights file (absolute, or relative to the working directory).
+    pub weights: Option<PathBuf>,
+    /// The new version's label, reported in `model_versions`. Must differ from the serving one;
+    /// `None`: `r<N>`, N being the engine's change number.
+    pub version: Option<String>,
+    /// Params to set, key by key (the others are kept). File params (`path`, `config`) that are
+    /// relative resolve against the working directory.
+    pub params: Option<toml::Table>,
+}
+
+/// A swap or rollback that was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swapped {
+    /// The submodel.
+    pub submodel: String,
+    /// The version that served before.
+    pub previous: String,
+    /// The version serving now.
+    pub version: String,
+    /// Replicas now serving the new version.
+    pub replicas: usize,
+    /// From the request to the switch (checks, load, warm-up).
+    pub elapsed: Duration,
+}
+
+/// One version of a submodel, as listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionInfo {
+    /// Its label.
+    pub version: String,
+    /// Its weights file.
+    pub weights: Option<PathBuf>,
+    /// Its params.
+    pub params: toml::Table,
+    /// When it started serving.
+    pub since: SystemTime,
+    /// When it stopped serving (`None`: it serves now).
+    pub until: Option<SystemTime>,
+}
+
+/// A submodel's versions: the one serving and the ones [`Engine::rollback`] can return to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versions {
+    /// The submodel.
+    pub submodel: String,
+    /// The version serving now.
+    pub serving: VersionInfo,
+    /// Previous versions, newest first (a rollback returns to the first).
+    pub previous: Vec<VersionInfo>,
+}
+
+/// The outcome of a recomposition (or of its dry run).
+#[derive(Debug, Clone)]
+pub struct Recomposed {
+    /// What changed (or would change) against the graph that served.
+    pub diff: GraphDiff,
+    /// The new graph serves now (`false` for a dry run, or when nothing differs).
+    pub applied: bool,
+    /// The checker's warnings about the new graph.
+    pub warnings: Vec<String>,
+    /// From the request to the switch.
+    pub elapsed: Duration,
+}
+
+/// Why a change was refused. Nothing changed: what served before still serves.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChangeError {
+    /// No submodel of that name is served.
+    #[error("unknown submodel `{0}`")]
+    UnknownSubmodel(String),
+    /// A file lies outside the directories this engine may read.
+    #[error("`{path}` is outside the directories changes may read from ({roots})")]
+    Forbidden {
+        /// The path as given.
+        path: String,
+        /// The allowed directories.
+        roots: String,
+    },
+    /// The change itself is malformed (an empty or reused version label, an unknown kind).
+    #[error("invalid change: {0}")]
+    InvalidRequest(String),
+    /// The new version's files are missing, truncated, corrupt or of the wrong shapes, or it
+    /// failed to load.
+    #[error("submodel `{submodel}`: {message}")]
+    InvalidWeights {
+        /// The submodel.
+        submodel: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The new version's signature does not fit a pipeline that uses the submodel.
+    #[error("submodel `{submodel}`: the new version does not fit the pipelines that use it:\n{diagnostics}")]
+    Incompatible {
+        /// The submodel.
+        submodel: String,
+        /// The checker's diagnostics for the graph with the new version in it.
+        diagnostics: Diagnostics,
+    },
+    /// A rollback with nothing to return to.
+    #[error("submodel `{0}` has no previous version to roll back to")]
+    NoPreviousVersion(String),
+    /// The new graph does not check; every diagnostic is included.
+    #[error("invalid graph:\n{0}")]
+    InvalidGraph(Diagnostics),
+    /// The engine is shutting down.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// The change could not be recorded in the state directory, so it was not applied.
+    #[error("the change was not applied: recording it failed: {0}")]
+    NotRecorded(String),
+}
+
+impl ChangeError {
+    /// A short, stable name for the error's kind (used in the HTTP API).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ChangeError::UnknownSubmodel(_) => "unknown_submodel",
+            ChangeError::Forbidden { .. } => "forbidden",
+            ChangeError::InvalidRequest(_) => "invalid_request",
+            ChangeError::InvalidWeights { .. } => "invalid_weights",
+            ChangeError::Incompatible { .. } => "incompatible_signature",
+            ChangeError::NoPreviousVersion(_) => "no_previous_version",
+            ChangeError::InvalidGraph(_) => "invalid_graph",
+            ChangeError::ShuttingDown => "shutting_down",
+            ChangeError::NotRecorded(_) => "not_recorded",
+        }
+    }
+}
+
+/// Changes attempted, by kind of change and result.
+#[derive(Debug, Default)]
+pub(crate) struct ChangeCounts(Mutex<BTreeMap<(String, String), u64>>);
+
+impl ChangeCounts {
+    fn record<T>(&self, change: &str, result: &Result<T, ChangeError>) {
+        let outcome = if result.is_ok() { "ok" } else { "rejected" };
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((change.to_string(), outcome.to_string())).or_default() += 1;
+    }
+
+    pub(crate) fn snapshot(&self) -> BTreeMap<(String, String), u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The canonical form of each file root (they must exist).
+pub(crate) fn canonical_roots(roots: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    roots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).map_err(|e| format!("file root `{}`: {e}", r.display())))
+        .collect()
+}
+
+enum Mode {
+    Swap,
+    Rollback,
+}
+
+impl Engine {
+    /// Hot-swaps a submodel: checks and loads the new version on its own replicas (warmed up,
+    /// off the serving path), checks it against every pipeline that uses it, then switches.
+    /// Returns once every replica serves the new version; requests admitted before the switch
+    /// finish on the old one. On any error the old version keeps serving.
+    pub async fn swap(&self, submodel: &str, request: SwapRequest) -> Result<Swapped, ChangeError> {
+        let started = Instant::now();
+        let result = self.swap_locked(submodel, request, started).await;
+        self.inner.change_counts.record("swap", &result);
+        log_swap("swap", submodel, &result);
+        result
+    }
+
+    /// Returns a submodel to its previous version, as safely as a swap (the version it leaves is
+    /// not kept: a second rollback goes one version further back).
+    pub async fn rollback(&self, submodel: &str) -> Result<Swapped, ChangeError> {
+        let started = Instant::now();
+        let result = async {
+            let _lock = self.inner.change_lock.lock().await;
+            self.not_shutting_down()?;
+            let served = self.inner.served.load_full();
+            let current = served.submodels.get(submodel).ok_or_else(|| ChangeError::UnknownSubmodel(submodel.into()))?;
+            let previous = served
+                .history
+                .get(submodel)
+                .and_then(|h| h.last())
+                .ok_or_else(|| ChangeError::NoPreviousVersion(submodel.into()))?;
+            let spec = (*previous.spec).clone();
+            self.replace(&served, current, spec, Mode::Rollback, started).await
+        }
+        .await;
+        self.inner.change_counts.record("rollback", &result);
+        log_swap("rollback", submodel, &result);
+        result
+    }
+
+    /// A submodel's serving and previous versions.
+    pub fn versions(&self, submodel: &str) -> Option<Versions> {
+        let served = self.inner.served.load();
+        let current = served.submodels.get(submodel)?;
+        let info = |spec: &SubmodelSpec, since, until| VersionInfo {
+            version: spec.version.clone(),
+            weights: spec.weights.clone(),
+            params: spec.params.clone(),
+            since,
+            until,
+        };
+        let previous = served
+            .history
+            .get(submodel)
+            .map(|h| h.iter().rev().map(|p| info(&p.spec, p.since, Some(p.until))).collect())
+            .unwrap_or_default();
+        Some(Versions { submodel: submodel.into(), serving: info(&current.spec, current.since, None), previous })
+    }
+
+    /// Applies a new graph while serving: checks it whole, starts (and warms up) what is new or
+    /// changed beside what serves, compiles new plans and switches every pipeline at once.
+    /// Requests already running finish on the plans they started with; submodels no longer used
+    /// stop when their last request ends. With `dry_run`, only checks and diffs.
+    /// Files of new or changed submodels must lie under the file roots.
+    pub async fn recompose(&self, sources: Vec<SourceFile>, dry_run: bool) -> Result<Recomposed, ChangeError> {
+        self.recompose_with(sources, dry_run, true).await
+    }
+
+    /// [`Engine::recompose`] for graph files the operator wrote (such as `maas serve --watch`'s):
+    /// their files are not confined to the file roots.
+    pub async fn recompose_trusted(&self, sources: Vec<SourceFile>) -> Result<Recomposed, ChangeError> {
+        self.recompose_with(sources, false, false).await
+    }
+
+    async fn recompose_with(
+        &self,
+        sources: Vec<SourceFile>,
+        dry_run: bool,
+        confine: bool,
+    ) -> Result<Recomposed, ChangeError> {
+        let started = Instant::now();
+        let result = self.recompose_locked(sources, dry_run, confine, started).await;
+        if !dry_run {
+            self.inner.change_counts.record("recompose", &result);
+        }
+        match &result {
+            Ok(r) if r.applied => tracing::info!(
+                added = ?r.diff.submodels.added, changed = ?r.diff.submodels.changed, removed = ?r.diff.submodels.removed,
+                pipelines_added = ?r.diff.pipelines.added, pipelines_changed = ?r.diff.pipelines.changed,
+                pipelines_removed = ?r.diff.pipelines.removed, elapsed = ?r.elapsed, "recomposed"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, dry_run, "recomposition rejected"),
+        }
+        result
+    }
+
+    fn not_shutting_down(&self) -> Result<(), ChangeError> {
+        if self.inner.shutting_down.load(Relaxed) { Err(ChangeError::ShuttingDown) } else { Ok(()) }
+    }
+
+    async fn swap_locked(&self, name: &str, request: SwapRequest, started: Instant) -> Result<Swapped, ChangeError> {
+        let _lock = self.inner.change_lock.lock().await;
+        self.not_shutting_down()?;
+        let served = self.inner.served.load_full();
+        let current = served.submodels.get(name).ok_or_else(|| ChangeError::UnknownSubmodel(name.into()))?;
+        let mut spec = (*current.spec).clone();
+        if let Some(w) = &request.weights {
+            spec.weights = Some(self.allowed_file(w)?);
+        }
+        for (key, value) in request.params.unwrap_or_default() {
+            let value = match value {
+                toml::Value::String(p) if FILE_PARAMS.contains(&key.as_str()) => {
+                    toml::Value::String(self.allowed_file(Path::new(&p))?.display().to_string())
+                }
+                v => v,
+            };
+            spec.params.insert(key, value);
+        }
+        spec.version = match request.version {
+            Some(v) if v.trim().is_empty() => return Err(ChangeError::InvalidRequest("`version` is empty".into())),
+            Some(v) if v == current.spec.version => {
+                return Err(ChangeError::InvalidRequest(format!(
+                    "version `{v}` of `{name}` is serving already; label the new version differently"
+                )));
+            }
+            Some(v) => v,
+            None => {
+                let n = self.inner.revision.load(Relaxed) + 1;
+                let label = format!("r{n}");
+                if label == current.spec.version { format!("r{n}.1") } else { label }
+            }
+        };
+        self.replace(&served, current, spec, Mode::Swap, started).await
+    }
+
+    /// Checks, loads and switches in a new version of `current` (the change lock is held).
+    async fn replace(
+        &self,
+        served: &Arc<Served>,
+        current: &Arc<Submodel>,
+        spec: SubmodelSpec,
+        mode: Mode,
+        started: Instant,
+    ) -> Result<Swapped, ChangeError> {
+        let name = spec.name.to_string();
+        let invalid = |message: String| ChangeError::InvalidWeights { submodel: name.clone(), message };
+        if let Some(w) = &spec.weights
+            && !w.is_file()
+        {
+            return Err(invalid(format!("weights file `{}` does not exist", w.display())));
+        }
+        let signature = match Catalog::signature(&self.inner.registry, &spec) {
+            Ok(s) => s,
+            Err(SignatureError::UnknownKind) => {
+                return Err(ChangeError::InvalidRequest(format!("unknown kind `{}`", spec.kind)));
+            }
+            Err(SignatureError::Invalid(errors)) => {
+                let msgs: Vec<String> = errors
+                    .iter()
+                    .map(|e| match &e.key {
+                        Some(k) => format!("{k}: {}", e.message),
+                        None => e.message.clone(),
+                    })
+                    .collect();
+                return Err(invalid(msgs.join("; ")));
+            }
+        };
+        let mut graph = served.graph.clone();
+        graph.submodels.insert(spec.name.clone(), spec.clone());
+        if signature != *current.signature {
+            check_graph(&graph, &self.inner.registry)
+                .map_err(|diagnostics| ChangeError::Incompatible { submodel: name.clone(), diagnostics })?;
+        }
+        let replicas = spec.replicas;
+        let version = spec.version.clone();
+        let options = &self.inner.options;
+        let new = start_submodel(Arc::new(spec), &self.inner.registry, options.restart, current.metrics.clone())
+            .await
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut history = served.history.clone();
+        let past = history.entry(name.clone()).or_default();
+        match mode {
+            Mode::Swap => {
+                past.push(PastVersion { spec: current.spec.clone(), since: current.since, until: SystemTime::now() });
+                let excess = past.len().saturating_sub(options.keep_versions);
+                past.drain(..excess);
+            }
+            Mode::Rollback => {
+                past.pop();
+            }
+        }
+        let mut submodels = served.submodels.clone();
+        submodels.insert(name.clone(), Arc::new(new));
+        let next = Served::compile(graph, submodels, history, Some(served)).map_err(|e| invalid(e.to_string()))?;
+        self.commit(next)?;
+        Ok(Swapped { submodel: name, previous: current.spec.version.clone(), version, replicas, elapsed: started.elapsed() })
+    }
+
+    async fn recompose_locked(
+        &self,
+        sources: Vec<SourceFile>,
+        dry_run: bool,
+        confine: bool,
+        started: Instant,
+    ) -> Result<Recomposed, ChangeError> {
+        let _lock = self.inner.change_lock.lock().await;
+        self.not_shutting_down()?;
+        let checked = maas_graphs::check(sources, &self.inner.registry).map_err(ChangeError::InvalidGraph)?;
+        let warnings = checked.warnings.iter().map(ToString::to_string).collect();
+        let served = self.inner.served.load_full();
+        let diff = served.graph.diff(&checked.graph);
+        let fresh: Vec<&SubmodelName> = diff.submodels.added.iter().chain(&diff.submodels.changed).collect();
+        for name in fresh.iter().filter(|_| confine) {
+            for file in checked.graph.submodels[*name].files() {
+                self.allowed_file(&file)?;
+            }
+        }
+        if dry_run || diff.is_empty() {
+            return Ok(Recomposed { diff, applied: false, warnings, elapsed: started.elapsed() });
+        }
+        let options = &self.inner.options;
+        let mut submodels = BTreeMap::new();
+        for (name, spec) in &checked.graph.submodels {
+            let running = served.submodels.get(name.as_str());
+            let sub = match running {
+                Some(s) if !fresh.contains(&name) => s.clone(),
+                _ => {
+                    let metrics = running.map(|s| s.metrics.clone()).unwrap_or_default();
+                    // A failure drops (and so stops) what this change started so far.
+                    let s = start_submodel(Arc::new(spec.clone()), &self.inner.registry, options.restart, metrics)
+                        .await
+                        .map_err(|e| ChangeError::InvalidWeights { submodel: name.to_string(), message: e.to_string() })?;
+                    Arc::new(s)
+                }
+            };
+            submodels.insert(name.to_string(), sub);
+        }
+        let mut history = served.history.clone();
+        history.retain(|name, _| checked.graph.submodels.contains_key(name.as_str()));
+        let now = SystemTime::now();
+        for name in &diff.submodels.changed {
+            let old = &served.submodels[name.as_str()];
+            let past = history.entry(name.to_string()).or_default();
+            past.push(PastVersion { spec: old.spec.clone(), since: old.since, until: now });
+            let excess = past.len().saturating_sub(options.keep_versions);
+            past.drain(..excess);
+        }
+        let next = Served::compile(checked.graph, submodels, history, Some(&served))
+            .map_err(|e| ChangeError::InvalidRequest(e.to_string()))?;
+        self.commit(next)?;
+        Ok(Recomposed { diff, applied: true, warnings, elapsed: started.elapsed() })
+    }
+
+    /// Records `next` (when there is a state directory) and switches to it.
+    fn commit(&self, next: Served) -> Result<(), ChangeError> {
+        let revision = self.inner.revision.load(Relaxed) + 1;
+        if let Some(dir) = &self.inner.options.state_dir {
+            crate::state::save(dir, &next, revision).map_err(ChangeError::NotRecorded)?;
+        }
+        self.inner.served.store(Arc::new(next));
+        self.inner.revision.store(revision, Relaxed);
+        Ok(())
+    }
+
+    /// The canonical form of a file a change names, if it lies under the file roots. A relative
+    /// path resolves against the working directory.
+    fn allowed_file(&self, path: &Path) -> Result<PathBuf, ChangeError> {
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+        };
+        // The file's canonical path, or (for a file that does not exist) its directory's.
+        let canonical = std::fs::canonicalize(&absolute).ok().or_else(|| {
+            let dir = std::fs::canonicalize(absolute.parent()?).ok()?;
+            Some(dir.join(absolute.file_name()?))
+        });
+        let Some(roots) = &self.inner.options.file_roots else {
+            return Ok(canonical.unwrap_or(absolute));
+        };
+        match canonical {
+            Some(c) if roots.iter().any(|r| c.starts_with(r)) => Ok(c),
+            _ => Err(ChangeError::Forbidden {
+                path: path.display().to_string(),
+                roots: roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+}
+
+/// Checks a graph (as if written as TOML) against the registry's kinds.
+pub(crate) fn check_graph(graph: &Graph, catalog: &dyn Catalog) -> Result<maas_graphs::Checked, Diagnostics> {
+    maas_graphs::check(vec![SourceFile::new("<served graph>", maas_graphs::to_toml(graph), "")], catalog)
+}
+
+fn log_swap(change: &str, submodel: &str, result: &Result<Swapped, ChangeError>) {
+    match result {
+        Ok(s) => tracing::info!(
+            change, submodel, from = %s.previous, to = %s.version, replicas = s.replicas, elapsed = ?s.elapsed,
+            "submodel version switched"
+        ),
+        Err(e) => tracing::warn!(change, submodel, error = %e, "change rejected; the serving version is unchanged"),
+    }
+}
