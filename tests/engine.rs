@@ -36,6 +36,11 @@ impl Kind for Gated {
         self.name
     }
 
+    /// Its forward counts calls and waits on a gate: no synthetic warm-up batch.
+    fn warm_up(&self) -> bool {
+        false
+    }
+
     fn signature(&self, _: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         Ok(Signature {
             inputs: vec![PortSpec::new("x", ty("f32[B,N]"))],
@@ -205,7 +210,13 @@ async fn a_poison_row_fails_only_its_request_and_the_replica_restarts() {
         }
     }
     // The batch panicked (the poison row's first attempt); every row was then run alone and
-    // the poison row panicked again on its one retry: 2 restarts, 1 failed job.
+    // the poison row panicked again on its one retry: 2 restarts, 1 failed job. (The failed job
+    // is answered before its replica's failure reaches the supervisor: wait for the count.)
+    assert!(
+        eventually(Duration::from_secs(5), || e.metrics().submodels["g"].restarts >= 2).await,
+        "{:?}",
+        e.metrics().submodels["g"]
+    );
     let m = e.metrics();
     assert_eq!(m.submodels["g"].restarts, 2, "{:?}", m.submodels["g"]);
     assert_eq!(m.submodels["g"].jobs_failed, 1);

@@ -296,6 +296,11 @@ impl maas_kernels::Kind for Gate {
         "gate"
     }
 
+    /// Its forward counts calls and waits on a gate: no synthetic warm-up batch.
+    fn warm_up(&self) -> bool {
+        false
+    }
+
     fn signature(&self, _: &maas_graphs::SubmodelSpec) -> Result<maas_graphs::Signature, Vec<maas_graphs::KindError>> {
         use maas_graphs::{PortSpec, ty};
         Ok(maas_graphs::Signature {

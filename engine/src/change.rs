@@ -188,10 +188,7 @@ impl ChangeCounts {
 
 /// The canonical form of each file root (they must exist).
 pub(crate) fn canonical_roots(roots: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
-    roots
-        .iter()
-        .map(|r| std::fs::canonicalize(r).map_err(|e| format!("file root `{}`: {e}", r.display())))
-        .collect()
+    roots.iter().map(|r| std::fs::canonicalize(r).map_err(|e| format!("file root `{}`: {e}", r.display()))).collect()
 }
 
 enum Mode {
@@ -220,7 +217,8 @@ impl Engine {
             let _lock = self.inner.change_lock.lock().await;
             self.not_shutting_down()?;
             let served = self.inner.served.load_full();
-            let current = served.submodels.get(submodel).ok_or_else(|| ChangeError::UnknownSubmodel(submodel.into()))?;
+            let current =
+                served.submodels.get(submodel).ok_or_else(|| ChangeError::UnknownSubmodel(submodel.into()))?;
             let previous = served
                 .history
                 .get(submodel)
@@ -391,7 +389,13 @@ impl Engine {
         submodels.insert(name.clone(), Arc::new(new));
         let next = Served::compile(graph, submodels, history, Some(served)).map_err(|e| invalid(e.to_string()))?;
         self.commit(next)?;
-        Ok(Swapped { submodel: name, previous: current.spec.version.clone(), version, replicas, elapsed: started.elapsed() })
+        Ok(Swapped {
+            submodel: name,
+            previous: current.spec.version.clone(),
+            version,
+            replicas,
+            elapsed: started.elapsed(),
+        })
     }
 
     async fn recompose_locked(
@@ -427,7 +431,10 @@ impl Engine {
                     // A failure drops (and so stops) what this change started so far.
                     let s = start_submodel(Arc::new(spec.clone()), &self.inner.registry, options.restart, metrics)
                         .await
-                        .map_err(|e| ChangeError::InvalidWeights { submodel: name.to_string(), message: e.to_string() })?;
+                        .map_err(|e| ChangeError::InvalidWeights {
+                            submodel: name.to_string(),
+                            message: e.to_string(),
+                        })?;
                     Arc::new(s)
                 }
             };

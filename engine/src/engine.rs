@@ -337,10 +337,8 @@ impl Served {
             }
             let outputs =
                 p.outputs.iter().map(|o| (o.name.to_string(), index[o.node.as_str()], o.port.to_string())).collect();
-            let metrics = previous
-                .and_then(|s| s.plans.get(name.as_str()))
-                .map(|p| p.metrics.clone())
-                .unwrap_or_default();
+            let metrics =
+                previous.and_then(|s| s.plans.get(name.as_str())).map(|p| p.metrics.clone()).unwrap_or_default();
             plans.insert(name.to_string(), Arc::new(Plan { pipeline: p.clone(), nodes, outputs, metrics }));
         }
         Ok(Self { graph, plans, submodels, history })

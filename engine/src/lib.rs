@@ -40,14 +40,14 @@ mod metrics;
 mod sequential;
 mod state;
 
-pub use engine::{Engine, EngineBuilder, EngineOptions, InferOptions, PipelineInfo, Response, SubmodelInfo};
 pub use change::{ChangeError, Recomposed, SwapRequest, Swapped, VersionInfo, Versions};
+pub use engine::{Engine, EngineBuilder, EngineOptions, InferOptions, PipelineInfo, Response, SubmodelInfo};
 pub use error::{EngineError, InferError, Result};
-pub use state::{STATE_FILE, has_record};
 pub use maas_actors::RestartPolicy;
 pub use maas_actors::metrics::HistogramSnapshot;
 pub use metrics::{MetricsSnapshot, PipelineSnapshot, SubmodelSnapshot};
 pub use sequential::Sequential;
+pub use state::{STATE_FILE, has_record};
 
 use std::path::Path;
 

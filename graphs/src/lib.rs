@@ -65,11 +65,11 @@ pub use check::{Checked, check, check_files};
 pub use diagnostic::{Diagnostic, Diagnostics, Location, Severity, SourceFile};
 pub use diff::{Changes, GraphDiff};
 pub use dot::to_dot;
-pub use to_toml::{submodel_table, to_toml};
 pub use names::{NodeName, PipelineName, PortName, SubmodelName, check_name};
 pub use parse::parse_source;
 pub use signature::{BATCH, DType, Dim, PortSpec, PortType, Ragged, Signature, TypeParseError, ty};
 pub use spec::{
-    BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, FILE_PARAMS, Edge, Graph, Node, Pipeline, PipelineInput, PipelineOutput,
-    Source, SubmodelSpec, Vertex,
+    BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Edge, FILE_PARAMS, Graph, Node, Pipeline, PipelineInput,
+    PipelineOutput, Source, SubmodelSpec, Vertex,
 };
+pub use to_toml::{submodel_table, to_toml};

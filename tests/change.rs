@@ -1,0 +1,651 @@
+//! Change while serving, under real concurrent load over TCP: hot-swap and rollback of the
+//! digits head and of the MiniLM encoder, rejected swaps (truncated, corrupt, wrongly shaped,
+//! missing, outside the file roots, unknown), version pinning inside one request, and
+//! recomposition (add, rewire, remove pipelines).
+//!
+//! The MiniLM test needs the model: `scripts/fetch-models` (the test command runs it).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use maas::http::{HttpConfig, router_with};
+use maas_engine::{Engine, EngineOptions, SwapRequest};
+use maas_graphs::{KindError, PortSpec, Signature, SourceFile, SubmodelSpec, ty};
+use maas_kernels::{Kernel, Kind, Value, Values};
+use serde_json::{Value as Json, json};
+
+const TOKEN: &str = "change-token";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("maas-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir.canonicalize().expect("canonical temp dir"))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(engine: Engine) -> Server {
+    let config = HttpConfig { admin_token: Some(TOKEN.into()), ..HttpConfig::default() };
+    let app = router_with(engine, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+    });
+    Server { addr, stop, done }
+}
+
+impl Server {
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.done.await.unwrap();
+    }
+
+    /// An admin request: (status, JSON body).
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<String>) -> (u16, Json) {
+        let mut r = client().request(method, format!("http://{}{path}", self.addr)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            r = r.body(b);
+        }
+        let r = r.send().await.expect("admin request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Json::String(text)))
+    }
+
+    async fn swap(&self, submodel: &str, body: Json) -> (u16, Json) {
+        self.admin(reqwest::Method::PUT, &format!("/v1/submodels/{submodel}"), Some(body.to_string())).await
+    }
+
+    async fn infer(&self, pipeline: &str, inputs: &Json) -> (u16, Json) {
+        let r = client()
+            .post(format!("http://{}/v1/pipelines/{pipeline}/infer", self.addr))
+            .body(json!({ "inputs": inputs }).to_string())
+            .send()
+            .await
+            .expect("request lost");
+        (r.status().as_u16(), r.json().await.unwrap_or(Json::Null))
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+/// One answered request of a load run.
+#[derive(Debug, Clone)]
+struct Answer {
+    started: Instant,
+    status: u16,
+    body: Json,
+}
+
+/// `callers` clients sending `pipeline` requests back to back until `stop` is set.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Answer>>>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, pipeline: &str, callers: usize, inputs: Json) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..callers)
+            .map(|_| {
+                let (stop, count, inputs) = (stop.clone(), count.clone(), inputs.clone());
+                let url = format!("http://{addr}/v1/pipelines/{pipeline}/infer");
+                tokio::spawn(async move {
+                    let c = client();
+                    let body = json!({ "inputs": inputs }).to_string();
+                    let mut out = Vec::new();
+                    while !stop.load(SeqCst) {
+                        let started = Instant::now();
+                        let r = c.post(&url).body(body.clone()).send().await.expect("request lost");
+                        let status = r.status().as_u16();
+                        let body = r.json().await.unwrap_or(Json::Null);
+                        out.push(Answer { started, status, body });
+                        count.fetch_add(1, SeqCst);
+                    }
+                    out
+                })
+            })
+            .collect();
+        Self { stop, tasks, count }
+    }
+
+    /// Waits until `n` more requests were answered.
+    async fn wait_for(&self, n: usize) {
+        let target = self.count.load(SeqCst) + n;
+        let end = Instant::now() + Duration::from_secs(60);
+        while self.count.load(SeqCst) < target {
+            assert!(Instant::now() < end, "load made no progress");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(self) -> Vec<Answer> {
+        self.stop.store(true, SeqCst);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    }
+}
+
+fn digits_pixels() -> Json {
+    serde_json::from_str(&std::fs::read_to_string(root().join("examples/inputs/digits.json")).unwrap()).unwrap()
+}
+
+/// The committed head with its rows rolled by one: it predicts `(label + 1) % 10`.
+fn write_rolled_head(dir: &Path) -> PathBuf {
+    let t = candle_core::safetensors::load(root().join("assets/digits/head.safetensors"), &Device::Cpu).unwrap();
+    let roll = |x: &Tensor| Tensor::cat(&[x.narrow(0, 9, 1).unwrap(), x.narrow(0, 0, 9).unwrap()], 0).unwrap();
+    let rolled: HashMap<String, Tensor> = t.iter().map(|(k, v)| (k.clone(), roll(v))).collect();
+    let path = dir.join("head-rolled.safetensors");
+    candle_core::safetensors::save(&rolled, &path).unwrap();
+    path
+}
+
+async fn digits_engine(roots: Vec<PathBuf>) -> Engine {
+    let options = EngineOptions { file_roots: Some(roots), ..EngineOptions::default() };
+    Engine::builder().options(options).from_files(&[root().join("examples/pipelines/digits.toml")]).await.unwrap()
+}
+
+/// Every answer succeeded; returns (version of `submodel`, `output`) per answer.
+fn versions_of<'a>(answers: &'a [Answer], submodel: &str, output: &str) -> Vec<(&'a Answer, String, Json)> {
+    answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 200, "a request failed during the change: {}", a.body);
+            let v = a.body["model_versions"][submodel].as_str().expect("version reported").to_string();
+            (a, v, a.body["outputs"][output].clone())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_and_rollback_of_the_digits_head_under_load_lose_no_request() {
+    let tmp = TempDir::new("swap-digits");
+    let rolled = write_rolled_head(&tmp.0);
+    let engine = digits_engine(vec![tmp.0.clone()]).await;
+    let server = serve(engine.clone()).await;
+    let load = Load::start(server.addr, "classify", 16, json!({ "pixels": digits_pixels() }));
+    load.wait_for(50).await;
+
+    let (st, body) = server.swap("head", json!({ "weights": rolled, "version": "v2" })).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!((body["previous"].as_str(), body["version"].as_str()), (Some("v1"), Some("v2")));
+    let swapped = Instant::now();
+    load.wait_for(50).await;
+    let (st, v) = server.admin(reqwest::Method::GET, "/v1/submodels/head/versions", None).await;
+    assert_eq!(st, 200);
+    assert_eq!(v["serving"]["version"], "v2");
+    assert_eq!(v["previous"][0]["version"], "v1");
+
+    // Rollback under the same load, with a body and content type it ignores.
+    let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", Some("whatever".into())).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["version"], "v1");
+    let rolled_back = Instant::now();
+    load.wait_for(50).await;
+    let answers = load.finish().await;
+
+    let mut seen = HashMap::<String, usize>::new();
+    for (a, version, labels) in versions_of(&answers, "head", "label") {
+        match version.as_str() {
+            "v1" => assert_eq!(labels, json!([3, 5]), "v1 computes v1's labels"),
+            "v2" => assert_eq!(labels, json!([4, 6]), "v2 computes the rolled head's labels"),
+            other => panic!("unknown version {other}"),
+        }
+        if a.started > swapped && a.started < rolled_back {
+            assert_eq!(version, "v2", "a request sent after the swap answered got the old version");
+        }
+        if a.started > rolled_back {
+            assert_eq!(version, "v1", "a request sent after the rollback answered got the new version");
+        }
+        *seen.entry(version).or_default() += 1;
+    }
+    assert!(seen.get("v1").is_some_and(|n| *n >= 50) && seen.get("v2").is_some_and(|n| *n >= 50), "{seen:?}");
+    let (_, v) = server.admin(reqwest::Method::GET, "/v1/submodels/head/versions", None).await;
+    assert_eq!(v["serving"]["version"], "v1");
+    assert_eq!(v["previous"], json!([]), "a rollback does not keep the version it left");
+    let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("no_previous_version")), "{body}");
+    let metrics = client().get(format!("http://{}/metrics", server.addr)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("maas_changes_total{change=\"swap\",result=\"ok\"} 1"), "{metrics}");
+    assert!(metrics.contains("maas_changes_total{change=\"rollback\",result=\"ok\"} 1"), "{metrics}");
+    assert!(metrics.contains("maas_submodel_version_info{submodel=\"head\",version=\"v1\"} 1"), "{metrics}");
+    server.stop().await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_swaps_are_rejected_and_traffic_is_unaffected() {
+    let tmp = TempDir::new("swap-bad");
+    let outside = TempDir::new("swap-outside");
+    let good = std::fs::read(root().join("assets/digits/head.safetensors")).unwrap();
+    std::fs::write(tmp.0.join("truncated.safetensors"), &good[..good.len() / 2]).unwrap();
+    std::fs::write(tmp.0.join("corrupt.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header!}").unwrap();
+    let save = |name: &str, w: (usize, usize), b: usize| {
+        let t = HashMap::from([
+            ("weight".to_string(), Tensor::zeros(w, candle_core::DType::F32, &Device::Cpu).unwrap()),
+            ("bias".to_string(), Tensor::zeros(b, candle_core::DType::F32, &Device::Cpu).unwrap()),
+        ]);
+        candle_core::safetensors::save(&t, tmp.0.join(name)).unwrap();
+    };
+    save("bad-bias.safetensors", (10, 64), 7);
+    save("narrow.safetensors", (10, 32), 10);
+    std::fs::copy(root().join("assets/digits/head.safetensors"), outside.0.join("head.safetensors")).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(outside.0.join("head.safetensors"), tmp.0.join("link.safetensors")).unwrap();
+
+    let engine = digits_engine(vec![tmp.0.clone()]).await;
+    let server = serve(engine.clone()).await;
+    let load = Load::start(server.addr, "classify", 16, json!({ "pixels": digits_pixels() }));
+    load.wait_for(20).await;
+    let p = |name: &str| tmp.0.join(name).display().to_string();
+    let cases = [
+        ("head", json!({ "weights": p("truncated.safetensors"), "version": "v2" }), 422, "invalid_weights"),
+        ("head", json!({ "weights": p("corrupt.safetensors"), "version": "v2" }), 422, "invalid_weights"),
+        ("head", json!({ "weights": p("bad-bias.safetensors"), "version": "v2" }), 422, "invalid_weights"),
+        ("head", json!({ "weights": p("missing.safetensors"), "version": "v2" }), 422, "invalid_weights"),
+        ("head", json!({ "weights": p("narrow.safetensors"), "version": "v2" }), 409, "incompatible_signature"),
+        ("head", json!({ "weights": outside.0.join("head.safetensors"), "version": "v2" }), 403, "forbidden"),
+        (
+            "head",
+            json!({ "weights": format!("{}/../{}/head.safetensors", tmp.0.display(), outside.0.file_name().unwrap().to_str().unwrap()), "version": "v2" }),
+            403,
+            "forbidden",
+        ),
+        ("head", json!({ "weights": "/etc/passwd", "version": "v2" }), 403, "forbidden"),
+        ("head", json!({ "weights": p("head.safetensors"), "version": "v1" }), 400, "invalid_request"),
+        ("head", json!({ "weights": 7 }), 400, "invalid_json"),
+        ("nope", json!({ "version": "v2" }), 404, "unknown_submodel"),
+    ];
+    for (submodel, body, status, kind) in cases {
+        let (st, answer) = server.swap(submodel, body.clone()).await;
+        assert_eq!((st, answer["error"]["kind"].as_str()), (status, Some(kind)), "{body} -> {answer}");
+        load.wait_for(5).await;
+    }
+    #[cfg(unix)]
+    {
+        let (st, answer) = server.swap("head", json!({ "weights": p("link.safetensors"), "version": "v2" })).await;
+        assert_eq!(st, 403, "a symlink out of the roots: {answer}");
+    }
+    // The narrow head's diagnostics name the shapes that no longer fit.
+    let (_, answer) = server.swap("head", json!({ "weights": p("narrow.safetensors"), "version": "v2" })).await;
+    let diags = answer["error"]["diagnostics"].to_string();
+    assert!(diags.contains("64") && diags.contains("32"), "{answer}");
+    // Without the token, nothing is looked up.
+    let r = client()
+        .put(format!("http://{}/v1/submodels/head", server.addr))
+        .body(json!({ "weights": p("truncated.safetensors") }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    let answers = load.finish().await;
+    for (_, version, labels) in versions_of(&answers, "head", "label") {
+        assert_eq!((version.as_str(), labels), ("v1", json!([3, 5])), "the old version kept serving");
+    }
+    let (_, v) = server.admin(reqwest::Method::GET, "/v1/submodels/head/versions", None).await;
+    assert_eq!((v["serving"]["version"].as_str(), v["previous"].clone()), (Some("v1"), json!([])));
+    let m = engine.metrics();
+    assert_eq!(m.changes.get(&("swap".into(), "ok".into())), None);
+    assert!(m.changes[&("swap".into(), "rejected".into())] >= 11);
+    server.stop().await;
+    engine.shutdown().await;
+}
+
+/// `x` -> `out` = x * `params.factor`.
+struct Scale;
+
+impl Kind for Scale {
+    fn name(&self) -> &str {
+        "scale"
+    }
+
+    fn signature(&self, _: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
+        Ok(Signature {
+            inputs: vec![PortSpec::new("x", ty("f32[B,N]"))],
+            outputs: vec![PortSpec::new("out", ty("f32[B,N]"))],
+        })
+    }
+
+    fn load(&self, spec: &SubmodelSpec, _: &Device) -> maas_kernels::Result<Arc<dyn Kernel>> {
+        let factor = spec.params.get("factor").and_then(|v| v.as_float()).unwrap_or(1.0);
+        Ok(Arc::new(ScaleKernel(factor)))
+    }
+}
+
+struct ScaleKernel(f64);
+
+impl Kernel for ScaleKernel {
+    fn forward(&self, inputs: &Values) -> maas_kernels::Result<Values> {
+        let x = inputs["x"].as_tensor().expect("checked");
+        Ok(Values::from([("out".to_string(), Value::Tensor((x * self.0).expect("scale")))]))
+    }
+}
+
+/// `x` -> `out` unchanged, once the test lets a batch through.
+struct Hold(flume::Receiver<()>, Arc<AtomicUsize>);
+
+impl Kind for Hold {
+    fn name(&self) -> &str {
+        "hold"
+    }
+
+    fn warm_up(&self) -> bool {
+        false
+    }
+
+    fn signature(&self, _: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
+        Ok(Signature {
+            inputs: vec![PortSpec::new("x", ty("f32[B,N]"))],
+            outputs: vec![PortSpec::new("out", ty("f32[B,N]"))],
+        })
+    }
+
+    fn load(&self, _: &SubmodelSpec, _: &Device) -> maas_kernels::Result<Arc<dyn Kernel>> {
+        Ok(Arc::new(Hold(self.0.clone(), self.1.clone())))
+    }
+}
+
+impl Kernel for Hold {
+    fn forward(&self, inputs: &Values) -> maas_kernels::Result<Values> {
+        self.1.fetch_add(1, SeqCst);
+        let _ = self.0.recv_timeout(Duration::from_secs(20));
+        Ok(Values::from([("out".to_string(), inputs["x"].clone())]))
+    }
+}
+
+const TWICE: &str = r#"
+[submodels.scale]
+kind = "scale"
+params = { factor = 2.0 }
+
+[submodels.hold]
+kind = "hold"
+
+[pipelines.twice]
+inputs = { x = "f32[B,1]" }
+outputs = { y = "second.out" }
+nodes.first = { submodel = "scale", inputs = { x = "$x" } }
+nodes.wait = { submodel = "hold", inputs = { x = "first.out" } }
+nodes.second = { submodel = "scale", inputs = { x = "wait.out" } }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sees_one_version_of_a_submodel_it_uses_twice() {
+    let (open, gate) = flume::unbounded();
+    let held = Arc::new(AtomicUsize::new(0));
+    let engine = Engine::builder()
+        .register(Scale)
+        .register(Hold(gate, held.clone()))
+        .from_sources(vec![SourceFile::new("twice.toml", TWICE, ".")])
+        .await
+        .unwrap();
+    let x = || Values::from([("x".to_string(), Value::Tensor(Tensor::new(&[[1.0f32]], &Device::Cpu).unwrap()))]);
+    let first = tokio::spawn({
+        let e = engine.clone();
+        async move { e.infer("twice", x()).await }
+    });
+    // The request has used `scale` once and waits at `hold`: swap `scale` now.
+    let end = Instant::now() + Duration::from_secs(10);
+    while held.load(SeqCst) == 0 {
+        assert!(Instant::now() < end, "the request never reached `hold`");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let params = toml::Table::from_iter([("factor".to_string(), toml::Value::Float(3.0))]);
+    let swapped = engine
+        .swap("scale", SwapRequest { params: Some(params), version: Some("v2".into()), ..SwapRequest::default() })
+        .await
+        .expect("swap");
+    assert_eq!(swapped.version, "v2");
+    open.send(()).unwrap();
+    let r = first.await.unwrap().expect("the request admitted before the swap completes");
+    let y: Vec<f32> = r.outputs["y"].as_tensor().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!((y, r.versions["scale"].as_str()), (vec![4.0], "v1"), "both uses of `scale` ran v1 (2 x 2)");
+    open.send(()).unwrap();
+    let r = engine.infer("twice", x()).await.unwrap();
+    let y: Vec<f32> = r.outputs["y"].as_tensor().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!((y, r.versions["scale"].as_str()), (vec![9.0], "v2"), "a new request runs v2 twice (3 x 3)");
+    assert_eq!(engine.versions("scale").unwrap().previous[0].version, "v1");
+    engine.shutdown().await;
+}
+
+const LINEARS: &str = r#"
+[submodels.a]
+kind = "linear"
+params = { in = 4, out = 2, seed = 1 }
+
+[submodels.b]
+kind = "linear"
+params = { in = 4, out = 2, seed = 2 }
+
+[submodels.head1]
+kind = "linear"
+params = { in = 4, out = 3, seed = 3 }
+
+[pipelines.keep]
+inputs = { x = "f32[B,4]" }
+outputs = { y = "n.out" }
+nodes.n = { submodel = "a", inputs = { x = "$x" } }
+
+[pipelines.gone]
+inputs = { x = "f32[B,4]" }
+outputs = { y = "n.out" }
+nodes.n = { submodel = "b", inputs = { x = "$x" } }
+
+[pipelines.rewire]
+inputs = { x = "f32[B,4]" }
+outputs = { y = "h.out" }
+nodes.n = { submodel = "a", inputs = { x = "$x" } }
+nodes.h = { submodel = "head1", inputs = { x = "$x" } }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recompose_under_load_adds_rewires_and_removes_pipelines() {
+    let engine = Engine::builder().from_sources(vec![SourceFile::new("linears.toml", LINEARS, ".")]).await.unwrap();
+    let server = serve(engine.clone()).await;
+    let x = json!({ "x": [[1.0, 2.0, 3.0, 4.0]] });
+    let keep = Load::start(server.addr, "keep", 8, x.clone());
+    let rewire = Load::start(server.addr, "rewire", 8, x.clone());
+    keep.wait_for(30).await;
+    let (st, _) = server.infer("gone", &x).await;
+    assert_eq!(st, 200);
+
+    // `new` added, `rewire` moved to a new head (and off `a`), `gone` and its submodel removed.
+    let next = LINEARS
+        .replace("[submodels.b]\nkind = \"linear\"\nparams = { in = 4, out = 2, seed = 2 }\n", "")
+        .replace(
+            "[pipelines.gone]\ninputs = { x = \"f32[B,4]\" }\noutputs = { y = \"n.out\" }\nnodes.n = { submodel = \"b\", inputs = { x = \"$x\" } }\n",
+            "",
+        )
+        .replace(
+            "nodes.n = { submodel = \"a\", inputs = { x = \"$x\" } }\nnodes.h = { submodel = \"head1\", inputs = { x = \"$x\" } }",
+            "nodes.h = { submodel = \"head2\", inputs = { x = \"$x\" } }",
+        )
+        + r#"
+[submodels.head2]
+kind = "linear"
+params = { in = 4, out = 5, seed = 4 }
+
+[pipelines.new]
+inputs = { x = "f32[B,4]" }
+outputs = { y = "n.out" }
+nodes.n = { submodel = "head2", inputs = { x = "$x" } }
+"#;
+    let put = |body: String, query: &'static str| {
+        let addr = server.addr;
+        async move {
+            let r = client()
+                .put(format!("http://{addr}/v1/graph{query}"))
+                .bearer_auth(TOKEN)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Json>().await.unwrap())
+        }
+    };
+    // An invalid graph is rejected whole, with the checker's diagnostics.
+    let (st, body) =
+        put(next.replace("seed = 4 }\n\n[pipelines.new]", "seed = 4 }\n\n[pipelines.new]\nbogus = 1"), "").await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (422, Some("invalid_graph")), "{body}");
+    assert!(body["error"]["diagnostics"][0].as_str().unwrap().contains("request.toml:"), "{body}");
+    // A dry run diffs and changes nothing.
+    let (st, body) = put(next.clone(), "?dry_run=true").await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!((body["applied"].as_bool(), body["dry_run"].as_bool()), (Some(false), Some(true)));
+    assert_eq!(body["pipelines"], json!({ "added": ["new"], "removed": ["gone"], "changed": ["rewire"] }));
+    assert_eq!(body["submodels"], json!({ "added": ["head2"], "removed": ["b"], "changed": [] }));
+    assert_eq!(server.infer("gone", &x).await.0, 200, "a dry run changes nothing");
+    assert_eq!(server.infer("new", &x).await.0, 404);
+
+    let (st, body) = put(next, "").await;
+    assert_eq!((st, body["applied"].as_bool()), (200, Some(true)), "{body}");
+    let applied = Instant::now();
+    rewire.wait_for(30).await;
+    let (st, body) = server.infer("gone", &x).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (404, Some("unknown_pipeline")));
+    let (st, body) = server.infer("new", &x).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["outputs"]["y"][0].as_array().map(Vec::len), Some(5));
+
+    let keep = keep.finish().await;
+    let rewire = rewire.finish().await;
+    assert!(keep.iter().all(|a| a.status == 200), "`keep` lost requests");
+    for a in &rewire {
+        assert_eq!(a.status, 200, "`rewire` lost a request: {}", a.body);
+        let width = a.body["outputs"]["y"][0].as_array().map(Vec::len);
+        let versions = a.body["model_versions"].as_object().unwrap();
+        // Old plan: `a` and `head1` (3 wide); new plan: `head2` alone (5 wide); never a mix.
+        match width {
+            Some(3) => assert!(versions.contains_key("head1") && versions.contains_key("a") && a.started < applied),
+            Some(5) => assert!(versions.contains_key("head2") && versions.len() == 1),
+            other => panic!("unexpected output width {other:?}"),
+        }
+    }
+    assert!(rewire.iter().any(|a| a.body["model_versions"].get("head2").is_some()), "the rewire took effect");
+    let names: Vec<String> = engine.submodels().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["a", "head1", "head2"].map(String::from), "`b` is stopped and gone");
+    assert!(engine.graph().pipelines.contains_key("new"));
+    server.stop().await;
+    engine.shutdown().await;
+}
+
+fn minilm_graph() -> PathBuf {
+    let g = root().join("examples/pipelines/minilm.toml");
+    assert!(
+        root().join("models/all-MiniLM-L6-v2/model.safetensors").is_file(),
+        "the MiniLM model is missing: run scripts/fetch-models"
+    );
+    g
+}
+
+/// The MiniLM weights with the last layer's output projection tripled: embeddings change,
+/// shapes don't.
+fn write_shifted_encoder(dir: &Path) -> PathBuf {
+    let path = root().join("models/all-MiniLM-L6-v2/model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let key = t.keys().find(|k| k.ends_with("layer.5.output.dense.weight")).expect("last layer's output").clone();
+    let shifted = (&t[&key] * 3.0).unwrap();
+    t.insert(key, shifted);
+    let out = dir.join("encoder-shifted.safetensors");
+    candle_core::safetensors::save(&t, &out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_the_minilm_encoder_under_load_never_mixes_versions_in_a_similarity_request() {
+    let graph = minilm_graph();
+    let tmp = TempDir::new("swap-minilm");
+    let shifted = write_shifted_encoder(&tmp.0);
+    let options = EngineOptions { file_roots: Some(vec![tmp.0.clone()]), ..EngineOptions::default() };
+    let engine = Engine::builder().options(options).from_files(&[graph]).await.unwrap();
+    let server = serve(engine.clone()).await;
+    let text = "a submodel can be replaced while it serves";
+    let (_, before) = server.infer("embed", &json!({ "text": [text] })).await;
+    // Identical texts: a request whose two branches ran on one encoder scores 1; a request that
+    // mixed two encoders would not.
+    let load = Load::start(server.addr, "similarity", 16, json!({ "a": [text], "b": [text] }));
+    load.wait_for(16).await;
+    let (st, body) = server.swap("encoder", json!({ "weights": shifted, "version": "shifted" })).await;
+    assert_eq!(st, 200, "{body}");
+    let swapped = Instant::now();
+    load.wait_for(32).await;
+    let rollback_sent = Instant::now();
+    let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/encoder/rollback", None).await;
+    assert_eq!(st, 200, "{body}");
+    let rolled_back = Instant::now();
+    load.wait_for(16).await;
+    let again_sent = Instant::now();
+    let (st, body) = server.swap("encoder", json!({ "weights": shifted, "version": "shifted-again" })).await;
+    assert_eq!(st, 200, "{body}");
+    let last = Instant::now();
+    load.wait_for(32).await;
+    let answers = load.finish().await;
+    let mut by_version = HashMap::<String, usize>::new();
+    for (a, version, score) in versions_of(&answers, "encoder", "score") {
+        let s = score[0].as_f64().unwrap();
+        assert!((s - 1.0).abs() < 1e-4, "version {version}: similarity of a text with itself is {s}");
+        if a.started > last {
+            assert_eq!(version, "shifted-again");
+        } else if a.started > rolled_back && a.started < again_sent {
+            assert_eq!(version, "v1", "sent after the rollback answered");
+        } else if a.started > swapped && a.started < rollback_sent {
+            assert_eq!(version, "shifted", "sent after the swap answered");
+        }
+        *by_version.entry(version).or_default() += 1;
+    }
+    assert!(by_version.len() >= 2, "requests saw more than one version: {by_version:?}");
+    assert!(by_version.get("shifted").is_some_and(|n| *n > 0), "{by_version:?}");
+    let (_, after) = server.infer("embed", &json!({ "text": [text] })).await;
+    assert_eq!(after["model_versions"]["encoder"], "shifted-again");
+    let (e0, e1) = (&before["outputs"]["embedding"][0], &after["outputs"]["embedding"][0]);
+    let dot: f64 = e0
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(e1.as_array().unwrap())
+        .map(|(a, b)| a.as_f64().unwrap() * b.as_f64().unwrap())
+        .sum();
+    assert!(dot < 0.999, "the shifted encoder computes other embeddings (cosine {dot})");
+    server.stop().await;
+    engine.shutdown().await;
+}
