@@ -58,3 +58,173 @@ fn serve_runs_the_embedded_default_and_stops_on_sigterm() {
     assert!(rest.iter().any(|l| l.contains("maas: stopped")), "{rest:?}");
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// A running `maas serve` child and its stderr lines.
+struct Child {
+    child: std::process::Child,
+    addr: String,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// What it printed up to its address.
+    early: Vec<String>,
+}
+
+impl Child {
+    fn start(args: &[&str], dir: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_maas"))
+            .arg("serve")
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
+            .current_dir(dir)
+            .env("MAAS_ADMIN_TOKEN", "t")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start maas serve");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut early = Vec::new();
+        while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
+            if let Some(rest) = line.split("on http://").nth(1) {
+                addr = Some(rest.trim().to_string());
+                break;
+            }
+            early.push(line);
+        }
+        let addr = addr.unwrap_or_else(|| panic!("serve printed no address: {early:?}"));
+        Self { child, addr, lines, early }
+    }
+
+    /// Stderr lines printed so far (not yet returned).
+    fn printed(&mut self) -> Vec<String> {
+        let mut out = std::mem::take(&mut self.early);
+        out.extend(self.lines.try_iter());
+        out
+    }
+
+    fn stop(mut self) {
+        let killed = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(killed.success());
+        assert_eq!(self.child.wait().unwrap().code(), Some(0));
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> (u16, serde_json::Value) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let c = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+            let mut r = c.request(method.parse().unwrap(), format!("http://{}{path}", self.addr)).bearer_auth("t");
+            if let Some(b) = body {
+                r = r.body(b);
+            }
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        })
+    }
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("maas-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.canonicalize().unwrap()
+}
+
+#[test]
+fn a_restart_with_a_state_dir_serves_the_same_versions() {
+    let dir = scratch("state");
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let head = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/digits/head.safetensors");
+    std::fs::copy(head, models.join("head-copy.safetensors")).unwrap();
+    let args = ["--state-dir", "state", "--model-root", "models"];
+
+    // Without a state dir, serve says that changes do not outlive it.
+    let mut plain = Child::start(&[], &dir);
+    let said = plain.printed().join("\n");
+    assert!(said.contains("no --state-dir") && said.contains("as written"), "{said}");
+    plain.stop();
+
+    let first = Child::start(&args, &dir);
+    let (st, body) = first.call(
+        "PUT",
+        "/v1/submodels/head",
+        Some(r#"{"weights": "models/head-copy.safetensors", "version": "v2"}"#.into()),
+    );
+    assert_eq!(st, 200, "{body}");
+    first.stop();
+
+    let mut second = Child::start(&args, &dir);
+    assert!(second.printed().join("\n").contains("recorded in"), "says it restores");
+    let (_, v) = second.call("GET", "/v1/submodels/head/versions", None);
+    assert_eq!(v["serving"]["version"], "v2", "{v}");
+    assert_eq!(v["previous"][0]["version"], "v1", "{v}");
+    let (_, r) = second.call(
+        "POST",
+        "/v1/pipelines/classify/infer",
+        Some(format!(
+            r#"{{"inputs": {{"pixels": {}}}}}"#,
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/inputs/digits.json")).unwrap()
+        )),
+    );
+    assert_eq!(r["model_versions"]["head"], "v2", "{r}");
+    let (st, body) = second.call("POST", "/v1/submodels/head/rollback", None);
+    assert_eq!(st, 200, "{body}");
+    second.stop();
+
+    let third = Child::start(&args, &dir);
+    let (_, v) = third.call("GET", "/v1/submodels/head/versions", None);
+    assert_eq!((v["serving"]["version"].as_str(), &v["previous"]), (Some("v1"), &serde_json::json!([])), "{v}");
+    third.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn watch_applies_a_changed_graph_file_and_keeps_serving_an_invalid_one() {
+    let dir = scratch("watch");
+    let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/digits");
+    let graph = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pipelines/digits.toml"))
+        .unwrap()
+        .replace("../../assets/digits", assets);
+    std::fs::write(dir.join("g.toml"), &graph).unwrap();
+    let mut child = Child::start(&["g.toml", "--watch"], &dir);
+    let pipelines = |c: &Child| -> Vec<String> {
+        let (_, b) = c.call("GET", "/v1/pipelines", None);
+        b["pipelines"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect()
+    };
+    let wait_for = |c: &Child, want: &[&str]| {
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while pipelines(c) != want {
+            assert!(std::time::Instant::now() < end, "still serving {:?}", pipelines(c));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(pipelines(&child), ["classify"]);
+    let added = graph.clone()
+        + "\n[pipelines.logits]\ninputs = { pixels = \"f32[B,64]\" }\noutputs = { logits = \"h.out\" }\n\
+           nodes.f = { submodel = \"features\", inputs = { x = \"$pixels\" } }\n\
+           nodes.h = { submodel = \"head\", inputs = { x = \"f.features\" } }\n";
+    std::fs::write(dir.join("g.toml"), &added).unwrap();
+    wait_for(&child, &["classify", "logits"]);
+    // An invalid edit is logged with its diagnostics; the served graph stays.
+    std::fs::write(dir.join("g.toml"), added.replace("f.features", "f.nope")).unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("g.toml:") && l.contains("nope")) {
+        assert!(std::time::Instant::now() < end, "no diagnostics logged: {said:?}");
+        said.extend(child.printed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pipelines(&child), ["classify", "logits"]);
+    child.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
