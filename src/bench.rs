@@ -29,16 +29,92 @@ pub struct BenchConfig {
 #[derive(Default)]
 struct Tally {
     latencies: Vec<f64>,
+    /// (start offset, latency) of every successful request, in seconds.
+    samples: Vec<(f64, f64)>,
     errors: BTreeMap<String, u64>,
 }
 
 impl Tally {
-    fn record(&mut self, seconds: f64, result: Result<(), String>) {
+    fn record(&mut self, start: f64, seconds: f64, result: Result<(), String>) {
         match result {
-            Ok(()) => self.latencies.push(seconds),
+            Ok(()) => {
+                self.latencies.push(seconds);
+                self.samples.push((start, seconds));
+            }
             Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
     }
+}
+
+/// Makes the `n`th change while a bench runs (a swap when `n` is even, a rollback when odd);
+/// answers a short description or why it failed.
+pub type Changer =
+    Arc<dyn Fn(usize) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
+
+/// Changes made while a bench runs: one every `every`, starting after one `every`.
+#[derive(Clone)]
+pub struct Changes {
+    /// Time between changes.
+    pub every: Duration,
+    /// Makes them.
+    pub changer: Changer,
+}
+
+/// How far before a change's start and after its end a request counts as "around" it: the
+/// second around a change is `[start - 0.5 s, end + 0.5 s]`.
+pub const AROUND: f64 = 0.5;
+
+/// Requests started in the first second of a bench with changes count in neither window.
+pub const WARM_UP: f64 = 1.0;
+
+/// A [`Changer`] that hot-swaps `submodel` of `engine` to `weights` (version `bench-N`), then
+/// rolls it back, alternately.
+pub fn engine_changer(engine: Engine, submodel: String, weights: std::path::PathBuf) -> Changer {
+    Arc::new(move |n| {
+        let (engine, submodel, weights) = (engine.clone(), submodel.clone(), weights.clone());
+        Box::pin(async move {
+            let r = if n % 2 == 0 {
+                let req = maas_engine::SwapRequest {
+                    weights: Some(weights),
+                    version: Some(format!("bench-{}", n / 2 + 1)),
+                    params: None,
+                };
+                engine.swap(&submodel, req).await
+            } else {
+                engine.rollback(&submodel).await
+            };
+            r.map(|s| format!("{} -> {}", s.previous, s.version)).map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// A [`Changer`] that does the same through a server's admin API (`token` as bearer).
+pub fn http_changer(url: &str, token: String, submodel: String, weights: std::path::PathBuf) -> Changer {
+    let base = format!("{}/v1/submodels/{submodel}", url.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    Arc::new(move |n| {
+        let (client, base, token, weights) = (client.clone(), base.clone(), token.clone(), weights.clone());
+        Box::pin(async move {
+            let req = if n % 2 == 0 {
+                let body = json!({ "weights": weights, "version": format!("bench-{}", n / 2 + 1) });
+                client.put(&base).body(body.to_string())
+            } else {
+                client.post(format!("{base}/rollback"))
+            };
+            let r = req.bearer_auth(token).send().await.map_err(|e| e.to_string())?;
+            let status = r.status();
+            let body: Json = r.json().await.map_err(|e| e.to_string())?;
+            if status.is_success() {
+                Ok(format!(
+                    "{} -> {}",
+                    body["previous"].as_str().unwrap_or("?"),
+                    body["version"].as_str().unwrap_or("?")
+                ))
+            } else {
+                Err(format!("{status}: {body}"))
+            }
+        })
+    })
 }
 
 /// Percentile (0..=100) of sorted values, nearest rank.
@@ -52,14 +128,14 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Drives `engine` in process and returns the JSON report (with mean batch rows per
 /// submodel, from the engine's metrics).
-pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig) -> Json {
+pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig, changes: Option<Changes>) -> Json {
     let before = engine.metrics();
     let (e, p) = (engine.clone(), cfg.pipeline.clone());
     let call = move || {
         let (e, p, inputs) = (e.clone(), p.clone(), inputs.clone());
         async move { e.infer(&p, inputs).await.map(|_| ()).map_err(|e: InferError| e.kind().to_string()) }
     };
-    let mut report = drive(cfg, call).await;
+    let mut report = drive_changing(cfg, call, changes).await;
     let after = engine.metrics();
     let mut batches = serde_json::Map::new();
     for (name, m) in &after.submodels {
@@ -77,7 +153,12 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig) -> Json {
 /// Drives a running server over HTTP: `POST {url}/v1/pipelines/{pipeline}/infer` with
 /// `{"inputs": inputs}`. Errors are counted by the `error.kind` the server answers (or
 /// `http_<status>`, or `connection`).
-pub async fn run_http(url: &str, inputs: serde_json::Map<String, Json>, cfg: &BenchConfig) -> Json {
+pub async fn run_http(
+    url: &str,
+    inputs: serde_json::Map<String, Json>,
+    cfg: &BenchConfig,
+    changes: Option<Changes>,
+) -> Json {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
         .build()
@@ -106,7 +187,7 @@ pub async fn run_http(url: &str, inputs: serde_json::Map<String, Json>, cfg: &Be
             Err(kind)
         }
     };
-    let mut report = drive(cfg, call).await;
+    let mut report = drive_changing(cfg, call, changes).await;
     report["url"] = json!(url);
     report
 }
@@ -117,10 +198,40 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
+    drive_changing(cfg, call, None).await
+}
+
+/// [`drive`], making `changes` while the load runs; the report then compares the latency of
+/// requests started in the second around each change with the steady state (every other
+/// request).
+pub async fn drive_changing<F, Fut>(cfg: &BenchConfig, call: F, changes: Option<Changes>) -> Json
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start = Instant::now();
     let end = start + cfg.duration;
     let progress = tokio::spawn(report_progress(tally.clone(), start, cfg.duration));
+    let changing = changes.map(|c| {
+        tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut n = 0;
+            loop {
+                let at = start + c.every * (n as u32 + 1);
+                if at + c.every / 2 >= end {
+                    break done;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let t0 = start.elapsed().as_secs_f64();
+                let r = (c.changer)(n).await;
+                let t1 = start.elapsed().as_secs_f64();
+                eprintln!("bench: change {n} at {t0:.2} s took {:.1} ms: {r:?}", (t1 - t0) * 1e3);
+                done.push((t0, t1, r));
+                n += 1;
+            }
+        })
+    });
     match cfg.rate {
         None => {
             let mut callers = Vec::new();
@@ -130,7 +241,8 @@ where
                     while Instant::now() < end {
                         let t = Instant::now();
                         let r = call().await;
-                        tally.lock().expect("tally").record(t.elapsed().as_secs_f64(), r);
+                        let at = t.duration_since(start).as_secs_f64();
+                        tally.lock().expect("tally").record(at, t.elapsed().as_secs_f64(), r);
                     }
                 }));
             }
@@ -151,7 +263,8 @@ where
                 let (call, tally) = (call.clone(), tally.clone());
                 tasks.spawn(async move {
                     let r = call().await;
-                    tally.lock().expect("tally").record(scheduled.elapsed().as_secs_f64(), r);
+                    let at = scheduled.duration_since(start).as_secs_f64();
+                    tally.lock().expect("tally").record(at, scheduled.elapsed().as_secs_f64(), r);
                 });
                 while tasks.try_join_next().is_some() {}
                 k += 1;
@@ -161,12 +274,16 @@ where
     }
     progress.abort();
     let elapsed = start.elapsed().as_secs_f64();
+    let changes = match changing {
+        Some(task) => Some(task.await.unwrap_or_default()),
+        None => None,
+    };
     let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
     tally.latencies.sort_by(f64::total_cmp);
     let ms = |p: f64| percentile(&tally.latencies, p) * 1e3;
     let ok = tally.latencies.len() as u64;
     let errors: u64 = tally.errors.values().sum();
-    json!({
+    let mut report = json!({
         "pipeline": cfg.pipeline,
         "mode": if cfg.rate.is_some() { "open" } else { "closed" },
         "concurrency": cfg.concurrency,
@@ -177,7 +294,31 @@ where
         "errors": tally.errors,
         "throughput_rps": ((ok as f64 / elapsed) * 100.0).round() / 100.0,
         "latency_ms": { "p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0) },
-    })
+    });
+    if let Some(changes) = changes {
+        let around = |t: f64| changes.iter().any(|(t0, t1, _)| t >= t0 - AROUND && t <= t1 + AROUND);
+        let (mut near, mut steady): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+        // The first second is warm-up (every caller's first request queues at once): neither.
+        for &(t, latency) in tally.samples.iter().filter(|(t, _)| *t >= WARM_UP) {
+            if around(t) { near.push(latency) } else { steady.push(latency) }
+        }
+        near.sort_by(f64::total_cmp);
+        steady.sort_by(f64::total_cmp);
+        let summary = |v: &[f64]| json!({ "requests": v.len(), "p50": percentile(v, 50.0) * 1e3, "p99": percentile(v, 99.0) * 1e3, "max": percentile(v, 100.0) * 1e3 });
+        let list: Vec<Json> = changes
+            .iter()
+            .map(|(t0, t1, r)| match r {
+                Ok(what) => json!({ "at_s": t0, "took_ms": (t1 - t0) * 1e3, "ok": what }),
+                Err(e) => json!({ "at_s": t0, "took_ms": (t1 - t0) * 1e3, "error": e }),
+            })
+            .collect();
+        let ratio = percentile(&near, 99.0) / percentile(&steady, 99.0).max(f64::MIN_POSITIVE);
+        report["changes"] = json!(list);
+        report["latency_steady_ms"] = summary(&steady);
+        report["latency_around_changes_ms"] = summary(&near);
+        report["p99_around_changes_over_steady"] = json!((ratio * 100.0).round() / 100.0);
+    }
+    report
 }
 
 async fn report_progress(tally: Arc<Mutex<Tally>>, start: Instant, total: Duration) {

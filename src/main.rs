@@ -114,6 +114,14 @@ enum Command {
         /// files too).
         #[arg(long)]
         baseline: bool,
+        /// Hot-swap SUBMODEL to WEIGHTS while the load runs, then roll it back, alternately
+        /// (with --url: through the admin API, token from MAAS_ADMIN_TOKEN), and report the
+        /// latency of the second around each change against the steady state.
+        #[arg(long, value_name = "SUBMODEL=WEIGHTS")]
+        swap: Option<String>,
+        /// Seconds between changes with --swap.
+        #[arg(long, default_value_t = 2.0)]
+        swap_every: f64,
     },
 }
 
@@ -268,6 +276,13 @@ async fn watch_files(engine: Engine, files: Vec<PathBuf>) {
     }
 }
 
+/// `--swap SUBMODEL=WEIGHTS`.
+fn parse_swap(arg: Option<&str>) -> anyhow::Result<Option<(String, PathBuf)>> {
+    let Some(arg) = arg else { return Ok(None) };
+    let (submodel, weights) = arg.split_once('=').with_context(|| format!("--swap `{arg}` is not SUBMODEL=WEIGHTS"))?;
+    Ok(Some((submodel.to_string(), PathBuf::from(weights))))
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -393,7 +408,18 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch } => {
             serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch })
         }
-        Command::Bench { url: Some(url), files, pipeline, concurrency, duration, rate, inputs, baseline } => {
+        Command::Bench {
+            url: Some(url),
+            files,
+            pipeline,
+            concurrency,
+            duration,
+            rate,
+            inputs,
+            baseline,
+            swap,
+            swap_every,
+        } => {
             let mut body = serde_json::Map::new();
             for arg in &inputs {
                 let (name, raw) = arg.split_once('=').with_context(|| format!("--input `{arg}` is not NAME=VALUE"))?;
@@ -419,11 +445,32 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg));
+            let changes = match parse_swap(swap.as_deref())? {
+                Some((submodel, weights)) => {
+                    let token =
+                        std::env::var("MAAS_ADMIN_TOKEN").context("--swap with --url needs MAAS_ADMIN_TOKEN")?;
+                    let changer = bench::http_changer(&url, token, submodel, weights);
+                    Some(bench::Changes { every: Duration::from_secs_f64(swap_every), changer })
+                }
+                None => None,
+            };
+            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg, changes));
             println!("{}", with_baseline(report, base));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { files, url: None, pipeline, concurrency, duration, rate, inputs, baseline } => {
+        Command::Bench {
+            files,
+            url: None,
+            pipeline,
+            concurrency,
+            duration,
+            rate,
+            inputs,
+            baseline,
+            swap,
+            swap_every,
+        } => {
+            let swap = parse_swap(swap.as_deref())?;
             let checked = load(&files, &registry)?;
             let p = find_pipeline(&checked.graph, &pipeline, &files)?;
             let values = parse_inputs(p, &inputs)?;
@@ -439,7 +486,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let engine = Engine::builder().from_graph(checked.graph.clone()).await?;
                 // Warm up every submodel once before measuring.
                 let _ = engine.infer(&pipeline, values.clone()).await;
-                let report = bench::run(&engine, values, &cfg).await;
+                let changes = swap.map(|(submodel, weights)| bench::Changes {
+                    every: Duration::from_secs_f64(swap_every),
+                    changer: bench::engine_changer(engine.clone(), submodel, weights),
+                });
+                let report = bench::run(&engine, values, &cfg, changes).await;
                 engine.shutdown().await;
                 let report = with_baseline(report, base);
                 println!("{report}");
