@@ -448,6 +448,59 @@ async fn a_request_sees_one_version_of_a_submodel_it_uses_twice() {
     engine.shutdown().await;
 }
 
+/// `scale`, counting loads in progress (and the most seen at once); each load takes 50 ms.
+struct SlowScale(Arc<(AtomicUsize, AtomicUsize)>);
+
+impl Kind for SlowScale {
+    fn name(&self) -> &str {
+        "scale"
+    }
+
+    fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
+        Scale.signature(spec)
+    }
+
+    fn load(&self, spec: &SubmodelSpec, device: &Device) -> maas_kernels::Result<Arc<dyn Kernel>> {
+        let now = self.0.0.fetch_add(1, SeqCst) + 1;
+        self.0.1.fetch_max(now, SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        self.0.0.fetch_sub(1, SeqCst);
+        Scale.load(spec, device)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_swaps_of_one_submodel_are_serialised() {
+    let loads = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let graph = "[submodels.scale]\nkind = \"scale\"\nparams = { factor = 2.0 }\n\n[pipelines.p]\n\
+                 inputs = { x = \"f32[B,1]\" }\noutputs = { y = \"n.out\" }\n\
+                 nodes.n = { submodel = \"scale\", inputs = { x = \"$x\" } }\n";
+    let engine = Engine::builder()
+        .register(SlowScale(loads.clone()))
+        .from_sources(vec![SourceFile::new("p.toml", graph, ".")])
+        .await
+        .unwrap();
+    let swap = |version: &str| {
+        let (e, version) = (engine.clone(), version.to_string());
+        tokio::spawn(async move {
+            let params = toml::Table::from_iter([("factor".to_string(), toml::Value::Float(3.0))]);
+            e.swap("scale", SwapRequest { params: Some(params), version: Some(version), ..SwapRequest::default() })
+                .await
+        })
+    };
+    let (a, b) = (swap("a"), swap("b"));
+    let (a, b) = (a.await.unwrap().expect("swap a"), b.await.unwrap().expect("swap b"));
+    assert_eq!(loads.1.load(SeqCst), 1, "two versions were loading at once");
+    // Whichever went second replaced the first: both are in the history, in order.
+    let (first, second) = if a.previous == "v1" { (a, b) } else { (b, a) };
+    assert_eq!((first.previous.as_str(), second.previous.as_str()), ("v1", first.version.as_str()));
+    let v = engine.versions("scale").unwrap();
+    assert_eq!(v.serving.version, second.version);
+    let previous: Vec<&str> = v.previous.iter().map(|p| p.version.as_str()).collect();
+    assert_eq!(previous, [first.version.as_str(), "v1"]);
+    engine.shutdown().await;
+}
+
 const LINEARS: &str = r#"
 [submodels.a]
 kind = "linear"

@@ -372,7 +372,7 @@ impl Engine {
         let options = &self.inner.options;
         let new = start_submodel(Arc::new(spec), &self.inner.registry, options.restart, current.metrics.clone())
             .await
-            .map_err(|e| invalid(e.to_string()))?;
+            .map_err(|e| invalid(load_error(e)))?;
         let mut history = served.history.clone();
         let past = history.entry(name.clone()).or_default();
         match mode {
@@ -433,7 +433,7 @@ impl Engine {
                         .await
                         .map_err(|e| ChangeError::InvalidWeights {
                             submodel: name.to_string(),
-                            message: e.to_string(),
+                            message: load_error(e),
                         })?;
                     Arc::new(s)
                 }
@@ -458,6 +458,9 @@ impl Engine {
 
     /// Records `next` (when there is a state directory) and switches to it.
     fn commit(&self, next: Served) -> Result<(), ChangeError> {
+        // A shutdown that began while this change loaded has stopped what served; do not
+        // bring anything new up behind it (`next`'s new submodels stop as it drops).
+        self.not_shutting_down()?;
         let revision = self.inner.revision.load(Relaxed) + 1;
         if let Some(dir) = &self.inner.options.state_dir {
             crate::state::save(dir, &next, revision).map_err(ChangeError::NotRecorded)?;
@@ -490,6 +493,15 @@ impl Engine {
                 roots: roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "),
             }),
         }
+    }
+}
+
+/// Why a version failed to start, without the submodel's name (the change error names it).
+fn load_error(e: crate::EngineError) -> String {
+    match e {
+        crate::EngineError::Load { source, .. } => format!("failed to load: {source}"),
+        crate::EngineError::Start { message, .. } => format!("failed to start: {message}"),
+        other => other.to_string(),
     }
 }
 

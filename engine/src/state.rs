@@ -40,6 +40,11 @@ fn time(ms: Option<u64>) -> SystemTime {
 
 /// Records what `served` serves, atomically.
 pub(crate) fn save(dir: &Path, served: &Served, revision: u64) -> Result<(), String> {
+    // Canonical, absolute file paths: the record means the same from any working directory.
+    let mut graph = served.graph.clone();
+    for spec in graph.submodels.values_mut() {
+        *spec = spec.normalized();
+    }
     let history: serde_json::Map<String, Json> = served
         .history
         .iter()
@@ -48,7 +53,7 @@ pub(crate) fn save(dir: &Path, served: &Served, revision: u64) -> Result<(), Str
                 .iter()
                 .map(|p| {
                     let mut one = Graph::default();
-                    one.submodels.insert(p.spec.name.clone(), (*p.spec).clone());
+                    one.submodels.insert(p.spec.name.clone(), p.spec.normalized());
                     json!({"graph": maas_graphs::to_toml(&one), "since_ms": millis(p.since), "until_ms": millis(p.until)})
                 })
                 .collect();
@@ -59,7 +64,7 @@ pub(crate) fn save(dir: &Path, served: &Served, revision: u64) -> Result<(), Str
         "format": FORMAT,
         "revision": revision,
         "saved_ms": millis(SystemTime::now()),
-        "graph": maas_graphs::to_toml(&served.graph),
+        "graph": maas_graphs::to_toml(&graph),
         "history": history,
     });
     let text = serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?;
