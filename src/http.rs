@@ -384,13 +384,21 @@ async fn swap(
         None => None,
     };
     let request = SwapRequest { weights: req.weights, version: req.version, params };
-    let swapped = st.engine.swap(&name, request).await?;
+    let swapped = detached(async move { st.engine.swap(&name, request).await }).await??;
     Ok(json_response(StatusCode::OK, swapped_json(&swapped)))
 }
 
 async fn rollback(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let swapped = st.engine.rollback(&name).await?;
+    let swapped = detached(async move { st.engine.rollback(&name).await }).await??;
     Ok(json_response(StatusCode::OK, swapped_json(&swapped)))
+}
+
+/// Runs a change on its own task: a client that disconnects does not cut it short (it runs to
+/// its switch or its error, and is logged and counted either way).
+async fn detached<T: Send + 'static>(change: impl Future<Output = T> + Send + 'static) -> Result<T, ApiError> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the change failed: {e}")))
 }
 
 fn unix_ms(t: std::time::SystemTime) -> u64 {
@@ -440,7 +448,7 @@ async fn put_graph(
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the graph must be UTF-8 TOML text"))?;
     // Relative paths in the body resolve against the server's working directory.
     let source = maas_graphs::SourceFile::new("request.toml", text, "");
-    let r = st.engine.recompose(vec![source], dry_run).await?;
+    let r = detached(async move { st.engine.recompose(vec![source], dry_run).await }).await??;
     Ok(json_response(
         StatusCode::OK,
         json!({

@@ -196,6 +196,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 "maas: no --state-dir: swaps, rollbacks and recompositions last until this process stops; a restart serves the graph files as written"
             ),
         }
+        // What --watch compares against: the files' text as the engine reads them.
+        let texts = read_texts(&files);
         let engine = if files.is_empty() {
             let cwd = std::env::current_dir()?;
             // With a state directory, the embedded assets get a stable home the record can name.
@@ -221,7 +223,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             if files.is_empty() {
                 eprintln!("maas: --watch needs graph files; the embedded graph is not watched");
             } else {
-                tokio::spawn(watch_files(engine.clone(), files.clone()));
+                tokio::spawn(watch_files(engine.clone(), files.clone(), texts));
             }
         }
         let mut config = maas::http::HttpConfig::from_env();
@@ -246,20 +248,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Polls the graph files once a second; when their text changes, applies them as a
-/// recomposition (the operator's own files: not confined to the file roots).
-async fn watch_files(engine: Engine, files: Vec<PathBuf>) {
-    let read = |files: &[PathBuf]| files.iter().map(|f| std::fs::read_to_string(f).ok()).collect::<Vec<_>>();
-    let mut seen = read(&files);
+fn read_texts(files: &[PathBuf]) -> Vec<Option<String>> {
+    files.iter().map(|f| std::fs::read_to_string(f).ok()).collect()
+}
+
+/// Polls the graph files once a second; when their text differs from `seen`, applies them as a
+/// recomposition (the operator's own files: not confined to the file roots). A watched file
+/// is the truth: submodels swapped through the API since go back to the file's definition.
+async fn watch_files(engine: Engine, files: Vec<PathBuf>, mut seen: Vec<Option<String>>) {
     eprintln!("maas: watching {} for changes", describe(&files));
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = read(&files);
+        let now = read_texts(&files);
         if now == seen || now.iter().any(Option::is_none) {
             continue; // unchanged, or a file is being replaced: look again next time
         }
+        // Check exactly the text just compared, so a file replaced meanwhile is not half-read.
+        let sources: Vec<SourceFile> = files
+            .iter()
+            .zip(&now)
+            .map(|(f, text)| {
+                let dir = f.parent().map(Path::to_path_buf).unwrap_or_default();
+                SourceFile::new(f.display().to_string(), text.clone().unwrap_or_default(), dir)
+            })
+            .collect();
         seen = now;
-        let sources: Vec<SourceFile> = files.iter().filter_map(|f| SourceFile::read(f).ok()).collect();
         match engine.recompose_trusted(sources).await {
             Ok(r) if r.applied => eprintln!(
                 "maas: applied the changed graph: submodels +{:?} ~{:?} -{:?}, pipelines +{:?} ~{:?} -{:?}",
@@ -277,8 +290,11 @@ async fn watch_files(engine: Engine, files: Vec<PathBuf>) {
 }
 
 /// `--swap SUBMODEL=WEIGHTS`.
-fn parse_swap(arg: Option<&str>) -> anyhow::Result<Option<(String, PathBuf)>> {
+fn parse_swap(arg: Option<&str>, every: f64) -> anyhow::Result<Option<(String, PathBuf)>> {
     let Some(arg) = arg else { return Ok(None) };
+    if !(every.is_finite() && every > 0.0) {
+        bail!("--swap-every must be a positive number of seconds");
+    }
     let (submodel, weights) = arg.split_once('=').with_context(|| format!("--swap `{arg}` is not SUBMODEL=WEIGHTS"))?;
     Ok(Some((submodel.to_string(), PathBuf::from(weights))))
 }
@@ -445,7 +461,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let changes = match parse_swap(swap.as_deref())? {
+            let changes = match parse_swap(swap.as_deref(), swap_every)? {
                 Some((submodel, weights)) => {
                     let token =
                         std::env::var("MAAS_ADMIN_TOKEN").context("--swap with --url needs MAAS_ADMIN_TOKEN")?;
@@ -470,7 +486,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             swap,
             swap_every,
         } => {
-            let swap = parse_swap(swap.as_deref())?;
+            let swap = parse_swap(swap.as_deref(), swap_every)?;
             let checked = load(&files, &registry)?;
             let p = find_pipeline(&checked.graph, &pipeline, &files)?;
             let values = parse_inputs(p, &inputs)?;

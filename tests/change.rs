@@ -216,6 +216,7 @@ async fn swap_and_rollback_of_the_digits_head_under_load_lose_no_request() {
     assert_eq!(v["previous"][0]["version"], "v1");
 
     // Rollback under the same load, with a body and content type it ignores.
+    let rollback_sent = Instant::now();
     let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", Some("whatever".into())).await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["version"], "v1");
@@ -230,7 +231,7 @@ async fn swap_and_rollback_of_the_digits_head_under_load_lose_no_request() {
             "v2" => assert_eq!(labels, json!([4, 6]), "v2 computes the rolled head's labels"),
             other => panic!("unknown version {other}"),
         }
-        if a.started > swapped && a.started < rolled_back {
+        if a.started > swapped && a.started < rollback_sent {
             assert_eq!(version, "v2", "a request sent after the swap answered got the old version");
         }
         if a.started > rolled_back {
@@ -327,6 +328,23 @@ async fn bad_swaps_are_rejected_and_traffic_is_unaffected() {
     let m = engine.metrics();
     assert_eq!(m.changes.get(&("swap".into(), "ok".into())), None);
     assert!(m.changes[&("swap".into(), "rejected".into())] >= 11);
+
+    // Recomposition is confined the same way, before any file is read; files already served
+    // may be named wherever they lie (the committed head is outside the roots).
+    let (_, served) = server.admin(reqwest::Method::GET, "/v1/graph", None).await;
+    let served = served.as_str().expect("TOML text").to_string();
+    let committed = std::fs::canonicalize(root().join("assets/digits/head.safetensors")).unwrap();
+    let outside_head = outside.0.join("head.safetensors").display().to_string();
+    let moved = served.replace(&committed.display().to_string(), &outside_head);
+    let moved =
+        if moved == served { served.replace("../../assets/digits/head.safetensors", &outside_head) } else { moved };
+    assert_ne!(moved, served, "the head's weights path was found in:\n{served}");
+    let (st, body) = server.admin(reqwest::Method::PUT, "/v1/graph?dry_run=true", Some(moved)).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (403, Some("forbidden")), "{body}");
+    let two = served.replacen("replicas = 1", "replicas = 2", 1);
+    let (st, body) = server.admin(reqwest::Method::PUT, "/v1/graph", Some(two)).await;
+    assert_eq!((st, body["applied"].as_bool()), (200, Some(true)), "{body}");
+    assert_eq!(body["submodels"]["changed"].as_array().map(Vec::len), Some(1), "{body}");
     server.stop().await;
     engine.shutdown().await;
 }
@@ -361,8 +379,15 @@ impl Kernel for ScaleKernel {
     }
 }
 
-/// `x` -> `out` unchanged, once the test lets a batch through.
-struct Hold(flume::Receiver<()>, Arc<AtomicUsize>);
+/// `x` -> `out` unchanged, once the test lets a batch through; counts batches started (`.1`) and
+/// kernels dropped (`.2`: a replica's stream ended).
+struct Hold(flume::Receiver<()>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.2.fetch_add(1, SeqCst);
+    }
+}
 
 impl Kind for Hold {
     fn name(&self) -> &str {
@@ -381,7 +406,7 @@ impl Kind for Hold {
     }
 
     fn load(&self, _: &SubmodelSpec, _: &Device) -> maas_kernels::Result<Arc<dyn Kernel>> {
-        Ok(Arc::new(Hold(self.0.clone(), self.1.clone())))
+        Ok(Arc::new(Hold(self.0.clone(), self.1.clone(), self.2.clone())))
     }
 }
 
@@ -415,7 +440,7 @@ async fn a_request_sees_one_version_of_a_submodel_it_uses_twice() {
     let held = Arc::new(AtomicUsize::new(0));
     let engine = Engine::builder()
         .register(Scale)
-        .register(Hold(gate, held.clone()))
+        .register(Hold(gate, held.clone(), Arc::default()))
         .from_sources(vec![SourceFile::new("twice.toml", TWICE, ".")])
         .await
         .unwrap();
@@ -445,6 +470,56 @@ async fn a_request_sees_one_version_of_a_submodel_it_uses_twice() {
     let y: Vec<f32> = r.outputs["y"].as_tensor().unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!((y, r.versions["scale"].as_str()), (vec![9.0], "v2"), "a new request runs v2 twice (3 x 3)");
     assert_eq!(engine.versions("scale").unwrap().previous[0].version, "v1");
+    engine.shutdown().await;
+}
+
+/// Polls `cond` every millisecond; fails the test after 10 s.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < end, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_version_stops_once_its_last_request_ends() {
+    let (open, gate) = flume::unbounded();
+    let (held, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let graph = "[submodels.hold]\nkind = \"hold\"\nbatch = { max_size = 1 }\n\n[pipelines.p]\n\
+                 inputs = { x = \"f32[B,1]\" }\noutputs = { y = \"n.out\" }\n\
+                 nodes.n = { submodel = \"hold\", inputs = { x = \"$x\" } }\n";
+    let engine = Engine::builder()
+        .register(Hold(gate, held.clone(), dropped.clone()))
+        .from_sources(vec![SourceFile::new("p.toml", graph, ".")])
+        .await
+        .unwrap();
+    // The kind keeps one instance; only kernels count.
+    let kind_drops = dropped.load(SeqCst);
+    let x = || Values::from([("x".to_string(), Value::Tensor(Tensor::new(&[[1.0f32]], &Device::Cpu).unwrap()))]);
+    let infer = || {
+        let e = engine.clone();
+        tokio::spawn(async move { e.infer("p", x()).await })
+    };
+    let running = infer();
+    until("the first request runs", || held.load(SeqCst) == 1).await;
+    let waiting = infer();
+    until("the second request queues", || engine.metrics().submodels["hold"].queued == 1).await;
+    let swapped = engine.swap("hold", SwapRequest { version: Some("v2".into()), ..SwapRequest::default() }).await;
+    assert_eq!(swapped.unwrap().version, "v2");
+    // The queued request gives up; the running one finishes on v1.
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    assert_eq!(dropped.load(SeqCst), kind_drops, "v1 still serves a request");
+    open.send(()).unwrap();
+    assert_eq!(running.await.unwrap().unwrap().versions["hold"], "v1");
+    // Nothing holds v1 any more: its actor drains (the abandoned job leaves the queue gauge)
+    // and stops, and its replica's kernel is dropped.
+    until("v1's kernel is dropped", || dropped.load(SeqCst) == kind_drops + 1).await;
+    until("the queue gauge is back to 0", || engine.metrics().submodels["hold"].queued == 0).await;
+    open.send(()).unwrap();
+    assert_eq!(infer().await.unwrap().unwrap().versions["hold"], "v2");
+    assert_eq!(dropped.load(SeqCst), kind_drops + 1, "v2 serves on");
     engine.shutdown().await;
 }
 

@@ -309,7 +309,11 @@ impl Actor for SubmodelActor {
     async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         while let Some(job) = state.queue.pop_front() {
             state.dequeued(1);
-            state.fail_job(job, JobError::Unavailable(format!("submodel `{}` stopped", state.spec.name)));
+            if job.cancelled() {
+                state.metrics.jobs_dropped.fetch_add(1, Relaxed);
+            } else {
+                state.fail_job(job, JobError::Unavailable(format!("submodel `{}` stopped", state.spec.name)));
+            }
         }
         for r in &mut state.replicas {
             r.batches = None; // the stream finishes its batch and ends

@@ -15,14 +15,15 @@
 //! from start to end (a `similarity` request never mixes two encoders); an old version stops when
 //! its last request ends. Any failure before step 5 drops what was started, and nothing changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use maas_graphs::{
-    Catalog, Diagnostics, FILE_PARAMS, Graph, GraphDiff, SignatureError, SourceFile, SubmodelName, SubmodelSpec,
+    Catalog, Diagnostics, FILE_PARAMS, Graph, GraphDiff, KindError, Signature, SignatureError, SourceFile,
+    SubmodelName, SubmodelSpec,
 };
 
 use crate::engine::{Engine, Served, Submodel, start_submodel};
@@ -300,13 +301,14 @@ impl Engine {
         let served = self.inner.served.load_full();
         let current = served.submodels.get(name).ok_or_else(|| ChangeError::UnknownSubmodel(name.into()))?;
         let mut spec = (*current.spec).clone();
+        let known = served_files(&served);
         if let Some(w) = &request.weights {
-            spec.weights = Some(self.allowed_file(w)?);
+            spec.weights = Some(self.allowed_file(w, &known)?);
         }
         for (key, value) in request.params.unwrap_or_default() {
             let value = match value {
                 toml::Value::String(p) if FILE_PARAMS.contains(&key.as_str()) => {
-                    toml::Value::String(self.allowed_file(Path::new(&p))?.display().to_string())
+                    toml::Value::String(self.allowed_file(Path::new(&p), &known)?.display().to_string())
                 }
                 v => v,
             };
@@ -407,14 +409,32 @@ impl Engine {
     ) -> Result<Recomposed, ChangeError> {
         let _lock = self.inner.change_lock.lock().await;
         self.not_shutting_down()?;
-        let checked = maas_graphs::check(sources, &self.inner.registry).map_err(ChangeError::InvalidGraph)?;
-        let warnings = checked.warnings.iter().map(ToString::to_string).collect();
         let served = self.inner.served.load_full();
+        // Confine before reading anything: the files the sources declare, then (for what a
+        // broken source hides from that scan) every file the checker would open.
+        let known = served_files(&served);
+        if confine {
+            for file in sources.iter().flat_map(declared_files) {
+                self.allowed_file(&file, &known)?;
+            }
+        }
+        let catalog = Confined { engine: self, known: &known, confine, refused: Mutex::new(None) };
+        let checked = maas_graphs::check(sources, &catalog);
+        if let Some(refused) = catalog.refused.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(refused);
+        }
+        let checked = checked.map_err(ChangeError::InvalidGraph)?;
+        let mut warnings: Vec<String> = checked.warnings.iter().map(ToString::to_string).collect();
         let diff = served.graph.diff(&checked.graph);
         let fresh: Vec<&SubmodelName> = diff.submodels.added.iter().chain(&diff.submodels.changed).collect();
-        for name in fresh.iter().filter(|_| confine) {
-            for file in checked.graph.submodels[*name].files() {
-                self.allowed_file(&file)?;
+        for name in &diff.submodels.changed {
+            let (old, new) = (&served.graph.submodels[name], &checked.graph.submodels[name]);
+            let (o, n) = (old.normalized(), new.normalized());
+            if old.version == new.version && (o.weights != n.weights || o.params != n.params || o.kind != n.kind) {
+                warnings.push(format!(
+                    "submodel `{name}` changes its weights or params but keeps version `{}`: responses cannot tell the two apart",
+                    new.version
+                ));
             }
         }
         if dry_run || diff.is_empty() {
@@ -470,9 +490,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The canonical form of a file a change names, if it lies under the file roots. A relative
-    /// path resolves against the working directory.
-    fn allowed_file(&self, path: &Path) -> Result<PathBuf, ChangeError> {
+    /// The canonical form of a file a change names, if it lies under the file roots or is
+    /// already served (`known`). A relative path resolves against the working directory.
+    fn allowed_file(&self, path: &Path, known: &HashSet<PathBuf>) -> Result<PathBuf, ChangeError> {
         let absolute = if path.is_absolute() {
             path.to_path_buf()
         } else {
@@ -487,12 +507,72 @@ impl Engine {
             return Ok(canonical.unwrap_or(absolute));
         };
         match canonical {
-            Some(c) if roots.iter().any(|r| c.starts_with(r)) => Ok(c),
+            Some(c) if known.contains(&c) || roots.iter().any(|r| c.starts_with(r)) => Ok(c),
             _ => Err(ChangeError::Forbidden {
                 path: path.display().to_string(),
                 roots: roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "),
             }),
         }
+    }
+}
+
+/// The canonical paths of every file the served graph and its kept versions read: a change may
+/// name them wherever they lie (they are read already).
+fn served_files(served: &Served) -> HashSet<PathBuf> {
+    let past = served.history.values().flatten().map(|p| &*p.spec);
+    served
+        .graph
+        .submodels
+        .values()
+        .chain(past)
+        .flat_map(SubmodelSpec::files)
+        .filter_map(|f| std::fs::canonicalize(f).ok())
+        .collect()
+}
+
+/// The files a graph source names (`weights` and file params of each submodel), resolved
+/// against its directory; found by a plain TOML parse, without reading any of them. A source
+/// that does not parse names none here (the checker then rejects it, through [`Confined`]).
+fn declared_files(source: &SourceFile) -> Vec<PathBuf> {
+    let Ok(doc) = toml::from_str::<toml::Table>(&source.text) else { return Vec::new() };
+    let Some(submodels) = doc.get("submodels").and_then(toml::Value::as_table) else { return Vec::new() };
+    let mut files = Vec::new();
+    for s in submodels.values().filter_map(toml::Value::as_table) {
+        files.extend(s.get("weights").and_then(toml::Value::as_str).map(|w| source.base_dir.join(w)));
+        if let Some(params) = s.get("params").and_then(toml::Value::as_table) {
+            for k in FILE_PARAMS {
+                files.extend(params.get(*k).and_then(toml::Value::as_str).map(|p| source.base_dir.join(p)));
+            }
+        }
+    }
+    files
+}
+
+/// The registry as the checker sees it during a confined recomposition: a submodel whose files
+/// lie outside the roots is refused before its kind reads them.
+struct Confined<'a> {
+    engine: &'a Engine,
+    known: &'a HashSet<PathBuf>,
+    confine: bool,
+    refused: Mutex<Option<ChangeError>>,
+}
+
+impl Catalog for Confined<'_> {
+    fn kinds(&self) -> Vec<String> {
+        self.engine.inner.registry.kinds()
+    }
+
+    fn signature(&self, submodel: &SubmodelSpec) -> Result<Signature, SignatureError> {
+        if self.confine {
+            for file in submodel.files() {
+                if let Err(e) = self.engine.allowed_file(&file, self.known) {
+                    let message = e.to_string();
+                    self.refused.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    return Err(SignatureError::Invalid(vec![KindError::whole(message)]));
+                }
+            }
+        }
+        Catalog::signature(&self.engine.inner.registry, submodel)
     }
 }
 

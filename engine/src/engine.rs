@@ -191,10 +191,11 @@ pub(crate) struct Submodel {
 
 impl Drop for Submodel {
     fn drop(&mut self) {
-        // Nothing can reach this version any more (plans and requests hold it): stop its actor,
-        // which stops its replicas and their streams.
+        // Nothing can reach this version any more (plans and requests hold it): drain its actor
+        // (jobs of cancelled requests still in its mailbox are counted out of the shared queue
+        // gauge), which then stops its replicas and their streams.
         if let Exec::Actor(a) = &self.exec {
-            a.stop(None);
+            let _ = a.drain();
         }
     }
 }
@@ -542,6 +543,9 @@ impl Engine {
         if self.inner.shutting_down.swap(true, Relaxed) {
             return 0;
         }
+        // A change in progress either switches before this or is refused: wait for it, so that
+        // nothing it started outlives the shutdown.
+        drop(self.inner.change_lock.lock().await);
         let all = self.inner.options.max_in_flight as u32;
         let drained =
             tokio::time::timeout(self.inner.options.drain_timeout, self.inner.admission.acquire_many(all)).await;

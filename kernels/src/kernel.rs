@@ -31,9 +31,9 @@ pub trait Kind: Send + Sync {
 
     /// Run one synthetic row (zeros, or the text `"warm-up"`) through every freshly loaded
     /// kernel before it serves, so that lazy initialisation (CUDA context, cuBLAS handles,
-    /// allocator pools) is not paid by the first request, and a kernel that cannot run is
-    /// rejected before it takes traffic. Defaults to `true`; a kind whose `forward` has side
-    /// effects says `false`.
+    /// allocator pools) is not paid by the first request. A warm-up that panics fails the load;
+    /// one that returns an error is logged (real inputs may differ from zeros). Defaults to
+    /// `true`; a kind whose `forward` has side effects says `false`.
     fn warm_up(&self) -> bool {
         true
     }
