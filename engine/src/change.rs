@@ -257,7 +257,8 @@ impl Engine {
     /// changed beside what serves, compiles new plans and switches every pipeline at once.
     /// Requests already running finish on the plans they started with; submodels no longer used
     /// stop when their last request ends. With `dry_run`, only checks and diffs.
-    /// Files of new or changed submodels must lie under the file roots.
+    /// Every file the sources name must lie under the file roots or be served already
+    /// ([`ChangeError::Forbidden`] otherwise, before any file is read).
     pub async fn recompose(&self, sources: Vec<SourceFile>, dry_run: bool) -> Result<Recomposed, ChangeError> {
         self.recompose_with(sources, dry_run, true).await
     }
