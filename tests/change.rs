@@ -349,6 +349,28 @@ async fn bad_swaps_are_rejected_and_traffic_is_unaffected() {
     engine.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_refuses_a_version_whose_weights_changed_since() {
+    let tmp = TempDir::new("rollback-changed");
+    let copy = tmp.0.join("head-copy.safetensors");
+    std::fs::copy(root().join("assets/digits/head.safetensors"), &copy).unwrap();
+    let rolled = write_rolled_head(&tmp.0);
+    let engine = digits_engine(vec![tmp.0.clone()]).await;
+    let swap = |weights: &Path, version: &str| {
+        engine.swap("head", SwapRequest { weights: Some(weights.into()), version: Some(version.into()), params: None })
+    };
+    swap(&copy, "v2").await.expect("swap to the copy");
+    swap(&rolled, "v3").await.expect("swap to the rolled head");
+    // v2's file is overwritten in place (other weights, same size).
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::copy(&rolled, &copy).unwrap();
+    let err = engine.rollback("head").await.unwrap_err();
+    assert_eq!(err.kind(), "invalid_weights", "{err}");
+    assert!(err.to_string().contains("changed since version `v2`"), "{err}");
+    assert_eq!(engine.versions("head").unwrap().serving.version, "v3", "v3 keeps serving");
+    engine.shutdown().await;
+}
+
 /// `x` -> `out` = x * `params.factor`.
 struct Scale;
 

@@ -34,6 +34,34 @@ pub(crate) struct PastVersion {
     pub(crate) spec: Arc<SubmodelSpec>,
     pub(crate) since: SystemTime,
     pub(crate) until: SystemTime,
+    /// Its files as they were when it served (empty: unknown, not checked).
+    pub(crate) stamps: Vec<FileStamp>,
+}
+
+/// A file's size and modification time: a rollback refuses a version whose files changed since
+/// it served (it would load other weights under the old label).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    /// Modification time, in nanoseconds since the Unix epoch.
+    pub(crate) modified_ns: u128,
+}
+
+impl FileStamp {
+    fn read(path: &Path) -> Option<Self> {
+        let m = std::fs::metadata(path).ok()?;
+        let modified_ns = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+        Some(Self { path: path.to_path_buf(), size: m.len(), modified_ns })
+    }
+
+    /// The stamps of every file of `spec` (files that cannot be read are left out).
+    pub(crate) fn of(spec: &SubmodelSpec) -> Vec<Self> {
+        spec.files()
+            .iter()
+            .filter_map(|f| Self::read(&std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())))
+            .collect()
+    }
 }
 
 /// Previous versions per submodel, oldest first.
@@ -225,6 +253,18 @@ impl Engine {
                 .get(submodel)
                 .and_then(|h| h.last())
                 .ok_or_else(|| ChangeError::NoPreviousVersion(submodel.into()))?;
+            for stamp in &previous.stamps {
+                if FileStamp::read(&stamp.path).as_ref() != Some(stamp) {
+                    return Err(ChangeError::InvalidWeights {
+                        submodel: submodel.into(),
+                        message: format!(
+                            "`{}` changed since version `{}` served; a rollback would load other weights under its label (swap to it with a new version instead)",
+                            stamp.path.display(),
+                            previous.spec.version
+                        ),
+                    });
+                }
+            }
             let spec = (*previous.spec).clone();
             self.replace(&served, current, spec, Mode::Rollback, started).await
         }
@@ -380,7 +420,12 @@ impl Engine {
         let past = history.entry(name.clone()).or_default();
         match mode {
             Mode::Swap => {
-                past.push(PastVersion { spec: current.spec.clone(), since: current.since, until: SystemTime::now() });
+                past.push(PastVersion {
+                    spec: current.spec.clone(),
+                    since: current.since,
+                    until: SystemTime::now(),
+                    stamps: current.stamps.clone(),
+                });
                 let excess = past.len().saturating_sub(options.keep_versions);
                 past.drain(..excess);
             }
@@ -467,7 +512,7 @@ impl Engine {
         for name in &diff.submodels.changed {
             let old = &served.submodels[name.as_str()];
             let past = history.entry(name.to_string()).or_default();
-            past.push(PastVersion { spec: old.spec.clone(), since: old.since, until: now });
+            past.push(PastVersion { spec: old.spec.clone(), since: old.since, until: now, stamps: old.stamps.clone() });
             let excess = past.len().saturating_sub(options.keep_versions);
             past.drain(..excess);
         }

@@ -187,6 +187,8 @@ pub(crate) struct Submodel {
     status: Arc<SubmodelStatus>,
     /// When this version started serving.
     pub(crate) since: SystemTime,
+    /// Its files as they were when it loaded (what a rollback to it must find again).
+    pub(crate) stamps: Vec<crate::change::FileStamp>,
 }
 
 impl Drop for Submodel {
@@ -225,6 +227,7 @@ pub(crate) async fn start_submodel(
     })?;
     let status = Arc::new(SubmodelStatus::default());
     let since = SystemTime::now();
+    let stamps = crate::change::FileStamp::of(&spec);
     if kind.trivial() {
         let reg = registry.clone();
         let s = spec.clone();
@@ -240,7 +243,7 @@ pub(crate) async fn start_submodel(
         .map_err(|source| EngineError::Load { submodel: name.clone(), source: Box::new(source) })?;
         status.set_inline();
         let signature = loaded.signature.clone();
-        return Ok(Submodel { spec, signature, exec: Exec::Inline(loaded), metrics, status, since });
+        return Ok(Submodel { spec, signature, exec: Exec::Inline(loaded), metrics, status, since, stamps });
     }
     let signature = maas_graphs::Catalog::signature(registry, &spec)
         .map_err(|e| EngineError::Start { submodel: name.clone(), message: format!("{e:?}") })?;
@@ -254,7 +257,7 @@ pub(crate) async fn start_submodel(
     let (actor, _) = Actor::spawn(None, SubmodelActor, args)
         .await
         .map_err(|e| EngineError::Start { submodel: name, message: e.to_string() })?;
-    Ok(Submodel { spec, signature: Arc::new(signature), exec: Exec::Actor(actor), metrics, status, since })
+    Ok(Submodel { spec, signature: Arc::new(signature), exec: Exec::Actor(actor), metrics, status, since, stamps })
 }
 
 /// Where a node input comes from, compiled.

@@ -15,7 +15,7 @@ use maas_graphs::{Graph, SourceFile};
 use maas_kernels::Registry;
 use serde_json::{Value as Json, json};
 
-use crate::change::{History, PastVersion};
+use crate::change::{FileStamp, History, PastVersion};
 use crate::engine::Served;
 
 /// The record's file name in the state directory.
@@ -54,7 +54,17 @@ pub(crate) fn save(dir: &Path, served: &Served, revision: u64) -> Result<(), Str
                 .map(|p| {
                     let mut one = Graph::default();
                     one.submodels.insert(p.spec.name.clone(), p.spec.normalized());
-                    json!({"graph": maas_graphs::to_toml(&one), "since_ms": millis(p.since), "until_ms": millis(p.until)})
+                    let stamps: Vec<Json> = p
+                        .stamps
+                        .iter()
+                        .map(|s| json!({"path": s.path, "size": s.size, "modified_ns": s.modified_ns.to_string()}))
+                        .collect();
+                    json!({
+                        "graph": maas_graphs::to_toml(&one),
+                        "since_ms": millis(p.since),
+                        "until_ms": millis(p.until),
+                        "files": stamps,
+                    })
                 })
                 .collect();
             (name.clone(), Json::Array(entries))
@@ -112,10 +122,23 @@ pub(crate) fn restore(dir: &Path, registry: &Registry) -> Result<Option<Restored
                 match maas_graphs::check(vec![source], registry) {
                     Ok(c) => {
                         if let Some(spec) = c.graph.submodels.into_values().next() {
+                            let stamps = e["files"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|f| {
+                                    Some(FileStamp {
+                                        path: PathBuf::from(f["path"].as_str()?),
+                                        size: f["size"].as_u64()?,
+                                        modified_ns: f["modified_ns"].as_str()?.parse().ok()?,
+                                    })
+                                })
+                                .collect();
                             past.push(PastVersion {
                                 spec: Arc::new(spec),
                                 since: time(e["since_ms"].as_u64()),
                                 until: time(e["until_ms"].as_u64()),
+                                stamps,
                             });
                         }
                     }
