@@ -16,8 +16,8 @@ const MINILM_TOML: &str = include_str!("../examples/pipelines/minilm.toml");
 pub fn sources(dir: &Path, models_root: &Path) -> std::io::Result<Vec<SourceFile>> {
     let assets = dir.join("assets/digits");
     std::fs::create_dir_all(&assets)?;
-    std::fs::write(assets.join("features.safetensors"), FEATURES)?;
-    std::fs::write(assets.join("head.safetensors"), HEAD)?;
+    write_if_changed(&assets.join("features.safetensors"), FEATURES)?;
+    write_if_changed(&assets.join("head.safetensors"), HEAD)?;
     // The graph's weight paths are `../../assets/digits/...`, relative to examples/pipelines/.
     let pipelines_dir = dir.join("examples/pipelines");
     std::fs::create_dir_all(&pipelines_dir)?;
@@ -26,6 +26,15 @@ pub fn sources(dir: &Path, models_root: &Path) -> std::io::Result<Vec<SourceFile
         sources.push(SourceFile::new("<embedded>/minilm.toml", MINILM_TOML, models_root.join("examples/pipelines")));
     }
     Ok(sources)
+}
+
+/// Writes `bytes` unless the file holds them already (a restart keeps the files, and their
+/// modification times, that a state directory's record names).
+fn write_if_changed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if std::fs::read(path).is_ok_and(|b| b == bytes) {
+        return Ok(());
+    }
+    std::fs::write(path, bytes)
 }
 
 /// Whether the MiniLM model files are under `root/models/all-MiniLM-L6-v2`.
