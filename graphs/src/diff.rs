@@ -69,7 +69,18 @@ impl Graph {
             g.submodels.iter().map(|(k, v)| (k.clone(), v.normalized())).collect()
         };
         let submodels = changes(&norm(self), &norm(new));
-        let pipelines = changes(&self.pipelines, &new.pipelines);
+        // Nodes are stored in a topological order, and a DAG has many: compare them by name.
+        let by_name = |g: &Graph| -> BTreeMap<PipelineName, _> {
+            g.pipelines
+                .iter()
+                .map(|(k, p)| {
+                    let mut p = p.clone();
+                    p.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                    (k.clone(), p)
+                })
+                .collect()
+        };
+        let pipelines = changes(&by_name(self), &by_name(new));
         let changed: Vec<&SubmodelName> = submodels.changed.iter().collect();
         let affected = new
             .pipelines

@@ -68,3 +68,25 @@ fn rewiring_a_pipeline_changes_it() {
     assert_eq!(d.pipelines.changed[0].as_str(), "two");
     assert!(d.submodels.is_empty());
 }
+
+#[test]
+fn a_graph_written_back_as_toml_is_no_change() {
+    // Nodes declared out of alphabetical order, with two valid topological orders.
+    let text = r#"
+[submodels.a]
+kind = "double"
+[pipelines.fan]
+inputs = { x = "f32[B,4]" }
+outputs = { y = "z.out", w = "b.out" }
+nodes.z = { submodel = "a", inputs = { x = "$x" } }
+nodes.b = { submodel = "a", inputs = { x = "$x" } }
+"#;
+    let g = graph(text);
+    let back = graph(&maas_graphs::to_toml(&g));
+    assert!(g.diff(&back).is_empty(), "{:?}", g.diff(&back));
+    let rewired = graph(&text.replace(
+        "nodes.b = { submodel = \"a\", inputs = { x = \"$x\" } }",
+        "nodes.b = { submodel = \"a\", inputs = { x = \"z.out\" } }",
+    ));
+    assert_eq!(g.diff(&rewired).pipelines.changed.len(), 1);
+}
