@@ -341,6 +341,11 @@ async fn bad_swaps_are_rejected_and_traffic_is_unaffected() {
     assert_ne!(moved, served, "the head's weights path was found in:\n{served}");
     let (st, body) = server.admin(reqwest::Method::PUT, "/v1/graph?dry_run=true", Some(moved)).await;
     assert_eq!((st, body["error"]["kind"].as_str()), (403, Some("forbidden")), "{body}");
+    // The served graph put back as it is changes nothing.
+    let (st, body) = server.admin(reqwest::Method::PUT, "/v1/graph", Some(served.clone())).await;
+    assert_eq!((st, body["applied"].as_bool()), (200, Some(false)), "{body}");
+    assert_eq!(body["pipelines"], json!({ "added": [], "removed": [], "changed": [] }), "{body}");
+    assert_eq!(body["submodels"], json!({ "added": [], "removed": [], "changed": [] }), "{body}");
     let two = served.replacen("replicas = 1", "replicas = 2", 1);
     let (st, body) = server.admin(reqwest::Method::PUT, "/v1/graph", Some(two)).await;
     assert_eq!((st, body["applied"].as_bool()), (200, Some(true)), "{body}");
