@@ -209,7 +209,8 @@ async fn swap_and_rollback_of_the_digits_head_under_load_lose_no_request() {
     assert_eq!(st, 200, "{body}");
     assert_eq!((body["previous"].as_str(), body["version"].as_str()), (Some("v1"), Some("v2")));
     let swapped = Instant::now();
-    load.wait_for(50).await;
+    // At least 100 - 16 of these were sent after the swap answered.
+    load.wait_for(100).await;
     let (st, v) = server.admin(reqwest::Method::GET, "/v1/submodels/head/versions", None).await;
     assert_eq!(st, 200);
     assert_eq!(v["serving"]["version"], "v2");
