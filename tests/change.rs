@@ -13,11 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use maas::http::{HttpConfig, router_with};
+use maas::http::HttpConfig;
 use maas_engine::{Engine, EngineOptions, SwapRequest};
 use maas_graphs::{KindError, PortSpec, Signature, SourceFile, SubmodelSpec, ty};
 use maas_kernels::{Kernel, Kind, Value, Values};
 use serde_json::{Value as Json, json};
+
+mod common;
+use common::{Server, TempDir};
 
 const TOKEN: &str = "change-token";
 
@@ -25,53 +28,13 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!("maas-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir.canonicalize().expect("canonical temp dir"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Server {
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
-}
-
+/// Serves `engine` with the admin routes on (token [`TOKEN`]).
 async fn serve(engine: Engine) -> Server {
     let config = HttpConfig { admin_token: Some(TOKEN.into()), ..HttpConfig::default() };
-    let app = router_with(engine, config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-            .expect("serve");
-    });
-    Server { addr, stop, done }
+    common::serve(engine, config).await
 }
 
 impl Server {
-    async fn stop(self) {
-        self.stop.send(()).unwrap();
-        self.done.await.unwrap();
-    }
-
     /// An admin request: (status, JSON body).
     async fn admin(&self, method: reqwest::Method, path: &str, body: Option<String>) -> (u16, Json) {
         let mut r = client().request(method, format!("http://{}{path}", self.addr)).bearer_auth(TOKEN);
@@ -250,7 +213,7 @@ async fn swap_and_rollback_of_the_digits_head_under_load_lose_no_request() {
     assert!(metrics.contains("maas_changes_total{change=\"swap\",result=\"ok\"} 1"), "{metrics}");
     assert!(metrics.contains("maas_changes_total{change=\"rollback\",result=\"ok\"} 1"), "{metrics}");
     assert!(metrics.contains("maas_submodel_version_info{submodel=\"head\",version=\"v1\"} 1"), "{metrics}");
-    server.stop().await;
+    server.shut().await;
     engine.shutdown().await;
 }
 
@@ -351,7 +314,7 @@ async fn bad_swaps_are_rejected_and_traffic_is_unaffected() {
     let (st, body) = server.admin(reqwest::Method::PUT, "/v1/graph", Some(two)).await;
     assert_eq!((st, body["applied"].as_bool()), (200, Some(true)), "{body}");
     assert_eq!(body["submodels"]["changed"].as_array().map(Vec::len), Some(1), "{body}");
-    server.stop().await;
+    server.shut().await;
     engine.shutdown().await;
 }
 
@@ -367,9 +330,12 @@ async fn a_rollback_refuses_a_version_whose_weights_changed_since() {
     };
     swap(&copy, "v2").await.expect("swap to the copy");
     swap(&rolled, "v3").await.expect("swap to the rolled head");
-    // v2's file is overwritten in place (other weights, same size).
-    std::thread::sleep(Duration::from_millis(20));
+    // v2's file is overwritten in place (other weights, same size); its modification time moves
+    // on by a second, whatever the file system's timestamp granularity.
+    let before = std::fs::metadata(&copy).unwrap().modified().unwrap();
     std::fs::copy(&rolled, &copy).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    file.set_modified(before + Duration::from_secs(1)).unwrap();
     let err = engine.rollback("head").await.unwrap_err();
     assert_eq!(err.kind(), "invalid_weights", "{err}");
     assert!(err.to_string().contains("changed since version `v2`"), "{err}");
@@ -478,11 +444,7 @@ async fn a_request_sees_one_version_of_a_submodel_it_uses_twice() {
         async move { e.infer("twice", x()).await }
     });
     // The request has used `scale` once and waits at `hold`: swap `scale` now.
-    let end = Instant::now() + Duration::from_secs(10);
-    while held.load(SeqCst) == 0 {
-        assert!(Instant::now() < end, "the request never reached `hold`");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until("the request reaches `hold`", || held.load(SeqCst) > 0).await;
     let params = toml::Table::from_iter([("factor".to_string(), toml::Value::Float(3.0))]);
     let swapped = engine
         .swap("scale", SwapRequest { params: Some(params), version: Some("v2".into()), ..SwapRequest::default() })
@@ -501,13 +463,9 @@ async fn a_request_sees_one_version_of_a_submodel_it_uses_twice() {
     engine.shutdown().await;
 }
 
-/// Polls `cond` every millisecond; fails the test after 10 s.
+/// Polls `cond`; fails the test after 10 s.
 async fn until(what: &str, cond: impl Fn() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < end, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    assert!(common::eventually(Duration::from_secs(10), cond).await, "never: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,7 +509,8 @@ async fn a_replaced_version_stops_once_its_last_request_ends() {
     engine.shutdown().await;
 }
 
-/// `scale`, counting loads in progress (and the most seen at once); each load takes 50 ms.
+/// `scale`, counting loads in progress (and the most seen at once); each load takes 50 ms (a
+/// slow load, so that two unserialised swaps would overlap; not a wait for some state).
 struct SlowScale(Arc<(AtomicUsize, AtomicUsize)>);
 
 impl Kind for SlowScale {
@@ -721,7 +680,7 @@ nodes.n = { submodel = "head2", inputs = { x = "$x" } }
     let names: Vec<String> = engine.submodels().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["a", "head1", "head2"].map(String::from), "`b` is stopped and gone");
     assert!(engine.graph().pipelines.contains_key("new"));
-    server.stop().await;
+    server.shut().await;
     engine.shutdown().await;
 }
 
@@ -802,6 +761,6 @@ async fn swapping_the_minilm_encoder_under_load_never_mixes_versions_in_a_simila
         .map(|(a, b)| a.as_f64().unwrap() * b.as_f64().unwrap())
         .sum();
     assert!(dot < 0.999, "the shifted encoder computes other embeddings (cosine {dot})");
-    server.stop().await;
+    server.shut().await;
     engine.shutdown().await;
 }

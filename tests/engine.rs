@@ -6,12 +6,15 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use maas_engine::{Engine, EngineOptions, InferError, InferOptions, RestartPolicy};
 use maas_graphs::{KindError, PortSpec, Signature, SourceFile, SubmodelSpec, ty};
 use maas_kernels::{Kernel, KernelError, Kind, Value, Values};
+
+mod common;
+use common::eventually;
 
 /// What a gated kernel saw.
 #[derive(Default)]
@@ -105,18 +108,6 @@ async fn engine(kind: Gated, settings: &str, options: EngineOptions) -> Engine {
         .from_sources(vec![SourceFile::new("test.toml", GRAPH.replace("SETTINGS", settings), ".")])
         .await
         .expect("engine starts")
-}
-
-/// Polls `cond` every millisecond until it holds or `limit` passes.
-async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    cond()
 }
 
 fn gated(gate: Option<flume::Receiver<()>>) -> (Gated, Arc<Log>) {

@@ -2,13 +2,15 @@
 //! axum's own rejections), metrics exposition, readiness, admin auth, concurrent clients,
 //! graceful shutdown with requests in flight, and random bodies that must never crash it.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use maas::http::{HttpConfig, router_with};
+use maas::http::HttpConfig;
 use maas_engine::Engine;
 use maas_graphs::SourceFile;
 use serde_json::{Value, json};
+
+mod common;
+use common::{Server, serve};
 
 const GRAPH: &str = r#"
 [submodels.step]
@@ -29,45 +31,14 @@ outputs = { t = "a.out" }
 nodes.a = { submodel = "id", inputs = { x = "$t" } }
 "#;
 
-struct Server {
-    addr: SocketAddr,
-    engine: Engine,
-    stop: tokio::sync::oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
-}
-
 async fn start(config: HttpConfig) -> Server {
     let engine = Engine::builder().from_sources(vec![SourceFile::new("http.toml", GRAPH, ".")]).await.expect("engine");
     serve(engine, config).await
 }
 
-/// Serves `engine` on a free loopback port until `stop` is sent.
-async fn serve(engine: Engine, config: HttpConfig) -> Server {
-    let app = router_with(engine.clone(), config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-            .expect("serve");
-    });
-    Server { addr, engine, stop, done }
-}
-
-/// Polls `cond` every millisecond until it holds or 10 s pass.
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        if std::time::Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    true
+/// Polls `cond` until it holds or 10 s pass.
+async fn eventually(cond: impl FnMut() -> bool) -> bool {
+    common::eventually(Duration::from_secs(10), cond).await
 }
 
 fn client() -> reqwest::Client {

@@ -5,6 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod common;
+use common::TempDir;
+
 #[test]
 fn serve_runs_the_embedded_default_and_stops_on_sigterm() {
     let scratch = std::env::temp_dir().join(format!("maas-serve-test-{}", std::process::id()));
@@ -132,16 +135,10 @@ impl Child {
     }
 }
 
-fn scratch(tag: &str) -> std::path::PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("maas-{tag}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.canonicalize().unwrap()
-}
-
 #[test]
 fn a_restart_with_a_state_dir_serves_the_same_versions() {
-    let dir = scratch("state");
+    let tmp = TempDir::new("state");
+    let dir = tmp.0.clone();
     let models = dir.join("models");
     std::fs::create_dir_all(&models).unwrap();
     let head = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/digits/head.safetensors");
@@ -185,12 +182,12 @@ fn a_restart_with_a_state_dir_serves_the_same_versions() {
     let (_, v) = third.call("GET", "/v1/submodels/head/versions", None);
     assert_eq!((v["serving"]["version"].as_str(), &v["previous"]), (Some("v1"), &serde_json::json!([])), "{v}");
     third.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn watch_applies_a_changed_graph_file_and_keeps_serving_an_invalid_one() {
-    let dir = scratch("watch");
+    let tmp = TempDir::new("watch");
+    let dir = tmp.0.clone();
     let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/digits");
     let graph = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pipelines/digits.toml"))
         .unwrap()
@@ -226,5 +223,4 @@ fn watch_applies_a_changed_graph_file_and_keeps_serving_an_invalid_one() {
     }
     assert_eq!(pipelines(&child), ["classify", "logits"]);
     child.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
