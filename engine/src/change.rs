@@ -417,20 +417,10 @@ impl Engine {
             .await
             .map_err(|e| invalid(load_error(e)))?;
         let mut history = served.history.clone();
-        let past = history.entry(name.clone()).or_default();
         match mode {
-            Mode::Swap => {
-                past.push(PastVersion {
-                    spec: current.spec.clone(),
-                    since: current.since,
-                    until: SystemTime::now(),
-                    stamps: current.stamps.clone(),
-                });
-                let excess = past.len().saturating_sub(options.keep_versions);
-                past.drain(..excess);
-            }
+            Mode::Swap => retire(&mut history, current, SystemTime::now(), options.keep_versions),
             Mode::Rollback => {
-                past.pop();
+                history.entry(name.clone()).or_default().pop();
             }
         }
         let mut submodels = served.submodels.clone();
@@ -510,11 +500,7 @@ impl Engine {
         history.retain(|name, _| checked.graph.submodels.contains_key(name.as_str()));
         let now = SystemTime::now();
         for name in &diff.submodels.changed {
-            let old = &served.submodels[name.as_str()];
-            let past = history.entry(name.to_string()).or_default();
-            past.push(PastVersion { spec: old.spec.clone(), since: old.since, until: now, stamps: old.stamps.clone() });
-            let excess = past.len().saturating_sub(options.keep_versions);
-            past.drain(..excess);
+            retire(&mut history, &served.submodels[name.as_str()], now, options.keep_versions);
         }
         let next = Served::compile(checked.graph, submodels, history, Some(&served))
             .map_err(|e| ChangeError::InvalidRequest(e.to_string()))?;
@@ -560,6 +546,15 @@ impl Engine {
             }),
         }
     }
+}
+
+/// Keeps `old` (which stops serving at `until`) as its submodel's newest previous version,
+/// forgetting the oldest beyond `keep`.
+fn retire(history: &mut History, old: &Submodel, until: SystemTime, keep: usize) {
+    let past = history.entry(old.spec.name.to_string()).or_default();
+    past.push(PastVersion { spec: old.spec.clone(), since: old.since, until, stamps: old.stamps.clone() });
+    let excess = past.len().saturating_sub(keep);
+    past.drain(..excess);
 }
 
 /// The canonical paths of every file the served graph and its kept versions read: a change may
