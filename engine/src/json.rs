@@ -3,7 +3,7 @@
 
 use candle_core::{DType as CDType, Device, Tensor};
 use maas_graphs::{DType, Dim, PortType};
-use maas_kernels::Value;
+use maas_kernels::{Value, Values};
 use serde_json::Value as Json;
 
 /// Why a JSON value does not fit a port.
@@ -49,93 +49,439 @@ fn text_from_json(json: &Json) -> Option<Value> {
     }
 }
 
-/// Walks nested arrays: collects the shape and the numbers in row-major order.
-fn flatten(json: &Json, depth: usize, shape: &mut Vec<usize>, out: &mut Vec<f64>) -> Result<(), String> {
-    match json {
-        Json::Array(items) => {
-            if shape.len() == depth {
-                shape.push(items.len());
-            } else if shape.len() > depth && shape[depth] != items.len() {
-                return Err(format!(
-                    "ragged nested arrays: {} vs {} elements at depth {depth}",
-                    items.len(),
-                    shape[depth]
-                ));
-            } else if shape.len() < depth {
-                return Err(format!("mixed nesting at depth {depth}"));
-            }
-            for item in items {
-                flatten(item, depth + 1, shape, out)?;
-            }
-            Ok(())
+/// The element buffer of a tensor being decoded, in the port's own element type, so that a
+/// request never holds its numbers twice (no intermediate `f64` copy, no document tree).
+enum Elements {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    U8(Vec<u8>),
+    U32(Vec<u32>),
+    I64(Vec<i64>),
+}
+
+impl Elements {
+    fn new(dtype: DType) -> Self {
+        match dtype {
+            DType::F32 | DType::F16 | DType::BF16 => Self::F32(Vec::new()),
+            DType::F64 => Self::F64(Vec::new()),
+            DType::U8 => Self::U8(Vec::new()),
+            DType::U32 => Self::U32(Vec::new()),
+            DType::I64 => Self::I64(Vec::new()),
         }
-        Json::Number(n) => {
-            if shape.len() != depth {
-                return Err(format!("a number where an array of {} was expected", shape[depth]));
-            }
-            let v = n.as_f64().ok_or_else(|| format!("number {n} is not representable"))?;
-            if !v.is_finite() {
-                return Err(format!("number {n} is not finite"));
-            }
-            out.push(v);
-            Ok(())
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F64(v) => v.len(),
+            Self::U8(v) => v.len(),
+            Self::U32(v) => v.len(),
+            Self::I64(v) => v.len(),
         }
-        other => Err(format!("expected a number or an array, found {}", kind(other))),
     }
 }
 
-fn kind(j: &Json) -> &'static str {
-    match j {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
+/// A JSON number as it was written: an integer keeps its exact value.
+#[derive(Clone, Copy)]
+enum Number {
+    U(u64),
+    I(i64),
+    F(f64),
+}
+
+impl std::fmt::Display for Number {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::U(v) => write!(f, "{v}"),
+            Self::I(v) => write!(f, "{v}"),
+            Self::F(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
+/// Largest finite f16 and bf16 values.
+const F16_MAX: f64 = 65504.0;
+const BF16_MAX: f64 = 3.389_531_389_251_535e38;
+
+/// Converts `n` to `dtype`, or says why it is not representable there.
+fn push_number(out: &mut Elements, dtype: DType, n: Number) -> Result<(), String> {
+    let float = match n {
+        Number::U(v) => v as f64,
+        Number::I(v) => v as f64,
+        Number::F(v) => v,
+    };
+    let integral = |lo: f64, hi: f64| -> Result<i128, String> {
+        match n {
+            Number::U(v) => Ok(i128::from(v)),
+            Number::I(v) => Ok(i128::from(v)),
+            Number::F(v) if v.fract() == 0.0 && v >= lo && v <= hi => Ok(v as i128),
+            Number::F(v) if v.fract() != 0.0 => Err(format!("{v:?} is not an integer, as {dtype} requires")),
+            Number::F(v) => Err(format!("{v:?} is outside {dtype}'s range")),
+        }
+    };
+    let out_of_range = |lo: &dyn std::fmt::Display, hi: &dyn std::fmt::Display| {
+        format!("{n} is outside {dtype}'s range {lo}..={hi}")
+    };
+    match out {
+        Elements::F32(v) => {
+            let max = match dtype {
+                DType::F16 => F16_MAX,
+                DType::BF16 => BF16_MAX,
+                _ => f64::from(f32::MAX),
+            };
+            if !float.is_finite() || float.abs() > max {
+                return Err(format!("{n} is outside {dtype}'s finite range (largest magnitude {max:e})"));
+            }
+            v.push(float as f32);
+        }
+        Elements::F64(v) => {
+            if !float.is_finite() {
+                return Err(format!("{n} is not a finite {dtype}"));
+            }
+            v.push(float);
+        }
+        Elements::U8(v) => {
+            let i = integral(0.0, 255.0)?;
+            v.push(u8::try_from(i).map_err(|_| out_of_range(&0, &u8::MAX))?);
+        }
+        Elements::U32(v) => {
+            let i = integral(0.0, f64::from(u32::MAX))?;
+            v.push(u32::try_from(i).map_err(|_| out_of_range(&0, &u32::MAX))?);
+        }
+        Elements::I64(v) => {
+            // 2^63 as f64 is already out of range; smaller floats convert exactly.
+            let i = integral(-9.223_372_036_854_776e18, 9.223_372_036_854_775e18)?;
+            v.push(i64::try_from(i).map_err(|_| out_of_range(&i64::MIN, &i64::MAX))?);
+        }
+    }
+    Ok(())
+}
+
+/// Nested arrays being decoded: the shape found so far and the numbers in row-major order.
+struct Tensorizer {
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Elements,
+    /// The index at depth 0.
+    row: usize,
+    /// The port's rank, when fixed: tells whether depth 0 is the batch (rows) or the request
+    /// gave one row without its batch dimension.
+    rank: Option<usize>,
+}
+
+impl Tensorizer {
+    fn new(dtype: DType, rank: Option<usize>) -> Self {
+        Self { dtype, shape: Vec::new(), data: Elements::new(dtype), row: 0, rank }
+    }
+
+    /// The batch row being decoded, when it is known.
+    fn current_row(&self) -> Option<usize> {
+        match self.rank {
+            Some(r) if r == self.shape.len() => Some(self.row),
+            Some(r) if r == self.shape.len() + 1 => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Records that an array of `len` items opens at `depth`.
+    fn open(&mut self, depth: usize, len: Option<usize>) -> Result<(), String> {
+        if self.shape.len() < depth {
+            return Err(format!("mixed nesting at depth {depth}"));
+        }
+        if self.shape.len() == depth {
+            if self.data.len() > 0 {
+                return Err(format!("mixed nesting: an array at depth {depth} where numbers were found before"));
+            }
+            self.shape.push(len.unwrap_or(0));
+        }
+        Ok(())
+    }
+
+    /// Checks the item count of a closed array at `depth`.
+    fn close(&mut self, depth: usize, count: usize, first: bool) -> Result<(), String> {
+        if first && self.shape[depth] == 0 {
+            self.shape[depth] = count;
+        } else if self.shape[depth] != count {
+            return Err(format!("ragged nested arrays: {count} vs {} elements at depth {depth}", self.shape[depth]));
+        }
+        Ok(())
+    }
+
+    fn number(&mut self, depth: usize, n: Number) -> Result<(), String> {
+        if self.shape.len() != depth {
+            return Err(match self.shape.get(depth) {
+                Some(len) => format!("a number where an array of {len} was expected"),
+                None => "expected an array (batch first), found a single number".into(),
+            });
+        }
+        push_number(&mut self.data, self.dtype, n)
+    }
+
+    /// The tensor, with the batch dimension added when `rank` says it was left out.
+    fn finish(self) -> Result<Tensor, String> {
+        let rank = self.rank;
+        let mut shape = self.shape;
+        if shape.is_empty() {
+            return Err("expected an array (batch first), found a single number".into());
+        }
+        if let Some(rank) = rank {
+            if shape.len() + 1 == rank {
+                shape.insert(0, 1);
+            } else if shape.len() != rank {
+                return Err(format!(
+                    "expected {rank} nested levels (batch first), found {} (shape {shape:?})",
+                    shape.len()
+                ));
+            }
+        }
+        let dev = Device::Cpu;
+        let t = match self.data {
+            Elements::F32(v) => Tensor::from_vec(v, shape.as_slice(), &dev).and_then(|t| match self.dtype {
+                DType::F32 => Ok(t),
+                other => t.to_dtype(maas_kernels::candle_dtype(other)),
+            }),
+            Elements::F64(v) => Tensor::from_vec(v, shape.as_slice(), &dev),
+            Elements::U8(v) => Tensor::from_vec(v, shape.as_slice(), &dev),
+            Elements::U32(v) => Tensor::from_vec(v, shape.as_slice(), &dev),
+            Elements::I64(v) => Tensor::from_vec(v, shape.as_slice(), &dev),
+        };
+        t.map_err(|e| e.to_string())
+    }
+}
+
+/// Decodes one nested-array level of a tensor straight from the JSON text.
+struct Level<'a> {
+    t: &'a mut Tensorizer,
+    depth: usize,
+    /// The first error that was not JSON syntax (kept apart so it is reported as bad input).
+    error: &'a mut Option<String>,
+}
+
+impl Level<'_> {
+    fn fail<E: serde::de::Error>(self, message: String) -> E {
+        let at = match self.t.current_row() {
+            Some(row) if self.depth > 0 => format!("row {row}: "),
+            _ => String::new(),
+        };
+        let message = format!("{at}{message}");
+        let e = E::custom(&message);
+        self.error.get_or_insert(message);
+        e
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Level<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Level<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number or an array")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        match self.t.number(self.depth, Number::U(v)) {
+            Ok(()) => Ok(()),
+            Err(m) => Err(self.fail(m)),
+        }
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        match self.t.number(self.depth, Number::I(v)) {
+            Ok(()) => Ok(()),
+            Err(m) => Err(self.fail(m)),
+        }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        match self.t.number(self.depth, Number::F(v)) {
+            Ok(()) => Ok(()),
+            Err(m) => Err(self.fail(m)),
+        }
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Level { t, depth, error } = self;
+        let first = t.shape.len() == depth;
+        if let Err(m) = t.open(depth, None) {
+            return Err(Level { t, depth, error }.fail(m));
+        }
+        let mut count = 0;
+        loop {
+            if depth == 0 {
+                t.row = count;
+            }
+            match seq.next_element_seed(Level { t: &mut *t, depth: depth + 1, error: &mut *error })? {
+                Some(()) => count += 1,
+                None => break,
+            }
+        }
+        match t.close(depth, count, first) {
+            Ok(()) => Ok(()),
+            Err(m) => Err(Level { t, depth, error }.fail(m)),
+        }
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        Err(self.fail("expected a number or an array, found a string".into()))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        Err(self.fail("expected a number or an array, found a boolean".into()))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Err(self.fail("expected a number or an array, found null".into()))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(self.fail("expected a number or an array, found an object".into()))
+    }
+}
+
+/// Why a request body could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, or not the request's JSON shape (`{"inputs": {...}}`, nothing else).
+    #[error("invalid request body: {0}")]
+    Json(String),
+    /// Well-formed JSON whose values do not fit the pipeline's inputs.
+    #[error(transparent)]
+    Input(#[from] JsonError),
+}
+
+/// Decodes an infer request body `{"inputs": {NAME: VALUE, ...}}` against the pipeline's
+/// declared inputs, straight from the bytes: tensors are decoded into their final element
+/// buffers as the text is read (no document tree), and every number is checked against its
+/// port's dtype (range, finiteness, integrality), naming the input, row and value.
+pub fn request_from_slice(body: &[u8], inputs: &[(String, PortType)]) -> Result<Values, RequestError> {
+    let mut input_error = None;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = serde::de::DeserializeSeed::deserialize(Body { inputs, error: &mut input_error }, &mut de)
+        .and_then(|values| de.end().map(|()| values));
+    match result {
+        Ok(values) => Ok(values),
+        Err(e) => Err(match input_error {
+            Some(input) => RequestError::Input(input),
+            None => RequestError::Json(e.to_string()),
+        }),
+    }
+}
+
+/// The body object: exactly one key, `inputs`.
+struct Body<'a> {
+    inputs: &'a [(String, PortType)],
+    error: &'a mut Option<JsonError>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Body<'_> {
+    type Value = Values;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Values, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Body<'_> {
+    type Value = Values;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(r#"an object {"inputs": {...}}"#)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Values, A::Error> {
+        use serde::de::Error;
+        let mut values = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key != "inputs" {
+                return Err(A::Error::custom(format!("unknown field `{key}`, expected `inputs`")));
+            }
+            if values.is_some() {
+                return Err(A::Error::custom("duplicate field `inputs`"));
+            }
+            values = Some(map.next_value_seed(Inputs { inputs: self.inputs, error: &mut *self.error })?);
+        }
+        values.ok_or_else(|| A::Error::custom("missing field `inputs`"))
+    }
+}
+
+/// The `inputs` object: one value per declared input.
+struct Inputs<'a> {
+    inputs: &'a [(String, PortType)],
+    error: &'a mut Option<JsonError>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Inputs<'_> {
+    type Value = Values;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Values, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Inputs<'_> {
+    type Value = Values;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object of inputs")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Values, A::Error> {
+        use serde::de::Error;
+        let mut values = Values::new();
+        while let Some(name) = map.next_key::<String>()? {
+            let fail = |error: &mut Option<JsonError>, message: String| {
+                let e = JsonError { port: name.clone(), message };
+                let text = e.to_string();
+                error.get_or_insert(e);
+                A::Error::custom(text)
+            };
+            let Some((_, ty)) = self.inputs.iter().find(|(n, _)| *n == name) else {
+                let known: Vec<&str> = self.inputs.iter().map(|(n, _)| n.as_str()).collect();
+                let message = format!("no such input; this pipeline takes: {}", known.join(", "));
+                return Err(fail(self.error, message));
+            };
+            if values.contains_key(&name) {
+                return Err(fail(self.error, "given twice".into()));
+            }
+            let value = match ty {
+                PortType::Tensor { dtype, shape } => {
+                    let rank = (!shape.contains(&Dim::Rest)).then_some(shape.len());
+                    let mut t = Tensorizer::new(*dtype, rank);
+                    let mut message = None;
+                    let level = Level { t: &mut t, depth: 0, error: &mut message };
+                    if let Err(e) = map.next_value_seed(level) {
+                        return Err(match message {
+                            Some(m) => fail(self.error, m),
+                            None => e,
+                        });
+                    }
+                    t.finish().map(Value::Tensor).map_err(|m| fail(self.error, m))?
+                }
+                // Text and `any` ports are small: decode the JSON value, then convert it.
+                _ => {
+                    let json: Json = map.next_value()?;
+                    value_from_json(&name, ty, &json).map_err(|e| fail(self.error, e.message))?
+                }
+            };
+            values.insert(name, value);
+        }
+        Ok(values)
     }
 }
 
 fn tensor_from_json(json: &Json, dtype: DType, rank: Option<usize>) -> Result<Tensor, String> {
-    let mut shape = Vec::new();
-    let mut data = Vec::new();
-    flatten(json, 0, &mut shape, &mut data)?;
-    if shape.is_empty() {
-        return Err("expected an array (batch first), found a single number".into());
-    }
-    // An empty row list leaves inner sizes unknown; only [] with rank 1 is meaningful then.
-    if let Some(rank) = rank {
-        if shape.len() + 1 == rank {
-            shape.insert(0, 1);
-        } else if shape.len() != rank {
-            return Err(format!(
-                "expected {rank} nested levels (batch first), found {} (shape {shape:?})",
-                shape.len()
-            ));
-        }
-    }
-    let dev = Device::Cpu;
-    let t = match dtype {
-        DType::U32 | DType::U8 | DType::I64 => {
-            if let Some(bad) = data.iter().find(|v| v.fract() != 0.0 || (**v < 0.0 && dtype != DType::I64)) {
-                return Err(format!("{bad} is not a valid {dtype}"));
-            }
-            match dtype {
-                DType::U32 => {
-                    Tensor::from_vec(data.iter().map(|v| *v as u32).collect::<Vec<_>>(), shape.as_slice(), &dev)
-                }
-                DType::U8 => {
-                    Tensor::from_vec(data.iter().map(|v| *v as u8).collect::<Vec<_>>(), shape.as_slice(), &dev)
-                }
-                _ => Tensor::from_vec(data.iter().map(|v| *v as i64).collect::<Vec<_>>(), shape.as_slice(), &dev),
-            }
-        }
-        DType::F64 => Tensor::from_vec(data, shape.as_slice(), &dev),
-        DType::F32 | DType::F16 | DType::BF16 => {
-            Tensor::from_vec(data.iter().map(|v| *v as f32).collect::<Vec<_>>(), shape.as_slice(), &dev)
-                .and_then(|t| t.to_dtype(maas_kernels::candle_dtype(dtype)))
-        }
-    };
-    t.map_err(|e| e.to_string())
+    let mut t = Tensorizer::new(dtype, rank);
+    let mut message = None;
+    serde::de::DeserializeSeed::deserialize(Level { t: &mut t, depth: 0, error: &mut message }, json)
+        .map_err(|e: serde_json::Error| message.unwrap_or_else(|| e.to_string()))?;
+    t.finish()
 }
 
 /// Converts a value to JSON (tensors as nested arrays, batch first; text as a list).
@@ -205,9 +551,71 @@ mod tests {
             assert!(e.to_string().contains(want), "{e}");
         }
         let e = value_from_json("ids", &ty("u32[B]"), &json!([1.5])).unwrap_err();
-        assert!(e.message.contains("not a valid u32"));
+        assert!(e.message.contains("1.5 is not an integer, as u32 requires"), "{e}");
         assert!(value_from_json("t", &ty("text"), &json!(3)).is_err());
         let t = value_from_json("t", &ty("text"), &json!("hi")).unwrap();
         assert_eq!(t.as_text().unwrap(), ["hi"]);
+    }
+
+    fn ports() -> Vec<(String, PortType)> {
+        vec![("pixels".into(), ty("f32[B,2]")), ("ids".into(), ty("u32[B]")), ("t".into(), ty("text"))]
+    }
+
+    #[test]
+    fn a_request_body_decodes_straight_into_tensors() {
+        let body = br#"{"inputs": {"pixels": [[1, 2.5], [3, -4e3]], "ids": [7, 8], "t": ["a", "b"]}}"#;
+        let v = request_from_slice(body, &ports()).unwrap();
+        assert_eq!(value_to_json(&v["pixels"]).unwrap(), json!([[1.0, 2.5], [3.0, -4000.0]]));
+        assert_eq!(value_to_json(&v["ids"]).unwrap(), json!([7, 8]));
+        assert_eq!(v["t"].as_text().unwrap(), ["a", "b"]);
+        let one = request_from_slice(br#"{"inputs": {"pixels": [1, 2]}}"#, &ports()).unwrap();
+        assert_eq!(one["pixels"].as_tensor().unwrap().dims(), &[1, 2]);
+    }
+
+    #[test]
+    fn numbers_outside_the_ports_dtype_are_refused_naming_input_row_and_value() {
+        let cases: [(&[u8], &str, &str); 8] = [
+            (br#"{"inputs": {"pixels": [[1, 2], [3, -1e39]]}}"#, "pixels", "row 1: -1e39 is outside f32's finite range"),
+            (br#"{"inputs": {"ids": [1, 1099511627776]}}"#, "ids", "row 1: 1099511627776 is outside u32's range 0..=4294967295"),
+            (br#"{"inputs": {"ids": [-1]}}"#, "ids", "row 0: -1 is outside u32's range"),
+            (br#"{"inputs": {"ids": [1.5]}}"#, "ids", "row 0: 1.5 is not an integer"),
+            (br#"{"inputs": {"pixels": [[1, 2], [3]]}}"#, "pixels", "ragged"),
+            (br#"{"inputs": {"pixels": [[1, "a"]]}}"#, "pixels", "found a string"),
+            (br#"{"inputs": {"nope": [1]}}"#, "nope", "no such input; this pipeline takes: pixels, ids, t"),
+            (br#"{"inputs": {"ids": [1], "ids": [2]}}"#, "ids", "given twice"),
+        ];
+        for (body, port, want) in cases {
+            match request_from_slice(body, &ports()) {
+                Err(RequestError::Input(e)) => {
+                    assert_eq!(e.port, port);
+                    assert!(e.message.contains(want), "{e} does not contain {want}");
+                }
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
+        let f16 = vec![("h".to_string(), ty("f16[B]"))];
+        let e = request_from_slice(br#"{"inputs": {"h": [70000]}}"#, &f16).unwrap_err();
+        assert!(e.to_string().contains("outside f16's finite range"), "{e}");
+        assert!(request_from_slice(br#"{"inputs": {"h": [65504]}}"#, &f16).is_ok());
+    }
+
+    #[test]
+    fn malformed_bodies_are_json_errors() {
+        for body in [&b""[..], b"{", br#"{"inputs": {}, "x": 1}"#, br#"{"input": {}}"#, b"[]", br#"{"inputs": {}} x"#] {
+            match request_from_slice(body, &ports()) {
+                Err(RequestError::Json(_)) => {}
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
+        // A number beyond f64 is a syntax-level error of the JSON parser.
+        assert!(matches!(request_from_slice(br#"{"inputs": {"pixels": [1e400, 1]}}"#, &ports()), Err(RequestError::Json(_))));
+    }
+
+    #[test]
+    fn the_cli_path_is_as_strict() {
+        let e = value_from_json("x", &ty("f32[B,1]"), &json!([[-1e39]])).unwrap_err();
+        assert!(e.message.contains("outside f32's finite range"), "{e}");
+        let e = value_from_json("x", &ty("u8[B]"), &json!([256])).unwrap_err();
+        assert!(e.message.contains("outside u8's range"), "{e}");
     }
 }
