@@ -17,7 +17,10 @@
 //! Every error, including the ones axum raises itself (bad JSON, body too large, unknown route),
 //! is `{"error": {"kind": "...", "message": "..."}}` with a status that fits it.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -27,7 +30,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use maas_engine::{ChangeError, Engine, InferError, InferOptions, SwapRequest, VersionInfo, json as values_json};
+use maas_engine::json::{self as values_json, RequestError};
+use maas_engine::{ChangeError, Engine, InferError, InferOptions, SwapRequest, VersionInfo};
 use maas_kernels::Values;
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
@@ -36,6 +40,14 @@ use tracing::Instrument;
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 /// Default most rows in one request.
 pub const DEFAULT_MAX_ROWS: usize = 4096;
+/// Default time for a request's whole body to arrive.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most header fields in one request; more -> 431.
+pub const MAX_HEADERS: usize = 100;
+/// Most bytes of header fields (names and values) in one request; more -> 431.
+pub const MAX_HEADER_BYTES: usize = 32 << 10;
+/// Bodies at least this large are decoded off the async workers.
+const BLOCKING_DECODE_BYTES: usize = 256 << 10;
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -46,13 +58,100 @@ pub struct HttpConfig {
     pub max_rows: usize,
     /// The admin bearer token; `None` disables the admin routes.
     pub admin_token: Option<String>,
+    /// The most time a request's whole body may take to arrive; slower -> 408 and the
+    /// connection closes.
+    pub body_timeout: Duration,
+    /// Counters of the HTTP layer (rejections by kind, connections), shown in `/metrics`;
+    /// share it with [`crate::server::serve`] to count connections too.
+    pub metrics: Arc<HttpMetrics>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { max_body: DEFAULT_MAX_BODY, max_rows: DEFAULT_MAX_ROWS, admin_token: None }
+        Self {
+            max_body: DEFAULT_MAX_BODY,
+            max_rows: DEFAULT_MAX_ROWS,
+            admin_token: None,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            metrics: Arc::default(),
+        }
     }
 }
+
+/// Counters of the HTTP layer: error answers by kind, and connections (when served by
+/// [`crate::server::serve`]).
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    errors: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    open: AtomicU64,
+    opened: AtomicU64,
+    refused: AtomicU64,
+    header_timeouts: AtomicU64,
+    idle_timeouts: AtomicU64,
+}
+
+impl HttpMetrics {
+    fn error(&self, kind: &'static str, status: StatusCode) {
+        let mut errors = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *errors.entry((kind, status.as_u16())).or_default() += 1;
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.open.fetch_add(1, Relaxed);
+        self.opened.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.open.fetch_sub(1, Relaxed);
+    }
+
+    pub(crate) fn connection_refused(&self) {
+        self.refused.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn connection_timed_out(&self, why: crate::server::Closed) {
+        match why {
+            crate::server::Closed::HeaderTimeout => self.header_timeouts.fetch_add(1, Relaxed),
+            crate::server::Closed::IdleTimeout => self.idle_timeouts.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Error answers so far, by kind and status.
+    pub fn errors(&self) -> Vec<(&'static str, u16, u64)> {
+        let errors = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        errors.iter().map(|((k, s), n)| (*k, *s, *n)).collect()
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        counter("maas_http_connections_open", "Connections open now.", "gauge", self.open.load(Relaxed));
+        counter("maas_http_connections_total", "Connections accepted.", "counter", self.opened.load(Relaxed));
+        counter(
+            "maas_http_connections_refused_total",
+            "Connections answered 503 and closed because the connection cap was reached.",
+            "counter",
+            self.refused.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP maas_http_connections_timed_out_total Connections closed by a timeout.\n# TYPE maas_http_connections_timed_out_total counter"
+        );
+        let _ = writeln!(out, "maas_http_connections_timed_out_total{{timeout=\"header\"}} {}", self.header_timeouts.load(Relaxed));
+        let _ = writeln!(out, "maas_http_connections_timed_out_total{{timeout=\"idle\"}} {}", self.idle_timeouts.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP maas_http_errors_total Error answers by kind and status (every rejected request).\n# TYPE maas_http_errors_total counter"
+        );
+        for (kind, status, n) in self.errors() {
+            let _ = writeln!(out, "maas_http_errors_total{{kind=\"{kind}\",status=\"{status}\"}} {n}");
+        }
+    }
+}
+
 
 impl HttpConfig {
     /// Defaults, with the admin token from `MAAS_ADMIN_TOKEN` (unset or empty: admin disabled).
@@ -66,6 +165,8 @@ impl HttpConfig {
 struct AppState {
     engine: Engine,
     config: Arc<HttpConfig>,
+    /// Bounds how many large bodies are decoded at once (off the async workers).
+    decoding: Arc<tokio::sync::Semaphore>,
 }
 
 /// The API over `engine`, configured from the environment ([`HttpConfig::from_env`]).
@@ -75,7 +176,9 @@ pub fn router(engine: Engine) -> Router {
 
 /// The API over `engine` with explicit settings.
 pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
-    let state = AppState { engine, config: Arc::new(config.clone()) };
+    let decoders = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let state =
+        AppState { engine, config: Arc::new(config.clone()), decoding: Arc::new(tokio::sync::Semaphore::new(decoders)) };
     let admin = Router::new()
         .route("/v1/graph", get(get_graph).put(put_graph))
         .route("/v1/submodels/{name}", axum::routing::put(swap))
@@ -95,7 +198,8 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
         })
         .layer(DefaultBodyLimit::max(config.max_body))
-        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state)
 }
 
@@ -123,6 +227,7 @@ impl IntoResponse for ApiError {
         }
         let body = json!({ "error": error }).to_string();
         let mut r = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        r.extensions_mut().insert(ErrorKind(self.kind));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -167,9 +272,70 @@ impl From<ChangeError> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(r: BytesRejection) -> Self {
         let status = r.status();
-        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
         Self::new(status, kind, r.body_text())
     }
+}
+
+/// The kind of an error answer, for the counters (set by [`ApiError`]'s response).
+#[derive(Debug, Clone, Copy)]
+struct ErrorKind(&'static str);
+
+/// Reads the whole body within the body timeout and the size limit, and checks the header's
+/// size, before any handler runs: a slow body is a 408 (and the connection closes), a large one
+/// a 413, too many or too large header fields a 431, each with the JSON error shape.
+async fn read_body(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+    if req.headers().len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "{} header fields of {header_bytes} bytes; at most {MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
+                req.headers().len()
+            ),
+        )
+        .into_response();
+    }
+    let limit = st.config.max_body;
+    let too_large = || {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is over {limit} bytes"))
+            .into_response()
+    };
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let mut r = too_large();
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, limit);
+    let bytes = match tokio::time::timeout(st.config.body_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
+            let mut r = if over {
+                too_large()
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body could not be read: {e}"))
+                    .into_response()
+            };
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        Err(_) => {
+            let mut r = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the body did not arrive within {:?}", st.config.body_timeout),
+            )
+            .into_response();
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 fn json_response(status: StatusCode, body: Json) -> Response {
@@ -178,8 +344,9 @@ fn json_response(status: StatusCode, body: Json) -> Response {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Echoes `x-request-id` (or makes one) and runs the request inside a span that carries it.
-async fn request_id(mut req: Request, next: Next) -> Response {
+/// Echoes `x-request-id` (or makes one), runs the request inside a span that carries it, and
+/// counts error answers by kind.
+async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get(&REQUEST_ID)
@@ -192,6 +359,9 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     let span = tracing::info_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
     let started = std::time::Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
+    if let Some(ErrorKind(kind)) = response.extensions().get::<ErrorKind>() {
+        st.config.metrics.error(kind, response.status());
+    }
     span.in_scope(|| {
         tracing::info!(status = response.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1e3, "request")
     });
@@ -206,8 +376,11 @@ async fn admin_auth(State(st): State<AppState>, req: Request, next: Next) -> Res
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "admin routes are disabled (set MAAS_ADMIN_TOKEN)")
             .into_response();
     };
-    let given =
-        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // The scheme name is case-insensitive (RFC 7235); the token is compared exactly.
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+    });
     match given {
         Some(g) if bool::from(g.as_bytes().ct_eq(token.as_bytes())) => next.run(req).await,
         _ => {
@@ -220,12 +393,6 @@ async fn admin_auth(State(st): State<AppState>, req: Request, next: Next) -> Res
     }
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InferBody {
-    inputs: serde_json::Map<String, Json>,
-}
-
 async fn infer(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -235,19 +402,22 @@ async fn infer(
     let body = body?;
     let pipeline =
         st.engine.pipeline(&name).ok_or_else(|| ApiError::from(InferError::UnknownPipeline(name.clone())))?;
-    let req: InferBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid request body: {e}")))?;
-    let mut values = Values::new();
-    for (input, v) in &req.inputs {
-        let Some((_, ty)) = pipeline.inputs.iter().find(|(n, _)| n == input) else {
-            let known: Vec<&str> = pipeline.inputs.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(ApiError::from(InferError::InvalidInput(format!(
-                "pipeline `{name}` has no input `{input}`; it takes: {}",
-                known.join(", ")
-            ))));
-        };
-        let value = values_json::value_from_json(input, ty, v)
-            .map_err(|e| ApiError::from(InferError::InvalidInput(e.to_string())))?;
+    // Decoded straight into tensors (no document tree); a large body off the async workers,
+    // a few at a time, so health checks and small requests are never stuck behind it.
+    let inputs = pipeline.inputs.clone();
+    let decoded = if body.len() < BLOCKING_DECODE_BYTES {
+        values_json::request_from_slice(&body, &inputs)
+    } else {
+        let _permit = st.decoding.clone().acquire_owned().await.map_err(|_| InferError::ShuttingDown)?;
+        tokio::task::spawn_blocking(move || values_json::request_from_slice(&body, &inputs))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    };
+    let values: Values = decoded.map_err(|e| match e {
+        RequestError::Json(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
+        RequestError::Input(e) => ApiError::from(InferError::InvalidInput(format!("pipeline `{name}`: {e}"))),
+    })?;
+    for (input, value) in &values {
         if let Some(rows) = value.rows()
             && rows > st.config.max_rows
         {
@@ -257,7 +427,6 @@ async fn infer(
                 format!("input `{input}` has {rows} rows; at most {} per request", st.config.max_rows),
             ));
         }
-        values.insert(input.clone(), value);
     }
     let mut options = InferOptions::default();
     if let Some(v) = headers.get("x-maas-deadline-ms") {
@@ -324,7 +493,8 @@ async fn readyz(State(st): State<AppState>) -> Response {
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
-    let body = crate::prometheus::render(&st.engine);
+    let mut body = crate::prometheus::render(&st.engine);
+    st.config.metrics.render(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -431,21 +601,42 @@ async fn put_graph(
 ) -> Result<Response, ApiError> {
     let body = body?;
     let mut dry_run = false;
+    let mut allow_empty = false;
     for pair in uri.query().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=').unwrap_or((pair, "true")) {
             ("dry_run", "true" | "1") => dry_run = true,
             ("dry_run", "false" | "0") => dry_run = false,
+            ("allow_empty", "true" | "1") => allow_empty = true,
+            ("allow_empty", "false" | "0") => allow_empty = false,
             _ => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_query",
-                    format!("unknown query `{pair}`; expected dry_run=true or dry_run=false"),
+                    format!("unknown query `{pair}`; expected dry_run=true|false or allow_empty=true|false"),
                 ));
             }
         }
     }
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the graph must be UTF-8 TOML text"))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_graph",
+            "the body is empty: PUT /v1/graph takes the whole graph as TOML (an empty graph would remove every pipeline)",
+        ));
+    }
+    // A graph without pipelines would stop serving everything: only when asked for.
+    if !allow_empty && let Ok(table) = text.parse::<toml::Table>() {
+        let pipelines = table.get("pipelines").and_then(toml::Value::as_table).map_or(0, toml::Table::len);
+        if pipelines == 0 {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "empty_graph",
+                "the graph has no pipelines, so applying it would remove every pipeline served; add ?allow_empty=true to mean that",
+            ));
+        }
+    }
     // Relative paths in the body resolve against the server's working directory.
     let source = maas_graphs::SourceFile::new("request.toml", text, "");
     let r = detached(async move { st.engine.recompose(vec![source], dry_run).await }).await??;

@@ -12,6 +12,7 @@ pub mod graph_toml {
 }
 pub mod http;
 pub mod prometheus;
+pub mod server;
 
 pub use maas_engine as engine;
 pub use maas_graphs as graphs;

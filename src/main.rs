@@ -84,6 +84,8 @@ enum Command {
         /// invalid one is logged, and the served graph stays).
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        limits: ServeLimits,
     },
     /// Drive a pipeline (in process, or a server with --url) and print throughput and latency
     /// percentiles as JSON.
@@ -169,6 +171,50 @@ fn describe(files: &[PathBuf]) -> String {
     }
 }
 
+/// `maas serve`'s connection limits and timeouts (seconds may be fractional).
+#[derive(clap::Args)]
+struct ServeLimits {
+    /// Seconds a request's header may take to arrive, from its first byte; slower: the
+    /// connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = maas::server::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
+    header_timeout: f64,
+    /// Seconds a request's whole body may take to arrive; slower: 408 and the connection closes.
+    #[arg(long, value_name = "SECS", default_value_t = maas::http::DEFAULT_BODY_TIMEOUT.as_secs_f64())]
+    body_timeout: f64,
+    /// Seconds a connection may stay open with no request in progress (keep-alive included).
+    #[arg(long, value_name = "SECS", default_value_t = maas::server::DEFAULT_IDLE_TIMEOUT.as_secs_f64())]
+    idle_timeout: f64,
+    /// Most connections open at once; more are answered 503 and closed [default: the
+    /// file-descriptor limit less 64].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// After SIGINT/SIGTERM, seconds requests in flight get to finish; then every connection
+    /// still open is closed and the process exits 0.
+    #[arg(long, value_name = "SECS", default_value_t = maas::server::DEFAULT_SHUTDOWN_GRACE.as_secs_f64())]
+    shutdown_grace: f64,
+}
+
+impl ServeLimits {
+    fn server_config(&self) -> anyhow::Result<maas::server::ServerConfig> {
+        let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
+            if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+                bail!("--{name} must be a number of seconds above 0 and at most 86400, not {v}");
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        let max_connections = self.max_connections.unwrap_or_else(maas::server::default_max_connections);
+        if max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        Ok(maas::server::ServerConfig {
+            header_timeout: secs("header-timeout", self.header_timeout)?,
+            idle_timeout: secs("idle-timeout", self.idle_timeout)?,
+            max_connections,
+            shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
+        })
+    }
+}
+
 /// `maas serve`'s settings.
 struct ServeArgs {
     files: Vec<PathBuf>,
@@ -178,10 +224,15 @@ struct ServeArgs {
     state_dir: Option<PathBuf>,
     model_roots: Vec<PathBuf>,
     watch: bool,
+    limits: ServeLimits,
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch } = args;
+    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, limits } = args;
+    let server_config = limits.server_config()?;
+    if !(limits.body_timeout.is_finite() && limits.body_timeout > 0.0 && limits.body_timeout <= 86_400.0) {
+        bail!("--body-timeout must be a number of seconds above 0 and at most 86400, not {}", limits.body_timeout);
+    }
     runtime()?.block_on(async {
         // Changes may read files under the graph files' directories and the model roots.
         let mut roots = model_roots;
@@ -229,16 +280,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut config = maas::http::HttpConfig::from_env();
         config.max_body = max_body;
         config.max_rows = max_rows;
+        config.body_timeout = Duration::from_secs_f64(limits.body_timeout);
         if config.admin_token.is_none() {
             eprintln!("maas: admin routes disabled (set MAAS_ADMIN_TOKEN to enable them)");
         }
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         let names: Vec<String> = engine.pipelines().into_iter().map(|p| p.name).collect();
         eprintln!("maas: serving {} on http://{}", names.join(", "), listener.local_addr()?);
-        axum::serve(listener, maas::http::router_with(engine.clone(), config))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
-        eprintln!("maas: stopped accepting; draining requests in flight");
+        let metrics = config.metrics.clone();
+        let router = maas::http::router_with(engine.clone(), config);
+        let grace = server_config.shutdown_grace;
+        let stopping = async {
+            shutdown_signal().await;
+            eprintln!("maas: stopped accepting; requests in flight get {grace:?} to finish");
+        };
+        maas::server::serve(listener, router, server_config, metrics, stopping).await?;
+        eprintln!("maas: connections closed; draining the engine");
         let left = engine.shutdown().await;
         if left > 0 {
             eprintln!("maas: {left} requests were still running at the drain timeout");
@@ -421,8 +478,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch } => {
-            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch })
+        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch, limits } => {
+            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, limits })
         }
         Command::Bench {
             url: Some(url),

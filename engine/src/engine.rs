@@ -521,10 +521,13 @@ impl Engine {
             .collect()
     }
 
-    /// Every submodel serves (none starting or failed) and the engine is not shutting down.
+    /// At least one pipeline is served, every submodel serves (none starting or failed), and the
+    /// engine is not shutting down.
     pub fn ready(&self) -> bool {
+        let served = self.inner.served.load();
         !self.inner.shutting_down.load(Relaxed)
-            && self.inner.served.load().submodels.values().all(|s| s.status.state().serving())
+            && !served.plans.is_empty()
+            && served.submodels.values().all(|s| s.status.state().serving())
     }
 
     /// Every metric now.

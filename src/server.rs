@@ -1,0 +1,358 @@
+//! The HTTP server under `maas serve`: accepts connections for an axum [`Router`] with the
+//! limits a public-facing server needs.
+//!
+//! - **A cap on open connections** ([`ServerConfig::max_connections`]; by default a little
+//!   under the process's file-descriptor limit). A connection over the cap is answered at once
+//!   with `503 {"error": {"kind": "overloaded", ...}}` and `Retry-After`, then closed, so the
+//!   connections in progress keep their descriptors and the server never stops accepting.
+//! - **Header timeout**: from a request's first byte, its header must arrive complete within
+//!   [`ServerConfig::header_timeout`], or the connection is closed (a slow-header client holds a
+//!   connection for that long at most).
+//! - **Idle timeout**: a connection with no request in progress and no byte of a new one is
+//!   closed after [`ServerConfig::idle_timeout`] (this covers keep-alive connections between
+//!   requests and connections that never send anything).
+//! - The body timeout (a request's whole body within a time) is the router's, in
+//!   [`crate::http::HttpConfig::body_timeout`], so an embedding application gets it too.
+//! - **Bounded graceful shutdown**: when `shutdown` resolves the listener closes; idle
+//!   connections close at once; requests in flight get [`ServerConfig::shutdown_grace`] to
+//!   finish (their connections close after their response); then every connection still open
+//!   (a partial header, a slow body, a request still computing) is closed and [`serve`] returns.
+//!
+//! Each connection is one task; a watchdog inside it sees what the connection is doing (bytes
+//! read through a wrapper around the socket, requests in progress through a wrapper around the
+//! service) and closes it when a limit passes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::http::HttpMetrics;
+
+/// Default time for a request's header to arrive, from its first byte.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a connection may stay open with nothing in progress.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time requests in flight get to finish after shutdown begins.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Descriptors kept free for everything but connections (model files, state, logs).
+const RESERVED_FDS: usize = 64;
+/// Most connections refused at once (each holds its descriptor for a short write).
+const MAX_REFUSING: usize = 64;
+
+/// Limits of the server loop.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// From a request's first byte, the most time its header may take to arrive.
+    pub header_timeout: Duration,
+    /// The most time a connection may stay open with no request in progress.
+    pub idle_timeout: Duration,
+    /// The most connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// After shutdown begins, how long requests in flight get before their connections close.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: default_max_connections(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// The default connection cap: the process's soft file-descriptor limit less a reserve for
+/// everything else, between 16 and 65,536 (1,024 where the limit cannot be read).
+pub fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse::<usize>().ok()
+    });
+    match soft {
+        Some(n) => n.saturating_sub(RESERVED_FDS).clamp(16, 65_536),
+        None => 1024,
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then shuts down within the grace
+/// period (see the module docs). Connection counts and closures are recorded in `metrics`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: ServerConfig,
+    metrics: Arc<HttpMetrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors (or another transient error): back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let (router, config, metrics, stop) = (router.clone(), config.clone(), metrics.clone(), stop_rx.clone());
+                connections.spawn(async move {
+                    metrics.connection_opened();
+                    connection(stream, router, &config, &metrics, stop).await;
+                    metrics.connection_closed();
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                metrics.connection_refused();
+                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream).await;
+                        drop(permit);
+                    });
+                } // else: too many refusals in progress; dropping the stream closes it
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let grace = tokio::time::sleep(config.shutdown_grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            () = &mut grace => {
+                let left = connections.len();
+                if left > 0 {
+                    tracing::warn!(connections = left, "shutdown grace period over: closing the connections still open");
+                }
+                connections.shutdown().await;
+                break;
+            }
+            next = connections.join_next() => if next.is_none() { break },
+        }
+    }
+    Ok(())
+}
+
+/// Answers a connection over the cap with a 503 and closes it, without reading the request.
+async fn refuse(stream: TcpStream) {
+    const BODY: &str = r#"{"error":{"kind":"overloaded","message":"too many open connections; retry later"}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let mut left = response.as_bytes();
+    let written = tokio::time::timeout(Duration::from_secs(1), async {
+        while !left.is_empty() {
+            stream.writable().await?;
+            match stream.try_write(left) {
+                Ok(n) => left = &left[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if matches!(written, Ok(Ok(()))) {
+        // Half-close, so the client reads the answer before the connection goes.
+        if let Ok(s) = stream.into_std() {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+/// What a connection is doing, as its watchdog sees it.
+#[derive(Default)]
+struct Activity {
+    /// Milliseconds since the connection opened, +1, of the first byte read since it was last
+    /// idle (0: none).
+    first_byte_ms: AtomicU64,
+    /// Milliseconds since the connection opened at which it last became idle.
+    idle_since_ms: AtomicU64,
+    /// Requests dispatched and not yet answered.
+    in_flight: AtomicUsize,
+}
+
+/// Why a watchdog closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    HeaderTimeout,
+    IdleTimeout,
+}
+
+/// Serves one connection until it ends, a limit passes, or the shutdown grace is over.
+async fn connection(
+    stream: TcpStream,
+    router: Router,
+    config: &ServerConfig,
+    metrics: &HttpMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let opened = Instant::now();
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(Watched { inner: stream, activity: activity.clone(), opened });
+    let service_activity = activity.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let mut router = router.clone();
+        let activity = service_activity.clone();
+        activity.in_flight.fetch_add(1, Relaxed);
+        async move {
+            let response = tower_service::Service::call(&mut router, req).await;
+            // The request is answered: the connection is idle from now until a next byte.
+            activity.first_byte_ms.store(0, Relaxed);
+            activity.idle_since_ms.store(opened.elapsed().as_millis() as u64, Relaxed);
+            activity.in_flight.fetch_sub(1, Relaxed);
+            response
+        }
+    });
+    let mut conn = std::pin::pin!(
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .max_headers(crate::http::MAX_HEADERS * 2)
+            .serve_connection(io, service)
+    );
+    let tick = (config.header_timeout.min(config.idle_timeout) / 8).clamp(Duration::from_millis(10), Duration::from_millis(500));
+    let mut stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() || *stop.borrow() {
+                    stopping = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = tokio::time::sleep(tick) => {
+                if let Some(reason) = overdue(&activity, opened.elapsed(), config) {
+                    metrics.connection_timed_out(reason);
+                    tracing::debug!(?reason, "closing a connection");
+                    return; // dropping the connection closes the socket
+                }
+            }
+        }
+    }
+}
+
+/// Whether a connection passed a limit, `now` being the time since it opened.
+fn overdue(activity: &Activity, now: Duration, config: &ServerConfig) -> Option<Closed> {
+    if activity.in_flight.load(Relaxed) > 0 {
+        return None; // the router's body timeout and the request's deadline bound this
+    }
+    let now_ms = now.as_millis() as u64;
+    match activity.first_byte_ms.load(Relaxed) {
+        0 => {
+            let idle_for = now_ms.saturating_sub(activity.idle_since_ms.load(Relaxed));
+            (idle_for > config.idle_timeout.as_millis() as u64).then_some(Closed::IdleTimeout)
+        }
+        first => {
+            let reading_for = now_ms.saturating_sub(first - 1);
+            (reading_for > config.header_timeout.as_millis() as u64).then_some(Closed::HeaderTimeout)
+        }
+    }
+}
+
+/// A socket that tells its connection's [`Activity`] when bytes arrive.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+    opened: Instant,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before && self.activity.first_byte_ms.load(Relaxed) == 0 {
+            let ms = self.opened.elapsed().as_millis() as u64 + 1;
+            let _ = self.activity.first_byte_ms.compare_exchange(0, ms, Relaxed, Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ServerConfig {
+        ServerConfig {
+            header_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            max_connections: 4,
+            shutdown_grace: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_watchdog_tells_idle_from_a_slow_header_from_a_request_in_progress() {
+        let a = Activity::default();
+        let s = Duration::from_secs;
+        assert_eq!(overdue(&a, s(4), &config()), None, "idle for 4 s of 5");
+        assert_eq!(overdue(&a, s(6), &config()), Some(Closed::IdleTimeout));
+        a.first_byte_ms.store(5_001, Relaxed); // first byte at 5 s
+        assert_eq!(overdue(&a, s(6), &config()), None, "a header arriving for 1 s of 2");
+        assert_eq!(overdue(&a, s(8), &config()), Some(Closed::HeaderTimeout));
+        a.in_flight.store(1, Relaxed);
+        assert_eq!(overdue(&a, s(100), &config()), None, "a request in progress is not the watchdog's");
+    }
+
+    #[test]
+    fn the_default_cap_leaves_descriptors_for_everything_else() {
+        let cap = default_max_connections();
+        assert!((16..=65_536).contains(&cap), "{cap}");
+    }
+}
