@@ -140,8 +140,16 @@ impl HttpMetrics {
             out,
             "# HELP maas_http_connections_timed_out_total Connections closed by a timeout.\n# TYPE maas_http_connections_timed_out_total counter"
         );
-        let _ = writeln!(out, "maas_http_connections_timed_out_total{{timeout=\"header\"}} {}", self.header_timeouts.load(Relaxed));
-        let _ = writeln!(out, "maas_http_connections_timed_out_total{{timeout=\"idle\"}} {}", self.idle_timeouts.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "maas_http_connections_timed_out_total{{timeout=\"header\"}} {}",
+            self.header_timeouts.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "maas_http_connections_timed_out_total{{timeout=\"idle\"}} {}",
+            self.idle_timeouts.load(Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP maas_http_errors_total Error answers by kind and status (every rejected request).\n# TYPE maas_http_errors_total counter"
@@ -151,7 +159,6 @@ impl HttpMetrics {
         }
     }
 }
-
 
 impl HttpConfig {
     /// Defaults, with the admin token from `MAAS_ADMIN_TOKEN` (unset or empty: admin disabled).
@@ -177,8 +184,11 @@ pub fn router(engine: Engine) -> Router {
 /// The API over `engine` with explicit settings.
 pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
     let decoders = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-    let state =
-        AppState { engine, config: Arc::new(config.clone()), decoding: Arc::new(tokio::sync::Semaphore::new(decoders)) };
+    let state = AppState {
+        engine,
+        config: Arc::new(config.clone()),
+        decoding: Arc::new(tokio::sync::Semaphore::new(decoders)),
+    };
     let admin = Router::new()
         .route("/v1/graph", get(get_graph).put(put_graph))
         .route("/v1/submodels/{name}", axum::routing::put(swap))

@@ -119,7 +119,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let (router, config, metrics, stop) = (router.clone(), config.clone(), metrics.clone(), stop_rx.clone());
+                let (router, config, metrics, stop) =
+                    (router.clone(), config.clone(), metrics.clone(), stop_rx.clone());
                 connections.spawn(async move {
                     metrics.connection_opened();
                     connection(stream, router, &config, &metrics, stop).await;
@@ -236,7 +237,8 @@ async fn connection(
             .max_headers(crate::http::MAX_HEADERS * 2)
             .serve_connection(io, service)
     );
-    let tick = (config.header_timeout.min(config.idle_timeout) / 8).clamp(Duration::from_millis(10), Duration::from_millis(500));
+    let tick = (config.header_timeout.min(config.idle_timeout) / 8)
+        .clamp(Duration::from_millis(10), Duration::from_millis(500));
     let mut stopping = *stop.borrow();
     if stopping {
         conn.as_mut().graceful_shutdown();

@@ -119,9 +119,8 @@ fn push_number(out: &mut Elements, dtype: DType, n: Number) -> Result<(), String
             Number::F(v) => Err(format!("{v:?} is outside {dtype}'s range")),
         }
     };
-    let out_of_range = |lo: &dyn std::fmt::Display, hi: &dyn std::fmt::Display| {
-        format!("{n} is outside {dtype}'s range {lo}..={hi}")
-    };
+    let out_of_range =
+        |lo: &dyn std::fmt::Display, hi: &dyn std::fmt::Display| format!("{n} is outside {dtype}'s range {lo}..={hi}");
     match out {
         Elements::F32(v) => {
             let max = match dtype {
@@ -575,8 +574,16 @@ mod tests {
     #[test]
     fn numbers_outside_the_ports_dtype_are_refused_naming_input_row_and_value() {
         let cases: [(&[u8], &str, &str); 8] = [
-            (br#"{"inputs": {"pixels": [[1, 2], [3, -1e39]]}}"#, "pixels", "row 1: -1e39 is outside f32's finite range"),
-            (br#"{"inputs": {"ids": [1, 1099511627776]}}"#, "ids", "row 1: 1099511627776 is outside u32's range 0..=4294967295"),
+            (
+                br#"{"inputs": {"pixels": [[1, 2], [3, -1e39]]}}"#,
+                "pixels",
+                "row 1: -1e39 is outside f32's finite range",
+            ),
+            (
+                br#"{"inputs": {"ids": [1, 1099511627776]}}"#,
+                "ids",
+                "row 1: 1099511627776 is outside u32's range 0..=4294967295",
+            ),
             (br#"{"inputs": {"ids": [-1]}}"#, "ids", "row 0: -1 is outside u32's range"),
             (br#"{"inputs": {"ids": [1.5]}}"#, "ids", "row 0: 1.5 is not an integer"),
             (br#"{"inputs": {"pixels": [[1, 2], [3]]}}"#, "pixels", "ragged"),
@@ -608,7 +615,10 @@ mod tests {
             }
         }
         // A number beyond f64 is a syntax-level error of the JSON parser.
-        assert!(matches!(request_from_slice(br#"{"inputs": {"pixels": [1e400, 1]}}"#, &ports()), Err(RequestError::Json(_))));
+        assert!(matches!(
+            request_from_slice(br#"{"inputs": {"pixels": [1e400, 1]}}"#, &ports()),
+            Err(RequestError::Json(_))
+        ));
     }
 
     #[test]

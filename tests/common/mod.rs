@@ -36,17 +36,21 @@ pub(crate) struct Server {
 
 /// Serves `engine` on a free loopback port until `stop` is sent.
 pub(crate) async fn serve(engine: Engine, config: HttpConfig) -> Server {
+    serve_with(engine, config, maas::server::ServerConfig::default()).await
+}
+
+/// Serves `engine` through maas's own server loop with explicit limits.
+pub(crate) async fn serve_with(engine: Engine, config: HttpConfig, server: maas::server::ServerConfig) -> Server {
+    let metrics = config.metrics.clone();
     let app = router_with(engine.clone(), config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-            .expect("serve");
+        let stopped = async move {
+            let _ = rx.await;
+        };
+        maas::server::serve(listener, app, server, metrics, stopped).await.expect("serve");
     });
     Server { addr, engine, stop, done }
 }
