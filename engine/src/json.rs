@@ -463,8 +463,27 @@ impl<'de> serde::de::Visitor<'de> for Inputs<'_> {
                     }
                     t.finish().map(Value::Tensor).map_err(|m| fail(self.error, m))?
                 }
-                // Text and `any` ports are small: decode the JSON value, then convert it.
-                _ => {
+                // `any`: text when the value is a string or starts with one, else an f32 tensor.
+                PortType::Any => {
+                    let mut t = Tensorizer::new(DType::F32, None);
+                    let mut message = None;
+                    let seed = AnyValue { t: &mut t, error: &mut message };
+                    let text = match map.next_value_seed(seed) {
+                        Ok(text) => text,
+                        Err(e) => {
+                            return Err(match message {
+                                Some(m) => fail(self.error, m),
+                                None => e,
+                            });
+                        }
+                    };
+                    match text {
+                        Some(rows) => Value::text(rows),
+                        None => t.finish().map(Value::Tensor).map_err(|m| fail(self.error, m))?,
+                    }
+                }
+                // Text is small: decode the JSON value, then convert it.
+                PortType::Text => {
                     let json: Json = map.next_value()?;
                     value_from_json(&name, ty, &json).map_err(|e| fail(self.error, e.message))?
                 }
@@ -472,6 +491,143 @@ impl<'de> serde::de::Visitor<'de> for Inputs<'_> {
             values.insert(name, value);
         }
         Ok(values)
+    }
+}
+
+/// A value for an `any` port, decided by its first leaf: a string (or a list of strings) is
+/// text, the result; anything else is decoded as an f32 tensor into the [`Tensorizer`].
+struct AnyValue<'a> {
+    t: &'a mut Tensorizer,
+    error: &'a mut Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for AnyValue<'_> {
+    type Value = Option<Vec<String>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AnyValue<'_> {
+    type Value = Option<Vec<String>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("text or nested arrays of numbers")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(vec![v.to_string()]))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Level { t: self.t, depth: 0, error: self.error }.visit_u64(v).map(|()| None)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Level { t: self.t, depth: 0, error: self.error }.visit_i64(v).map(|()| None)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Level { t: self.t, depth: 0, error: self.error }.visit_f64(v).map(|()| None)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let AnyValue { t, error } = self;
+        t.open(0, None).map_err(A::Error::custom)?;
+        // The first item decides: a string makes the whole value text.
+        let first = seq.next_element_seed(FirstItem { t: &mut *t, error: &mut *error })?;
+        let mut count = usize::from(first.is_some());
+        if let Some(Some(s)) = first {
+            let mut rows = vec![s];
+            while let Some(s) = seq.next_element::<String>()? {
+                rows.push(s);
+            }
+            return Ok(Some(rows));
+        }
+        loop {
+            t.row = count;
+            match seq.next_element_seed(Level { t: &mut *t, depth: 1, error: &mut *error })? {
+                Some(()) => count += 1,
+                None => break,
+            }
+        }
+        t.close(0, count, true).map_err(A::Error::custom)?;
+        Ok(None)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom("expected text or an array, found a boolean"))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom("expected text or an array, found null"))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(serde::de::Error::custom("expected text or an array, found an object"))
+    }
+}
+
+/// The first item of an `any` array: a string (returned), or the first row of a tensor
+/// (decoded into the [`Tensorizer`] at depth 1).
+struct FirstItem<'a> {
+    t: &'a mut Tensorizer,
+    error: &'a mut Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FirstItem<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FirstItem<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string, a number or an array")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Level { t: self.t, depth: 1, error: self.error }.visit_u64(v).map(|()| None)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Level { t: self.t, depth: 1, error: self.error }.visit_i64(v).map(|()| None)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Level { t: self.t, depth: 1, error: self.error }.visit_f64(v).map(|()| None)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Level { t: self.t, depth: 1, error: self.error }.visit_seq(seq).map(|()| None)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(self.error_at("a boolean"))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Err(self.error_at("null"))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.error_at("an object"))
+    }
+}
+
+impl FirstItem<'_> {
+    fn error_at<E: serde::de::Error>(self, found: &str) -> E {
+        Level { t: self.t, depth: 1, error: self.error }.fail(format!("expected a number or an array, found {found}"))
     }
 }
 
@@ -619,6 +775,23 @@ mod tests {
             request_from_slice(br#"{"inputs": {"pixels": [1e400, 1]}}"#, &ports()),
             Err(RequestError::Json(_))
         ));
+    }
+
+    #[test]
+    fn any_ports_decode_text_or_tensors_without_a_tree() {
+        let any = vec![("x".to_string(), ty("any"))];
+        let v = request_from_slice(br#"{"inputs": {"x": [[1, 2], [3, 4]]}}"#, &any).unwrap();
+        assert_eq!(value_to_json(&v["x"]).unwrap(), json!([[1.0, 2.0], [3.0, 4.0]]));
+        let v = request_from_slice(br#"{"inputs": {"x": [1, 2, 3]}}"#, &any).unwrap();
+        assert_eq!(v["x"].as_tensor().unwrap().dims(), &[3]);
+        let v = request_from_slice(br#"{"inputs": {"x": ["a", "b"]}}"#, &any).unwrap();
+        assert_eq!(v["x"].as_text().unwrap(), ["a", "b"]);
+        let v = request_from_slice(br#"{"inputs": {"x": "a"}}"#, &any).unwrap();
+        assert_eq!(v["x"].as_text().unwrap(), ["a"]);
+        assert!(request_from_slice(br#"{"inputs": {"x": ["a", 1]}}"#, &any).is_err());
+        let e = request_from_slice(br#"{"inputs": {"x": [[1], [1e39]]}}"#, &any).unwrap_err();
+        assert!(e.to_string().contains("1e39 is outside f32's finite range"), "{e}");
+        assert!(request_from_slice(br#"{"inputs": {"x": [[1], [2, 3]]}}"#, &any).is_err());
     }
 
     #[test]
