@@ -319,17 +319,31 @@ async fn read_body(State(st): State<AppState>, req: Request, next: Next) -> Resp
         return r;
     }
     let (parts, body) = req.into_parts();
-    let read = axum::body::to_bytes(body, limit);
+    // Copied frame by frame into one buffer sized from content-length: a chunk of the body
+    // never pins a larger read buffer, so a body costs its own size once.
+    let read = async move {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.map_err(Some)?.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(None::<axum::Error>);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
     let bytes = match tokio::time::timeout(st.config.body_timeout, read).await {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
-            let mut r = if over {
-                too_large()
-            } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body could not be read: {e}"))
-                    .into_response()
+            let mut r = match e {
+                None => too_large(),
+                Some(e) => {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body could not be read: {e}"))
+                        .into_response()
+                }
             };
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return r;
