@@ -275,15 +275,20 @@ async fn watch_files(engine: Engine, files: Vec<PathBuf>, mut seen: Vec<Option<S
             .collect();
         seen = now;
         match engine.recompose_trusted(sources).await {
-            Ok(r) if r.applied => eprintln!(
-                "maas: applied the changed graph: submodels +{:?} ~{:?} -{:?}, pipelines +{:?} ~{:?} -{:?}",
-                r.diff.submodels.added,
-                r.diff.submodels.changed,
-                r.diff.submodels.removed,
-                r.diff.pipelines.added,
-                r.diff.pipelines.changed,
-                r.diff.pipelines.removed
-            ),
+            Ok(r) if r.applied => {
+                eprintln!(
+                    "maas: applied the changed graph: submodels +{:?} ~{:?} -{:?}, pipelines +{:?} ~{:?} -{:?}",
+                    r.diff.submodels.added,
+                    r.diff.submodels.changed,
+                    r.diff.submodels.removed,
+                    r.diff.pipelines.added,
+                    r.diff.pipelines.changed,
+                    r.diff.pipelines.removed
+                );
+                for w in &r.warnings {
+                    eprintln!("maas: warning: {w}");
+                }
+            }
             Ok(_) => eprintln!("maas: the graph files changed but serve the same graph"),
             Err(e) => eprintln!("maas: the changed graph was not applied; the served graph stays:\n{e}"),
         }
