@@ -904,11 +904,12 @@ async fn a_version_label_names_one_content() {
     assert_eq!(st, 200, "{body}");
     let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
     assert_eq!((st, body["version"].as_str()), (200, Some("v1")), "{body}");
-    // `v2` is seed 2: another seed, or another width, under that label is refused.
-    for params in [json!({ "seed": 3 }), json!({ "out": 5 })] {
-        let request = json!({ "params": params, "version": "v2", "allow_signature_change": true });
-        let (st, body) = server.swap("head", request).await;
-        assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("version_conflict")), "{params}: {body}");
+    // `v2` is seed 2: another seed, or another width (even said on purpose), under that label is
+    // refused.
+    let another_width = json!({ "params": { "out": 5 }, "version": "v2", "allow_signature_change": true });
+    for request in [json!({ "params": { "seed": 3 }, "version": "v2" }), another_width] {
+        let (st, body) = server.swap("head", request.clone()).await;
+        assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("version_conflict")), "{request}: {body}");
         assert!(body["error"]["message"].as_str().unwrap().contains("seed = 2"), "{body}");
     }
     // So is `v1` (not serving any more) for other content.

@@ -290,7 +290,7 @@ pub enum ChangeError {
         /// The allowed directories.
         roots: String,
     },
-    /// The change itself is malformed (an empty or reused version label, an unknown kind).
+    /// The change itself is malformed (an empty version label or the serving one, an unknown kind).
     #[error("invalid change: {0}")]
     InvalidRequest(String),
     /// The new version's files are missing, truncated, corrupt or of the wrong shapes, or it
