@@ -990,3 +990,36 @@ async fn a_rollback_keeps_the_version_it_leaves_and_a_swap_returns_to_it() {
     server.shut().await;
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_outlive_a_restart_with_a_state_dir() {
+    let tmp = TempDir::new("labels-state");
+    let options =
+        || EngineOptions { keep_versions: 1, state_dir: Some(tmp.0.join("state")), ..EngineOptions::default() };
+    let start = || async {
+        Engine::builder()
+            .options(options())
+            .from_sources(vec![SourceFile::new("probs.toml", PROBS, ".")])
+            .await
+            .unwrap()
+    };
+    let seed = |s: i64, version: &str| SwapRequest {
+        params: Some(toml::Table::from_iter([("seed".to_string(), toml::Value::Integer(s))])),
+        version: Some(version.into()),
+        ..SwapRequest::default()
+    };
+    let engine = start().await;
+    engine.swap("head", seed(2, "v2")).await.expect("v2");
+    engine.swap("head", seed(3, "v3")).await.expect("v3");
+    assert_eq!(engine.versions("head").unwrap().previous.len(), 1, "v1 is forgotten, its label is not");
+    engine.shutdown().await;
+
+    let engine = start().await;
+    assert_eq!(engine.versions("head").unwrap().serving.version, "v3");
+    let err = engine.swap("head", seed(9, "v1")).await.unwrap_err();
+    assert_eq!(err.kind(), "version_conflict", "{err}");
+    // The recorded content compares equal to the same content given again.
+    let back = engine.swap("head", seed(1, "v1")).await.expect("v1's own content under its label");
+    assert_eq!((back.previous.as_str(), back.version.as_str()), ("v3", "v1"));
+    engine.shutdown().await;
+}
