@@ -77,7 +77,7 @@ pub fn engine_changer(engine: Engine, submodel: String, weights: std::path::Path
                 let req = maas_engine::SwapRequest {
                     weights: Some(weights),
                     version: Some(format!("bench-{}", n / 2 + 1)),
-                    params: None,
+                    ..maas_engine::SwapRequest::default()
                 };
                 engine.swap(&submodel, req).await
             } else {

@@ -6,13 +6,16 @@
 //! - `GET /v1/pipelines`, `GET /v1/submodels`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
 //! - Admin routes sit behind one bearer-token layer that runs before any lookup: disabled (404)
 //!   without a token configured, 401 for a missing or wrong token, compared in constant time:
-//!   - `PUT /v1/submodels/{name}` `{"weights": "...", "version": "...", "params": {...}}`:
-//!     hot-swap; 200 once every replica serves the new version (422 bad weights, 404 unknown
-//!     submodel, 409 a signature the pipelines cannot accept, 403 a file outside the roots);
+//!   - `PUT /v1/submodels/{name}` `{"weights": "...", "version": "...", "params": {...},
+//!     "allow_signature_change": false}`: hot-swap; 200 once every replica serves the new
+//!     version (422 bad weights, 404 unknown submodel, 409 a signature the pipelines cannot
+//!     accept, a pipeline output type change not allowed, or a label that names other content,
+//!     403 a file outside the roots); a kept version's label alone returns to it;
 //!   - `POST /v1/submodels/{name}/rollback` (any body, ignored): back to the previous version;
-//!   - `GET /v1/submodels/{name}/versions`: the serving and previous versions;
+//!   - `GET /v1/submodels/{name}/versions`: the serving and kept versions;
 //!   - `GET /v1/graph`: the graph served now, as TOML; `PUT /v1/graph` (TOML body,
-//!     `?dry_run=true` to only check and diff): recompose, answering what changed.
+//!     `?dry_run=true` to only check and diff, `?allow_signature_change=true` to let pipeline
+//!     output types change): recompose, answering what changed.
 //!
 //! Every error, including the ones axum raises itself (bad JSON, body too large, unknown route),
 //! is `{"error": {"kind": "...", "message": "..."}}` with a status that fits it.
@@ -265,7 +268,10 @@ impl From<ChangeError> for ApiError {
             ChangeError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ChangeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ChangeError::InvalidWeights { .. } | ChangeError::InvalidGraph(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ChangeError::Incompatible { .. } | ChangeError::NoPreviousVersion(_) => StatusCode::CONFLICT,
+            ChangeError::Incompatible { .. }
+            | ChangeError::OutputTypeChanged { .. }
+            | ChangeError::VersionConflict { .. }
+            | ChangeError::NoPreviousVersion(_) => StatusCode::CONFLICT,
             ChangeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ChangeError::NotRecorded(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -273,6 +279,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::InvalidGraph(d) | ChangeError::Incompatible { diagnostics: d, .. } => {
                 Some(d.0.iter().map(ToString::to_string).collect())
             }
+            ChangeError::OutputTypeChanged { changes } => Some(changes.iter().map(ToString::to_string).collect()),
             _ => None,
         };
         Self { status, kind: e.kind(), message: e.to_string(), diagnostics }
@@ -534,6 +541,8 @@ struct SwapBody {
     weights: Option<std::path::PathBuf>,
     version: Option<String>,
     params: Option<serde_json::Map<String, Json>>,
+    #[serde(default)]
+    allow_signature_change: bool,
 }
 
 fn bad_body(e: impl std::fmt::Display) -> ApiError {
@@ -577,7 +586,12 @@ async fn swap(
         Some(p) => Some(p.iter().map(|(k, v)| Ok((k.clone(), json_to_toml(k, v)?))).collect::<Result<_, ApiError>>()?),
         None => None,
     };
-    let request = SwapRequest { weights: req.weights, version: req.version, params };
+    let request = SwapRequest {
+        weights: req.weights,
+        version: req.version,
+        params,
+        allow_signature_change: req.allow_signature_change,
+    };
     let swapped = detached(async move { st.engine.swap(&name, request).await }).await??;
     Ok(json_response(StatusCode::OK, swapped_json(&swapped)))
 }
@@ -606,6 +620,7 @@ fn version_json(v: &VersionInfo) -> Json {
         "params": serde_json::to_value(&v.params).unwrap_or(Json::Null),
         "since_unix_ms": unix_ms(v.since),
         "until_unix_ms": v.until.map(unix_ms),
+        "left_by_rollback": v.left_by_rollback,
     })
 }
 
@@ -614,7 +629,10 @@ async fn versions(State(st): State<AppState>, Path(name): Path<String>) -> Resul
     let previous: Vec<Json> = v.previous.iter().map(version_json).collect();
     Ok(json_response(
         StatusCode::OK,
-        json!({ "submodel": v.submodel, "serving": version_json(&v.serving), "previous": previous }),
+        json!({
+            "submodel": v.submodel, "serving": version_json(&v.serving), "previous": previous,
+            "rollback_to": v.rollback_to,
+        }),
     ))
 }
 
@@ -624,23 +642,31 @@ async fn put_graph(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
-    let mut dry_run = false;
+    let mut options = maas_engine::RecomposeOptions::default();
     let mut allow_empty = false;
     for pair in uri.query().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=').unwrap_or((pair, "true")) {
-            ("dry_run", "true" | "1") => dry_run = true,
-            ("dry_run", "false" | "0") => dry_run = false,
-            ("allow_empty", "true" | "1") => allow_empty = true,
-            ("allow_empty", "false" | "0") => allow_empty = false,
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        let value = match value {
+            "true" | "1" => Some(true),
+            "false" | "0" => Some(false),
+            _ => None,
+        };
+        match (key, value) {
+            ("dry_run", Some(v)) => options.dry_run = v,
+            ("allow_signature_change", Some(v)) => options.allow_signature_change = v,
+            ("allow_empty", Some(v)) => allow_empty = v,
             _ => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_query",
-                    format!("unknown query `{pair}`; expected dry_run=true|false or allow_empty=true|false"),
+                    format!(
+                        "unknown query `{pair}`; expected dry_run, allow_signature_change or allow_empty, each =true or =false"
+                    ),
                 ));
             }
         }
     }
+    let dry_run = options.dry_run;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the graph must be UTF-8 TOML text"))?;
     if text.trim().is_empty() {
@@ -663,7 +689,7 @@ async fn put_graph(
     }
     // Relative paths in the body resolve against the server's working directory.
     let source = maas_graphs::SourceFile::new("request.toml", text, "");
-    let r = detached(async move { st.engine.recompose(vec![source], dry_run).await }).await??;
+    let r = detached(async move { st.engine.recompose_with_options(vec![source], options).await }).await??;
     Ok(json_response(
         StatusCode::OK,
         json!({
@@ -673,6 +699,9 @@ async fn put_graph(
             "pipelines": changes_json(&r.diff.pipelines),
             "affected_pipelines": names(&r.diff.affected),
             "warnings": r.warnings,
+            "output_type_changes": r.output_type_changes.iter().map(|c| json!({
+                "pipeline": c.pipeline, "output": c.output, "from": c.from.to_string(), "to": c.to.to_string(),
+            })).collect::<Vec<_>>(),
             "elapsed_ms": r.elapsed.as_secs_f64() * 1e3,
         }),
     ))

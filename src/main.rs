@@ -286,12 +286,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         let names: Vec<String> = engine.pipelines().into_iter().map(|p| p.name).collect();
+        let stop = shutdown_signal();
         eprintln!("maas: serving {} on http://{}", names.join(", "), listener.local_addr()?);
         let metrics = config.metrics.clone();
         let router = maas::http::router_with(engine.clone(), config);
         let grace = server_config.shutdown_grace;
         let stopping = async {
-            shutdown_signal().await;
+            stop.await;
             eprintln!("maas: stopped accepting; requests in flight get {grace:?} to finish");
         };
         maas::server::serve(listener, router, server_config, metrics, stopping).await?;
@@ -331,15 +332,20 @@ async fn watch_files(engine: Engine, files: Vec<PathBuf>, mut seen: Vec<Option<S
             .collect();
         seen = now;
         match engine.recompose_trusted(sources).await {
-            Ok(r) if r.applied => eprintln!(
-                "maas: applied the changed graph: submodels +{:?} ~{:?} -{:?}, pipelines +{:?} ~{:?} -{:?}",
-                r.diff.submodels.added,
-                r.diff.submodels.changed,
-                r.diff.submodels.removed,
-                r.diff.pipelines.added,
-                r.diff.pipelines.changed,
-                r.diff.pipelines.removed
-            ),
+            Ok(r) if r.applied => {
+                eprintln!(
+                    "maas: applied the changed graph: submodels +{:?} ~{:?} -{:?}, pipelines +{:?} ~{:?} -{:?}",
+                    r.diff.submodels.added,
+                    r.diff.submodels.changed,
+                    r.diff.submodels.removed,
+                    r.diff.pipelines.added,
+                    r.diff.pipelines.changed,
+                    r.diff.pipelines.removed
+                );
+                for w in &r.warnings {
+                    eprintln!("maas: warning: {w}");
+                }
+            }
             Ok(_) => eprintln!("maas: the graph files changed but serve the same graph"),
             Err(e) => eprintln!("maas: the changed graph was not applied; the served graph stays:\n{e}"),
         }
@@ -356,25 +362,34 @@ fn parse_swap(arg: Option<&str>, every: f64) -> anyhow::Result<Option<(String, P
     Ok(Some((submodel.to_string(), PathBuf::from(weights))))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listens for SIGINT and SIGTERM from the call on (so a signal sent as soon as the address is
+/// printed is not missed); the future resolves on the first.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (int, term) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok())
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(int) => {},
+                _ = wait(term) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

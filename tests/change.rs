@@ -69,7 +69,12 @@ fn client() -> reqwest::Client {
 /// One answered request of a load run.
 #[derive(Debug, Clone)]
 struct Answer {
+    /// Before the request was sent.
     started: Instant,
+    /// After its answer was read. A request that started after a change answered is served by
+    /// the new version only if it reached the server before the next change: one that finished
+    /// before the next change was sent did.
+    finished: Instant,
     status: u16,
     body: Json,
 }
@@ -98,7 +103,7 @@ impl Load {
                         let r = c.post(&url).body(body.clone()).send().await.expect("request lost");
                         let status = r.status().as_u16();
                         let body = r.json().await.unwrap_or(Json::Null);
-                        out.push(Answer { started, status, body });
+                        out.push(Answer { started, finished: Instant::now(), status, body });
                         count.fetch_add(1, SeqCst);
                     }
                     out
@@ -189,24 +194,35 @@ async fn swap_and_rollback_of_the_digits_head_under_load_lose_no_request() {
     let answers = load.finish().await;
 
     let mut seen = HashMap::<String, usize>::new();
+    let mut between = 0;
     for (a, version, labels) in versions_of(&answers, "head", "label") {
         match version.as_str() {
             "v1" => assert_eq!(labels, json!([3, 5]), "v1 computes v1's labels"),
             "v2" => assert_eq!(labels, json!([4, 6]), "v2 computes the rolled head's labels"),
             other => panic!("unknown version {other}"),
         }
-        if a.started > swapped && a.started < rollback_sent {
+        // Sent after the swap answered and answered before the rollback was sent: admitted
+        // between the two switches. (One still on its way when the rollback was sent may reach
+        // the server after the rollback switched, and rightly get v1.)
+        if a.started > swapped && a.finished < rollback_sent {
             assert_eq!(version, "v2", "a request sent after the swap answered got the old version");
+            between += 1;
         }
         if a.started > rolled_back {
             assert_eq!(version, "v1", "a request sent after the rollback answered got the new version");
         }
         *seen.entry(version).or_default() += 1;
     }
+    // 100 answers came between the swap's answer and the rollback; at most one per caller (16)
+    // had been sent before the swap answered.
+    assert!(between >= 100 - 16, "only {between} requests were admitted between the swap and the rollback");
     assert!(seen.get("v1").is_some_and(|n| *n >= 50) && seen.get("v2").is_some_and(|n| *n >= 50), "{seen:?}");
     let (_, v) = server.admin(reqwest::Method::GET, "/v1/submodels/head/versions", None).await;
     assert_eq!(v["serving"]["version"], "v1");
-    assert_eq!(v["previous"], json!([]), "a rollback does not keep the version it left");
+    let left: Vec<_> =
+        v["previous"].as_array().unwrap().iter().map(|p| (&p["version"], &p["left_by_rollback"])).collect();
+    assert_eq!(left, [(&json!("v2"), &json!(true))], "a rollback keeps the version it left: {v}");
+    assert_eq!(v["rollback_to"], Json::Null, "{v}");
     let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
     assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("no_previous_version")), "{body}");
     let metrics = client().get(format!("http://{}/metrics", server.addr)).send().await.unwrap().text().await.unwrap();
@@ -326,7 +342,9 @@ async fn a_rollback_refuses_a_version_whose_weights_changed_since() {
     let rolled = write_rolled_head(&tmp.0);
     let engine = digits_engine(vec![tmp.0.clone()]).await;
     let swap = |weights: &Path, version: &str| {
-        engine.swap("head", SwapRequest { weights: Some(weights.into()), version: Some(version.into()), params: None })
+        let request =
+            SwapRequest { weights: Some(weights.into()), version: Some(version.into()), ..Default::default() };
+        engine.swap("head", request)
     };
     swap(&copy, "v2").await.expect("swap to the copy");
     swap(&rolled, "v3").await.expect("swap to the rolled head");
@@ -643,8 +661,12 @@ nodes.n = { submodel = "head2", inputs = { x = "$x" } }
         put(next.replace("seed = 4 }\n\n[pipelines.new]", "seed = 4 }\n\n[pipelines.new]\nbogus = 1"), "").await;
     assert_eq!((st, body["error"]["kind"].as_str()), (422, Some("invalid_graph")), "{body}");
     assert!(body["error"]["diagnostics"][0].as_str().unwrap().contains("request.toml:"), "{body}");
-    // A dry run diffs and changes nothing.
+    // `rewire`'s output widens from 3 to 5: refused unless the request says it means it.
     let (st, body) = put(next.clone(), "?dry_run=true").await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("output_type_changed")), "{body}");
+    assert_eq!(body["error"]["diagnostics"], json!(["pipeline `rewire` output `y`: f32[B,3] -> f32[B,5]"]));
+    // A dry run diffs and changes nothing.
+    let (st, body) = put(next.clone(), "?dry_run=true&allow_signature_change=true").await;
     assert_eq!(st, 200, "{body}");
     assert_eq!((body["applied"].as_bool(), body["dry_run"].as_bool()), (Some(false), Some(true)));
     assert_eq!(body["pipelines"], json!({ "added": ["new"], "removed": ["gone"], "changed": ["rewire"] }));
@@ -652,9 +674,10 @@ nodes.n = { submodel = "head2", inputs = { x = "$x" } }
     assert_eq!(server.infer("gone", &x).await.0, 200, "a dry run changes nothing");
     assert_eq!(server.infer("new", &x).await.0, 404);
 
-    let (st, body) = put(next, "").await;
+    let (st, body) = put(next, "?allow_signature_change=true").await;
     assert_eq!((st, body["applied"].as_bool()), (200, Some(true)), "{body}");
     let applied = Instant::now();
+    assert_eq!(server.output_type("rewire", "y").await, "f32[B,5]");
     rewire.wait_for(30).await;
     let (st, body) = server.infer("gone", &x).await;
     assert_eq!((st, body["error"]["kind"].as_str()), (404, Some("unknown_pipeline")));
@@ -739,11 +762,12 @@ async fn swapping_the_minilm_encoder_under_load_never_mixes_versions_in_a_simila
     for (a, version, score) in versions_of(&answers, "encoder", "score") {
         let s = score[0].as_f64().unwrap();
         assert!((s - 1.0).abs() < 1e-4, "version {version}: similarity of a text with itself is {s}");
+        // Sent after a change answered, and answered before the next one was sent.
         if a.started > last {
             assert_eq!(version, "shifted-again");
-        } else if a.started > rolled_back && a.started < again_sent {
+        } else if a.started > rolled_back && a.finished < again_sent {
             assert_eq!(version, "v1", "sent after the rollback answered");
-        } else if a.started > swapped && a.started < rollback_sent {
+        } else if a.started > swapped && a.finished < rollback_sent {
             assert_eq!(version, "shifted", "sent after the swap answered");
         }
         *by_version.entry(version).or_default() += 1;
@@ -762,5 +786,240 @@ async fn swapping_the_minilm_encoder_under_load_never_mixes_versions_in_a_simila
         .sum();
     assert!(dot < 0.999, "the shifted encoder computes other embeddings (cosine {dot})");
     server.shut().await;
+    engine.shutdown().await;
+}
+
+/// A linear head (4 -> 4) and a softmax: `probs` is `f32[B,4]` as long as the head's `out` is 4.
+const PROBS: &str = r#"
+[submodels.head]
+kind = "linear"
+params = { in = 4, out = 4, seed = 1 }
+
+[submodels.probs]
+kind = "softmax"
+
+[pipelines.p]
+inputs = { x = "f32[B,4]" }
+outputs = { probs = "probs.out" }
+nodes.head = { submodel = "head", inputs = { x = "$x" } }
+nodes.probs = { submodel = "probs", inputs = { x = "head.out" } }
+"#;
+
+async fn probs_server(options: EngineOptions) -> (Engine, Server) {
+    let engine =
+        Engine::builder().options(options).from_sources(vec![SourceFile::new("probs.toml", PROBS, ".")]).await.unwrap();
+    let server = serve(engine.clone()).await;
+    (engine, server)
+}
+
+impl Server {
+    /// The type `GET /v1/pipelines` gives `pipeline`'s `output`.
+    async fn output_type(&self, pipeline: &str, output: &str) -> String {
+        let (st, body) = self.admin(reqwest::Method::GET, "/v1/pipelines", None).await;
+        assert_eq!(st, 200, "{body}");
+        let p = body["pipelines"].as_array().unwrap().iter().find(|p| p["name"] == pipeline).expect("listed").clone();
+        p["outputs"][output].as_str().unwrap_or_else(|| panic!("no output `{output}`: {p}")).to_string()
+    }
+
+    /// `p`'s answer to one row: (width of `probs`, version of `head`).
+    async fn probs(&self) -> (usize, String) {
+        let (st, body) = self.infer("p", &json!({ "x": [[1.0, 2.0, 3.0, 4.0]] })).await;
+        assert_eq!(st, 200, "{body}");
+        let width = body["outputs"]["probs"][0].as_array().map_or(0, Vec::len);
+        (width, body["model_versions"]["head"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_that_changes_an_output_type_is_refused_unless_it_says_so() {
+    let (engine, server) = probs_server(EngineOptions::default()).await;
+    assert_eq!(server.output_type("p", "probs").await, "f32[B,4]");
+
+    let (st, body) = server.swap("head", json!({ "params": { "out": 5 }, "version": "v2" })).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("output_type_changed")), "{body}");
+    assert_eq!(body["error"]["diagnostics"], json!(["pipeline `p` output `probs`: f32[B,4] -> f32[B,5]"]), "{body}");
+    assert_eq!(server.probs().await, (4, "v1".into()), "the refused swap changed nothing");
+    assert_eq!(server.output_type("p", "probs").await, "f32[B,4]");
+
+    // Said on purpose: applied, and the listing describes what serves.
+    let body = json!({ "params": { "out": 5 }, "version": "v2", "allow_signature_change": true });
+    let (st, answer) = server.swap("head", body).await;
+    assert_eq!(st, 200, "{answer}");
+    assert_eq!(server.probs().await, (5, "v2".into()));
+    assert_eq!(server.output_type("p", "probs").await, "f32[B,5]");
+    assert_eq!(engine.pipeline("p").unwrap().outputs[0].1.to_string(), "f32[B,5]");
+
+    // A swap that keeps the types needs no permission.
+    let (st, answer) = server.swap("head", json!({ "params": { "seed": 2 }, "version": "v3" })).await;
+    assert_eq!(st, 200, "{answer}");
+    assert_eq!(server.output_type("p", "probs").await, "f32[B,5]");
+
+    // A rollback returns to the types its version served with.
+    let (st, answer) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
+    assert_eq!((st, answer["version"].as_str()), (200, Some("v2")), "{answer}");
+    let (st, answer) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
+    assert_eq!((st, answer["version"].as_str()), (200, Some("v1")), "{answer}");
+    assert_eq!(server.probs().await, (4, "v1".into()));
+    assert_eq!(server.output_type("p", "probs").await, "f32[B,4]");
+    // Going forward again to a 5-wide version is a swap like any other: it must say so.
+    let (st, body) = server.swap("head", json!({ "version": "v3" })).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("output_type_changed")), "{body}");
+    let (st, answer) = server.swap("head", json!({ "version": "v3", "allow_signature_change": true })).await;
+    assert_eq!(st, 200, "{answer}");
+    assert_eq!(server.probs().await, (5, "v3".into()));
+    assert_eq!(server.output_type("p", "probs").await, "f32[B,5]");
+    server.shut().await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recomposition_that_changes_an_output_type_is_refused_unless_it_says_so() {
+    let (engine, server) = probs_server(EngineOptions::default()).await;
+    let wider = PROBS.replace("out = 4", "out = 6");
+    for query in ["", "?dry_run=true"] {
+        let (st, body) = server.admin(reqwest::Method::PUT, &format!("/v1/graph{query}"), Some(wider.clone())).await;
+        assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("output_type_changed")), "{query}: {body}");
+        assert_eq!(body["error"]["diagnostics"], json!(["pipeline `p` output `probs`: f32[B,4] -> f32[B,6]"]));
+    }
+    assert_eq!(server.probs().await, (4, "v1".into()));
+    let (st, body) =
+        server.admin(reqwest::Method::PUT, "/v1/graph?allow_signature_change=maybe", Some(wider.clone())).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (400, Some("invalid_query")), "{body}");
+    let (st, body) =
+        server.admin(reqwest::Method::PUT, "/v1/graph?allow_signature_change=true", Some(wider.clone())).await;
+    assert_eq!((st, body["applied"].as_bool()), (200, Some(true)), "{body}");
+    let change = json!([{ "pipeline": "p", "output": "probs", "from": "f32[B,4]", "to": "f32[B,6]" }]);
+    assert_eq!(body["output_type_changes"], change, "{body}");
+    assert_eq!(server.probs().await.0, 6);
+    assert_eq!(server.output_type("p", "probs").await, "f32[B,6]");
+    server.shut().await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_label_names_one_content() {
+    // One kept version: labels outlive the history.
+    let (engine, server) = probs_server(EngineOptions { keep_versions: 1, ..EngineOptions::default() }).await;
+    let (st, body) = server.swap("head", json!({ "params": { "seed": 2 }, "version": "v2" })).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
+    assert_eq!((st, body["version"].as_str()), (200, Some("v1")), "{body}");
+    // `v2` is seed 2: another seed, or another width (even said on purpose), under that label is
+    // refused.
+    let another_width = json!({ "params": { "out": 5 }, "version": "v2", "allow_signature_change": true });
+    for request in [json!({ "params": { "seed": 3 }, "version": "v2" }), another_width] {
+        let (st, body) = server.swap("head", request.clone()).await;
+        assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("version_conflict")), "{request}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("seed = 2"), "{body}");
+    }
+    // So is `v1` (not serving any more) for other content.
+    let (st, body) = server.swap("head", json!({ "params": { "seed": 3 }, "version": "v3" })).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = server.swap("head", json!({ "params": { "seed": 4 }, "version": "v1" })).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("version_conflict")), "{body}");
+    // `v2` was forgotten (one version kept), but its label still names seed 2: the same
+    // content under it loads again.
+    let v = engine.versions("head").unwrap();
+    assert_eq!(v.previous.iter().map(|p| p.version.as_str()).collect::<Vec<_>>(), ["v1"]);
+    let (st, body) = server.swap("head", json!({ "params": { "seed": 5 }, "version": "v2" })).await;
+    assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("version_conflict")), "{body}");
+    let (st, body) = server.swap("head", json!({ "params": { "seed": 2 }, "version": "v2" })).await;
+    assert_eq!(st, 200, "{body}");
+    let (_, with_v2) = server.infer("p", &json!({ "x": [[1.0, 2.0, 3.0, 4.0]] })).await;
+    let seed2 = with_v2["outputs"]["probs"].clone();
+    // Labels without one given never take a used label.
+    let (st, body) = server.swap("head", json!({ "params": { "seed": 6 } })).await;
+    assert_eq!(st, 200, "{body}");
+    let auto = body["version"].as_str().unwrap().to_string();
+    assert!(!["v1", "v2", "v3"].contains(&auto.as_str()), "{auto}");
+    // Every refusal left what served alone; `v2` computes what it computed before.
+    let (st, body) = server.swap("head", json!({ "params": { "seed": 2 }, "version": "v2" })).await;
+    assert_eq!(st, 200, "{body}");
+    let (_, again) = server.infer("p", &json!({ "x": [[1.0, 2.0, 3.0, 4.0]] })).await;
+    assert_eq!((&again["outputs"]["probs"], &again["model_versions"]["head"]), (&seed2, &json!("v2")));
+    let m = engine.metrics();
+    assert_eq!(m.changes[&("swap".into(), "rejected".into())], 4);
+    server.shut().await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_keeps_the_version_it_leaves_and_a_swap_returns_to_it() {
+    let tmp = TempDir::new("return");
+    let rolled = write_rolled_head(&tmp.0);
+    let engine = digits_engine(vec![tmp.0.clone()]).await;
+    let server = serve(engine.clone()).await;
+    let pixels = json!({ "pixels": digits_pixels() });
+    let label = |body: &Json| (body["outputs"]["label"].clone(), body["model_versions"]["head"].clone());
+    let (st, body) = server.swap("head", json!({ "weights": rolled, "version": "v2" })).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = server.swap("head", json!({ "weights": rolled, "version": "v3" })).await;
+    assert_eq!(st, 200, "{body}");
+    // Two rollbacks: back to v2, then to v1; both versions left are kept.
+    for to in ["v2", "v1"] {
+        let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
+        assert_eq!((st, body["version"].as_str()), (200, Some(to)), "{body}");
+    }
+    let (_, v) = server.admin(reqwest::Method::GET, "/v1/submodels/head/versions", None).await;
+    let kept: Vec<_> =
+        v["previous"].as_array().unwrap().iter().map(|p| (&p["version"], &p["left_by_rollback"])).collect();
+    assert_eq!(kept, [(&json!("v2"), &json!(true)), (&json!("v3"), &json!(true))], "{v}");
+    assert_eq!(v["rollback_to"], Json::Null, "{v}");
+    assert_eq!(label(&server.infer("classify", &pixels).await.1), (json!([3, 5]), json!("v1")));
+
+    // Forward again, by label: v2 serves the rolled head it served before.
+    let (st, body) = server.swap("head", json!({ "version": "v2" })).await;
+    assert_eq!((st, body["previous"].as_str(), body["version"].as_str()), (200, Some("v1"), Some("v2")), "{body}");
+    assert_eq!(label(&server.infer("classify", &pixels).await.1), (json!([4, 6]), json!("v2")));
+    let v = engine.versions("head").unwrap();
+    let kept: Vec<(&str, bool)> = v.previous.iter().map(|p| (p.version.as_str(), p.left_by_rollback)).collect();
+    assert_eq!(kept, [("v1", false), ("v3", true)]);
+    assert_eq!(v.rollback_to.as_deref(), Some("v1"));
+    // A rollback undoes that return; the label with its own content is a return too.
+    let (st, body) = server.admin(reqwest::Method::POST, "/v1/submodels/head/rollback", None).await;
+    assert_eq!((st, body["version"].as_str()), (200, Some("v1")), "{body}");
+    let (st, body) = server.swap("head", json!({ "weights": rolled, "version": "v3" })).await;
+    assert_eq!((st, body["version"].as_str()), (200, Some("v3")), "{body}");
+    assert_eq!(label(&server.infer("classify", &pixels).await.1), (json!([4, 6]), json!("v3")));
+    let v = engine.versions("head").unwrap();
+    let kept: Vec<(&str, bool)> = v.previous.iter().map(|p| (p.version.as_str(), p.left_by_rollback)).collect();
+    assert_eq!(kept, [("v1", false), ("v2", true)], "each version is kept once");
+    let metrics = client().get(format!("http://{}/metrics", server.addr)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("maas_changes_total{change=\"swap\",result=\"ok\"} 4"), "{metrics}");
+    assert!(metrics.contains("maas_changes_total{change=\"rollback\",result=\"ok\"} 3"), "{metrics}");
+    server.shut().await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_outlive_a_restart_with_a_state_dir() {
+    let tmp = TempDir::new("labels-state");
+    let options =
+        || EngineOptions { keep_versions: 1, state_dir: Some(tmp.0.join("state")), ..EngineOptions::default() };
+    let start = || async {
+        Engine::builder()
+            .options(options())
+            .from_sources(vec![SourceFile::new("probs.toml", PROBS, ".")])
+            .await
+            .unwrap()
+    };
+    let seed = |s: i64, version: &str| SwapRequest {
+        params: Some(toml::Table::from_iter([("seed".to_string(), toml::Value::Integer(s))])),
+        version: Some(version.into()),
+        ..SwapRequest::default()
+    };
+    let engine = start().await;
+    engine.swap("head", seed(2, "v2")).await.expect("v2");
+    engine.swap("head", seed(3, "v3")).await.expect("v3");
+    assert_eq!(engine.versions("head").unwrap().previous.len(), 1, "v1 is forgotten, its label is not");
+    engine.shutdown().await;
+
+    let engine = start().await;
+    assert_eq!(engine.versions("head").unwrap().serving.version, "v3");
+    let err = engine.swap("head", seed(9, "v1")).await.unwrap_err();
+    assert_eq!(err.kind(), "version_conflict", "{err}");
+    // The recorded content compares equal to the same content given again.
+    let back = engine.swap("head", seed(1, "v1")).await.expect("v1's own content under its label");
+    assert_eq!((back.previous.as_str(), back.version.as_str()), ("v3", "v1"));
     engine.shutdown().await;
 }

@@ -178,9 +178,25 @@ fn a_restart_with_a_state_dir_serves_the_same_versions() {
     assert_eq!(st, 200, "{body}");
     second.stop();
 
+    // The rollback kept v2, and the record keeps it and its label across a restart: the label
+    // still names the copy, and naming it alone returns to it.
+    std::fs::copy(head, models.join("head-other.safetensors")).unwrap();
     let third = Child::start(&args, &dir);
     let (_, v) = third.call("GET", "/v1/submodels/head/versions", None);
-    assert_eq!((v["serving"]["version"].as_str(), &v["previous"]), (Some("v1"), &serde_json::json!([])), "{v}");
+    assert_eq!(v["serving"]["version"], "v1", "{v}");
+    let kept: Vec<_> =
+        v["previous"].as_array().unwrap().iter().map(|p| (&p["version"], &p["left_by_rollback"])).collect();
+    assert_eq!(kept, [(&serde_json::json!("v2"), &serde_json::json!(true))], "{v}");
+    let (st, body) = third.call(
+        "PUT",
+        "/v1/submodels/head",
+        Some(r#"{"weights": "models/head-other.safetensors", "version": "v2"}"#.into()),
+    );
+    assert_eq!((st, body["error"]["kind"].as_str()), (409, Some("version_conflict")), "{body}");
+    let (st, body) = third.call("PUT", "/v1/submodels/head", Some(r#"{"version": "v2"}"#.into()));
+    assert_eq!((st, body["previous"].as_str(), body["version"].as_str()), (200, Some("v1"), Some("v2")), "{body}");
+    let (_, v) = third.call("GET", "/v1/submodels/head/versions", None);
+    assert_eq!(v["serving"]["weights"].as_str().map(|w| w.ends_with("head-copy.safetensors")), Some(true), "{v}");
     third.stop();
 }
 

@@ -14,6 +14,21 @@
 //! A request holds the `Served` it was admitted with, so it sees one version of every submodel
 //! from start to end (a `similarity` request never mixes two encoders); an old version stops when
 //! its last request ends. Any failure before step 5 drops what was started, and nothing changes.
+//! Step 5 happens before a change returns: a request admitted after a change returned is served
+//! by the new version (one admitted before may still finish on the old one).
+//!
+//! Two contracts are kept across changes:
+//!
+//! - **A pipeline's output types change only on purpose**: a swap or recomposition after which a
+//!   pipeline output that stays would have another type is refused
+//!   ([`ChangeError::OutputTypeChanged`]) unless it says `allow_signature_change`; when applied,
+//!   the pipeline listing shows the new types. A rollback returns to the types its version
+//!   served with, without asking.
+//! - **A version label names one content** (kind, weights, params, and the size and
+//!   modification time of its files): a swap that gives a label already used for other content
+//!   is refused ([`ChangeError::VersionConflict`]). A swap that names a kept version (its label
+//!   alone, or its label with the same content) returns to it; a rollback keeps the version it
+//!   leaves, so it can be returned to.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -22,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use maas_graphs::{
-    Catalog, Diagnostics, FILE_PARAMS, Graph, GraphDiff, KindError, Signature, SignatureError, SourceFile,
+    Catalog, Diagnostics, FILE_PARAMS, Graph, GraphDiff, KindError, PortType, Signature, SignatureError, SourceFile,
     SubmodelName, SubmodelSpec,
 };
 
@@ -36,6 +51,9 @@ pub(crate) struct PastVersion {
     pub(crate) until: SystemTime,
     /// Its files as they were when it served (empty: unknown, not checked).
     pub(crate) stamps: Vec<FileStamp>,
+    /// A rollback left it (it served after the version the rollback returned to): a later
+    /// rollback does not return to it, a swap naming its label does.
+    pub(crate) left_by_rollback: bool,
 }
 
 /// A file's size and modification time: a rollback refuses a version whose files changed since
@@ -64,8 +82,122 @@ impl FileStamp {
     }
 }
 
-/// Previous versions per submodel, oldest first.
-pub(crate) type History = BTreeMap<String, Vec<PastVersion>>;
+/// What a version label names: a submodel's kind, weights and params (file paths canonical)
+/// and its files' stamps. Two versions compute the same thing when their contents are equal.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Content {
+    pub(crate) kind: String,
+    pub(crate) weights: Option<PathBuf>,
+    pub(crate) params: toml::Table,
+    pub(crate) files: Vec<FileStamp>,
+}
+
+impl Content {
+    /// The content of `spec`, whose files had `stamps`.
+    pub(crate) fn new(spec: &SubmodelSpec, stamps: &[FileStamp]) -> Self {
+        let n = spec.normalized();
+        Self { kind: n.kind, weights: n.weights, params: n.params, files: stamps.to_vec() }
+    }
+
+    /// The content of `spec` with its files as they are now.
+    fn now(spec: &SubmodelSpec) -> Self {
+        Self::new(spec, &FileStamp::of(spec))
+    }
+}
+
+impl std::fmt::Display for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kind `{}`", self.kind)?;
+        if let Some(w) = &self.weights {
+            write!(f, ", weights `{}`", w.display())?;
+        }
+        write!(f, ", params {}", toml::Value::Table(self.params.clone()))?;
+        for s in &self.files {
+            write!(f, ", `{}` of {} bytes modified at {} ns", s.path.display(), s.size, s.modified_ns)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per submodel, every label its versions had (serving, kept, or forgotten since) and what it
+/// names.
+pub(crate) type Labels = BTreeMap<String, BTreeMap<String, Content>>;
+
+/// What an engine remembers of the versions that served.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct History {
+    /// Versions kept per submodel, in the order they stopped serving (oldest first).
+    pub(crate) past: BTreeMap<String, Vec<PastVersion>>,
+    /// The content each label names (kept beyond `keep_versions`: a label is never reused).
+    pub(crate) labels: Labels,
+}
+
+impl History {
+    /// Records that `spec`'s label names its content (its files had `stamps`).
+    pub(crate) fn label(&mut self, spec: &SubmodelSpec, stamps: &[FileStamp]) {
+        self.labels.entry(spec.name.to_string()).or_default().insert(spec.version.clone(), Content::new(spec, stamps));
+    }
+
+    /// The kept versions of `submodel`, oldest first.
+    fn kept(&self, submodel: &str) -> &[PastVersion] {
+        self.past.get(submodel).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Where a rollback of `submodel` returns: its newest kept version no rollback left.
+    fn rollback_target(&self, submodel: &str) -> Option<usize> {
+        self.kept(submodel).iter().rposition(|p| !p.left_by_rollback)
+    }
+}
+
+/// A pipeline output whose type a change alters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputTypeChange {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The output.
+    pub output: String,
+    /// Its type before the change.
+    pub from: PortType,
+    /// Its type after the change.
+    pub to: PortType,
+}
+
+impl std::fmt::Display for OutputTypeChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pipeline `{}` output `{}`: {} -> {}", self.pipeline, self.output, self.from, self.to)
+    }
+}
+
+/// The outputs that both graphs' pipelines have, with types that differ.
+fn output_type_changes(old: &Graph, new: &Graph) -> Vec<OutputTypeChange> {
+    let mut changes = Vec::new();
+    for (name, p) in &old.pipelines {
+        let Some(q) = new.pipelines.get(name) else { continue };
+        for o in &p.outputs {
+            if let Some(n) = q.outputs.iter().find(|n| n.name == o.name)
+                && n.ty != o.ty
+            {
+                changes.push(OutputTypeChange {
+                    pipeline: name.to_string(),
+                    output: o.name.to_string(),
+                    from: o.ty.clone(),
+                    to: n.ty.clone(),
+                });
+            }
+        }
+    }
+    changes
+}
+
+/// Options of [`Engine::recompose_with_options`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecomposeOptions {
+    /// Only check and diff; change nothing.
+    pub dry_run: bool,
+    /// Apply the graph even if an output of a pipeline that stays changes its type (otherwise
+    /// [`ChangeError::OutputTypeChanged`]).
+    pub allow_signature_change: bool,
+}
 
 /// What a swap changes; what it leaves out stays as it is.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +210,9 @@ pub struct SwapRequest {
     /// Params to set, key by key (the others are kept). File params (`path`, `config`) that are
     /// relative resolve against the working directory.
     pub params: Option<toml::Table>,
+    /// Apply the swap even if it changes the type of a pipeline output (otherwise
+    /// [`ChangeError::OutputTypeChanged`]).
+    pub allow_signature_change: bool,
 }
 
 /// A swap or rollback that was applied.
@@ -108,17 +243,22 @@ pub struct VersionInfo {
     pub since: SystemTime,
     /// When it stopped serving (`None`: it serves now).
     pub until: Option<SystemTime>,
+    /// A rollback left it: a rollback does not return to it, a swap naming its label does.
+    pub left_by_rollback: bool,
 }
 
-/// A submodel's versions: the one serving and the ones [`Engine::rollback`] can return to.
+/// A submodel's versions: the one serving and the kept ones, which a swap naming their label
+/// returns to ([`Engine::rollback`] to the newest that no rollback left).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versions {
     /// The submodel.
     pub submodel: String,
     /// The version serving now.
     pub serving: VersionInfo,
-    /// Previous versions, newest first (a rollback returns to the first).
+    /// Kept versions, the one that stopped serving last first.
     pub previous: Vec<VersionInfo>,
+    /// The version a rollback returns to (`None`: a rollback is refused).
+    pub rollback_to: Option<String>,
 }
 
 /// The outcome of a recomposition (or of its dry run).
@@ -130,6 +270,8 @@ pub struct Recomposed {
     pub applied: bool,
     /// The checker's warnings about the new graph.
     pub warnings: Vec<String>,
+    /// Outputs of pipelines that stay whose type changes (or would change).
+    pub output_type_changes: Vec<OutputTypeChange>,
     /// From the request to the switch.
     pub elapsed: Duration,
 }
@@ -148,7 +290,7 @@ pub enum ChangeError {
         /// The allowed directories.
         roots: String,
     },
-    /// The change itself is malformed (an empty or reused version label, an unknown kind).
+    /// The change itself is malformed (an empty version label or the serving one, an unknown kind).
     #[error("invalid change: {0}")]
     InvalidRequest(String),
     /// The new version's files are missing, truncated, corrupt or of the wrong shapes, or it
@@ -167,6 +309,28 @@ pub enum ChangeError {
         submodel: String,
         /// The checker's diagnostics for the graph with the new version in it.
         diagnostics: Diagnostics,
+    },
+    /// After the change, an output of a pipeline that stays would have another type, and the
+    /// change did not say `allow_signature_change`.
+    #[error(
+        "the change alters the type of pipeline outputs clients read ({}); say `allow_signature_change` to apply it",
+        changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    OutputTypeChanged {
+        /// Every output whose type would change.
+        changes: Vec<OutputTypeChange>,
+    },
+    /// The version label names other content already (a label names one content).
+    #[error(
+        "version `{version}` of `{submodel}` names other content already ({named}); label the new version differently"
+    )]
+    VersionConflict {
+        /// The submodel.
+        submodel: String,
+        /// The label.
+        version: String,
+        /// What the label names.
+        named: String,
     },
     /// A rollback with nothing to return to.
     #[error("submodel `{0}` has no previous version to roll back to")]
@@ -191,6 +355,8 @@ impl ChangeError {
             ChangeError::InvalidRequest(_) => "invalid_request",
             ChangeError::InvalidWeights { .. } => "invalid_weights",
             ChangeError::Incompatible { .. } => "incompatible_signature",
+            ChangeError::OutputTypeChanged { .. } => "output_type_changed",
+            ChangeError::VersionConflict { .. } => "version_conflict",
             ChangeError::NoPreviousVersion(_) => "no_previous_version",
             ChangeError::InvalidGraph(_) => "invalid_graph",
             ChangeError::ShuttingDown => "shutting_down",
@@ -220,16 +386,25 @@ pub(crate) fn canonical_roots(roots: &[PathBuf]) -> Result<Vec<PathBuf>, String>
     roots.iter().map(|r| std::fs::canonicalize(r).map_err(|e| format!("file root `{}`: {e}", r.display()))).collect()
 }
 
+/// What a switch does with the history.
 enum Mode {
+    /// A new version: the serving one is kept, as the one a rollback returns to.
     Swap,
-    Rollback,
+    /// Back to the kept version at this index, by a swap naming it: the serving one is kept as
+    /// by a swap.
+    Return(usize),
+    /// Back to the kept version at this index, by a rollback: the serving one is kept as left by
+    /// a rollback.
+    Rollback(usize),
 }
 
 impl Engine {
     /// Hot-swaps a submodel: checks and loads the new version on its own replicas (warmed up,
     /// off the serving path), checks it against every pipeline that uses it, then switches.
-    /// Returns once every replica serves the new version; requests admitted before the switch
-    /// finish on the old one. On any error the old version keeps serving.
+    /// Returns once every replica serves the new version (a request admitted from then on runs
+    /// it); requests admitted before the switch finish on the old one. On any error the old
+    /// version keeps serving. A request that names a kept version returns to it (see
+    /// [`SwapRequest::version`]).
     pub async fn swap(&self, submodel: &str, request: SwapRequest) -> Result<Swapped, ChangeError> {
         let started = Instant::now();
         let result = self.swap_locked(submodel, request, started).await;
@@ -238,8 +413,10 @@ impl Engine {
         result
     }
 
-    /// Returns a submodel to its previous version, as safely as a swap (the version it leaves is
-    /// not kept: a second rollback goes one version further back).
+    /// Returns a submodel to the version that served before it, as safely as a swap. The
+    /// version it leaves is kept (a swap naming its label returns to it); a second rollback goes
+    /// one version further back. A rollback may change the type of pipeline outputs back to
+    /// what its version served with: it is not refused for that.
     pub async fn rollback(&self, submodel: &str) -> Result<Swapped, ChangeError> {
         let started = Instant::now();
         let result = async {
@@ -248,25 +425,14 @@ impl Engine {
             let served = self.inner.served.load_full();
             let current =
                 served.submodels.get(submodel).ok_or_else(|| ChangeError::UnknownSubmodel(submodel.into()))?;
-            let previous = served
+            let index = served
                 .history
-                .get(submodel)
-                .and_then(|h| h.last())
+                .rollback_target(submodel)
                 .ok_or_else(|| ChangeError::NoPreviousVersion(submodel.into()))?;
-            for stamp in &previous.stamps {
-                if FileStamp::read(&stamp.path).as_ref() != Some(stamp) {
-                    return Err(ChangeError::InvalidWeights {
-                        submodel: submodel.into(),
-                        message: format!(
-                            "`{}` changed since version `{}` served; a rollback would load other weights under its label (swap to it with a new version instead)",
-                            stamp.path.display(),
-                            previous.spec.version
-                        ),
-                    });
-                }
-            }
+            let previous = &served.history.kept(submodel)[index];
+            unchanged_since(previous)?;
             let spec = (*previous.spec).clone();
-            self.replace(&served, current, spec, Mode::Rollback, started).await
+            self.replace(&served, current, spec, Mode::Rollback(index), true, started).await
         }
         .await;
         self.inner.change_counts.record("rollback", &result);
@@ -274,23 +440,27 @@ impl Engine {
         result
     }
 
-    /// A submodel's serving and previous versions.
+    /// A submodel's serving and kept versions.
     pub fn versions(&self, submodel: &str) -> Option<Versions> {
         let served = self.inner.served.load();
         let current = served.submodels.get(submodel)?;
-        let info = |spec: &SubmodelSpec, since, until| VersionInfo {
+        let info = |spec: &SubmodelSpec, since, until, left_by_rollback| VersionInfo {
             version: spec.version.clone(),
             weights: spec.weights.clone(),
             params: spec.params.clone(),
             since,
             until,
+            left_by_rollback,
         };
-        let previous = served
-            .history
-            .get(submodel)
-            .map(|h| h.iter().rev().map(|p| info(&p.spec, p.since, Some(p.until))).collect())
-            .unwrap_or_default();
-        Some(Versions { submodel: submodel.into(), serving: info(&current.spec, current.since, None), previous })
+        let kept = served.history.kept(submodel);
+        let previous = kept.iter().rev().map(|p| info(&p.spec, p.since, Some(p.until), p.left_by_rollback)).collect();
+        let rollback_to = served.history.rollback_target(submodel).map(|i| kept[i].spec.version.clone());
+        Some(Versions {
+            submodel: submodel.into(),
+            serving: info(&current.spec, current.since, None, false),
+            previous,
+            rollback_to,
+        })
     }
 
     /// Applies a new graph while serving: checks it whole, starts (and warms up) what is new or
@@ -298,25 +468,38 @@ impl Engine {
     /// Requests already running finish on the plans they started with; submodels no longer used
     /// stop when their last request ends. With `dry_run`, only checks and diffs.
     /// Every file the sources name must lie under the file roots or be served already
-    /// ([`ChangeError::Forbidden`] otherwise, before any file is read).
+    /// ([`ChangeError::Forbidden`] otherwise, before any file is read). A graph that changes the
+    /// type of an output of a pipeline that stays is refused
+    /// ([`ChangeError::OutputTypeChanged`]; see [`Engine::recompose_with_options`]).
     pub async fn recompose(&self, sources: Vec<SourceFile>, dry_run: bool) -> Result<Recomposed, ChangeError> {
-        self.recompose_with(sources, dry_run, true).await
+        self.recompose_with_options(sources, RecomposeOptions { dry_run, ..RecomposeOptions::default() }).await
+    }
+
+    /// [`Engine::recompose`] with options (such as allowing output types to change).
+    pub async fn recompose_with_options(
+        &self,
+        sources: Vec<SourceFile>,
+        options: RecomposeOptions,
+    ) -> Result<Recomposed, ChangeError> {
+        self.recompose_inner(sources, options, true).await
     }
 
     /// [`Engine::recompose`] for graph files the operator wrote (such as `maas serve --watch`'s):
-    /// their files are not confined to the file roots.
+    /// their files are not confined to the file roots, and they are the truth: output types
+    /// may change (the changes are listed in [`Recomposed::output_type_changes`] and warned of).
     pub async fn recompose_trusted(&self, sources: Vec<SourceFile>) -> Result<Recomposed, ChangeError> {
-        self.recompose_with(sources, false, false).await
+        self.recompose_inner(sources, RecomposeOptions { dry_run: false, allow_signature_change: true }, false).await
     }
 
-    async fn recompose_with(
+    async fn recompose_inner(
         &self,
         sources: Vec<SourceFile>,
-        dry_run: bool,
+        options: RecomposeOptions,
         confine: bool,
     ) -> Result<Recomposed, ChangeError> {
         let started = Instant::now();
-        let result = self.recompose_locked(sources, dry_run, confine, started).await;
+        let dry_run = options.dry_run;
+        let result = self.recompose_locked(sources, options, confine, started).await;
         if !dry_run {
             self.inner.change_counts.record("recompose", &result);
         }
@@ -341,6 +524,27 @@ impl Engine {
         self.not_shutting_down()?;
         let served = self.inner.served.load_full();
         let current = served.submodels.get(name).ok_or_else(|| ChangeError::UnknownSubmodel(name.into()))?;
+        let label = match request.version {
+            Some(v) if v.trim().is_empty() => return Err(ChangeError::InvalidRequest("`version` is empty".into())),
+            Some(v) if v == current.spec.version => {
+                return Err(ChangeError::InvalidRequest(format!(
+                    "version `{v}` of `{name}` is serving already; label the new version differently"
+                )));
+            }
+            v => v,
+        };
+        let allow = request.allow_signature_change;
+        let name_only = request.weights.is_none() && request.params.as_ref().is_none_or(toml::Table::is_empty);
+        // A kept version's label alone: back to that version, as it served.
+        if name_only
+            && let Some(label) = &label
+            && let Some(index) = served.history.kept(name).iter().rposition(|p| &p.spec.version == label)
+        {
+            let kept = &served.history.kept(name)[index];
+            unchanged_since(kept)?;
+            let spec = (*kept.spec).clone();
+            return self.replace(&served, current, spec, Mode::Return(index), allow, started).await;
+        }
         let mut spec = (*current.spec).clone();
         let known = served_files(&served);
         if let Some(w) = &request.weights {
@@ -355,30 +559,34 @@ impl Engine {
             };
             spec.params.insert(key, value);
         }
-        spec.version = match request.version {
-            Some(v) if v.trim().is_empty() => return Err(ChangeError::InvalidRequest("`version` is empty".into())),
-            Some(v) if v == current.spec.version => {
-                return Err(ChangeError::InvalidRequest(format!(
-                    "version `{v}` of `{name}` is serving already; label the new version differently"
-                )));
-            }
+        spec.version = match label {
             Some(v) => v,
             None => {
+                // `r<N>`, made unique among the labels this submodel had.
                 let n = self.inner.revision.load(Relaxed) + 1;
-                let label = format!("r{n}");
-                if label == current.spec.version { format!("r{n}.1") } else { label }
+                let used = served.history.labels.get(name);
+                let taken = |l: &String| *l == current.spec.version || used.is_some_and(|u| u.contains_key(l));
+                let mut label = format!("r{n}");
+                let mut i = 0;
+                while taken(&label) {
+                    i += 1;
+                    label = format!("r{n}.{i}");
+                }
+                label
             }
         };
-        self.replace(&served, current, spec, Mode::Swap, started).await
+        self.replace(&served, current, spec, Mode::Swap, allow, started).await
     }
 
     /// Checks, loads and switches in a new version of `current` (the change lock is held).
+    /// `allow`: the switch may change the type of pipeline outputs.
     async fn replace(
         &self,
         served: &Arc<Served>,
         current: &Arc<Submodel>,
         spec: SubmodelSpec,
-        mode: Mode,
+        mut mode: Mode,
+        allow: bool,
         started: Instant,
     ) -> Result<Swapped, ChangeError> {
         let name = spec.name.to_string();
@@ -404,11 +612,51 @@ impl Engine {
                 return Err(invalid(msgs.join("; ")));
             }
         };
+        if let Mode::Swap = mode {
+            // A label names one content; a label with the content it names is a return to it
+            // (when it is kept) or a reload of it (when it was forgotten).
+            let content = Content::now(&spec);
+            if let Some(named) = served.history.labels.get(&name).and_then(|l| l.get(&spec.version)) {
+                if *named != content {
+                    return Err(ChangeError::VersionConflict {
+                        submodel: name,
+                        version: spec.version.clone(),
+                        named: named.to_string(),
+                    });
+                }
+                if let Some(i) = served
+                    .history
+                    .kept(&name)
+                    .iter()
+                    .rposition(|p| p.spec.version == spec.version && Content::new(&p.spec, &p.stamps) == content)
+                {
+                    mode = Mode::Return(i);
+                }
+            }
+        }
         let mut graph = served.graph.clone();
         graph.submodels.insert(spec.name.clone(), spec.clone());
         if signature != *current.signature {
-            check_graph(&graph, &self.inner.registry)
+            let checked = check_graph(&graph, &self.inner.registry)
                 .map_err(|diagnostics| ChangeError::Incompatible { submodel: name.clone(), diagnostics })?;
+            // The pipelines' output types as the new signature makes them.
+            for (pipeline, p) in &mut graph.pipelines {
+                let Some(q) = checked.graph.pipelines.get(pipeline) else { continue };
+                for o in &mut p.outputs {
+                    if let Some(n) = q.outputs.iter().find(|n| n.name == o.name) {
+                        o.ty = n.ty.clone();
+                    }
+                }
+            }
+            let changes = output_type_changes(&served.graph, &graph);
+            if !changes.is_empty() {
+                if !allow {
+                    return Err(ChangeError::OutputTypeChanged { changes });
+                }
+                for c in &changes {
+                    tracing::warn!(submodel = %name, "output type changed: {c}");
+                }
+            }
         }
         let replicas = spec.replicas;
         let version = spec.version.clone();
@@ -417,12 +665,19 @@ impl Engine {
             .await
             .map_err(|e| invalid(load_error(e)))?;
         let mut history = served.history.clone();
+        let now = SystemTime::now();
         match mode {
-            Mode::Swap => retire(&mut history, current, SystemTime::now(), options.keep_versions),
-            Mode::Rollback => {
-                history.entry(name.clone()).or_default().pop();
+            Mode::Swap => retire(&mut history, current, now, false, options.keep_versions),
+            Mode::Return(i) => {
+                history.past.entry(name.clone()).or_default().remove(i);
+                retire(&mut history, current, now, false, options.keep_versions);
+            }
+            Mode::Rollback(i) => {
+                history.past.entry(name.clone()).or_default().remove(i);
+                retire(&mut history, current, now, true, options.keep_versions);
             }
         }
+        history.label(&new.spec, &new.stamps);
         let mut submodels = served.submodels.clone();
         submodels.insert(name.clone(), Arc::new(new));
         let next = Served::compile(graph, submodels, history, Some(served)).map_err(|e| invalid(e.to_string()))?;
@@ -439,7 +694,7 @@ impl Engine {
     async fn recompose_locked(
         &self,
         sources: Vec<SourceFile>,
-        dry_run: bool,
+        options: RecomposeOptions,
         confine: bool,
         started: Instant,
     ) -> Result<Recomposed, ChangeError> {
@@ -473,10 +728,31 @@ impl Engine {
                 ));
             }
         }
-        if dry_run || diff.is_empty() {
-            return Ok(Recomposed { diff, applied: false, warnings, elapsed: started.elapsed() });
+        for name in &fresh {
+            let new = &checked.graph.submodels[*name];
+            let named = served.history.labels.get(name.as_str()).and_then(|l| l.get(&new.version));
+            let serving = served.graph.submodels.get(*name).is_some_and(|s| s.version == new.version);
+            if let Some(named) = named
+                && !serving
+                && *named != Content::now(new)
+            {
+                warnings.push(format!(
+                    "submodel `{name}`: version `{}` named other content before ({named}); the graph redefines it",
+                    new.version
+                ));
+            }
         }
-        let options = &self.inner.options;
+        let output_type_changes = output_type_changes(&served.graph, &checked.graph);
+        if !output_type_changes.is_empty() {
+            if !options.allow_signature_change {
+                return Err(ChangeError::OutputTypeChanged { changes: output_type_changes });
+            }
+            warnings.extend(output_type_changes.iter().map(|c| format!("{c}: the output changes its type")));
+        }
+        if options.dry_run || diff.is_empty() {
+            return Ok(Recomposed { diff, applied: false, warnings, output_type_changes, elapsed: started.elapsed() });
+        }
+        let keep = self.inner.options.keep_versions;
         let mut submodels = BTreeMap::new();
         for (name, spec) in &checked.graph.submodels {
             let running = served.submodels.get(name.as_str());
@@ -485,27 +761,31 @@ impl Engine {
                 _ => {
                     let metrics = running.map(|s| s.metrics.clone()).unwrap_or_default();
                     // A failure drops (and so stops) what this change started so far.
-                    let s = start_submodel(Arc::new(spec.clone()), &self.inner.registry, options.restart, metrics)
-                        .await
-                        .map_err(|e| ChangeError::InvalidWeights {
-                            submodel: name.to_string(),
-                            message: load_error(e),
-                        })?;
+                    let restart = self.inner.options.restart;
+                    let s =
+                        start_submodel(Arc::new(spec.clone()), &self.inner.registry, restart, metrics).await.map_err(
+                            |e| ChangeError::InvalidWeights { submodel: name.to_string(), message: load_error(e) },
+                        )?;
                     Arc::new(s)
                 }
             };
             submodels.insert(name.to_string(), sub);
         }
         let mut history = served.history.clone();
-        history.retain(|name, _| checked.graph.submodels.contains_key(name.as_str()));
+        history.past.retain(|name, _| checked.graph.submodels.contains_key(name.as_str()));
+        history.labels.retain(|name, _| checked.graph.submodels.contains_key(name.as_str()));
         let now = SystemTime::now();
         for name in &diff.submodels.changed {
-            retire(&mut history, &served.submodels[name.as_str()], now, options.keep_versions);
+            retire(&mut history, &served.submodels[name.as_str()], now, false, keep);
+        }
+        for name in &fresh {
+            let s = &submodels[name.as_str()];
+            history.label(&s.spec, &s.stamps);
         }
         let next = Served::compile(checked.graph, submodels, history, Some(&served))
             .map_err(|e| ChangeError::InvalidRequest(e.to_string()))?;
         self.commit(next)?;
-        Ok(Recomposed { diff, applied: true, warnings, elapsed: started.elapsed() })
+        Ok(Recomposed { diff, applied: true, warnings, output_type_changes, elapsed: started.elapsed() })
     }
 
     /// Records `next` (when there is a state directory) and switches to it.
@@ -548,19 +828,44 @@ impl Engine {
     }
 }
 
-/// Keeps `old` (which stops serving at `until`) as its submodel's newest previous version,
-/// forgetting the oldest beyond `keep`.
-fn retire(history: &mut History, old: &Submodel, until: SystemTime, keep: usize) {
-    let past = history.entry(old.spec.name.to_string()).or_default();
-    past.push(PastVersion { spec: old.spec.clone(), since: old.since, until, stamps: old.stamps.clone() });
+/// Keeps `old` (which stops serving at `until`) as its submodel's newest kept version (left by a
+/// rollback or not), forgetting the oldest beyond `keep` (their labels stay taken).
+fn retire(history: &mut History, old: &Submodel, until: SystemTime, left_by_rollback: bool, keep: usize) {
+    history.label(&old.spec, &old.stamps);
+    let past = history.past.entry(old.spec.name.to_string()).or_default();
+    past.push(PastVersion {
+        spec: old.spec.clone(),
+        since: old.since,
+        until,
+        stamps: old.stamps.clone(),
+        left_by_rollback,
+    });
     let excess = past.len().saturating_sub(keep);
     past.drain(..excess);
+}
+
+/// Refuses to return to a kept version whose files changed since it served: it would load other
+/// weights under its label.
+fn unchanged_since(kept: &PastVersion) -> Result<(), ChangeError> {
+    for stamp in &kept.stamps {
+        if FileStamp::read(&stamp.path).as_ref() != Some(stamp) {
+            return Err(ChangeError::InvalidWeights {
+                submodel: kept.spec.name.to_string(),
+                message: format!(
+                    "`{}` changed since version `{}` served; returning to it would load other weights under its label (swap to it with a new version instead)",
+                    stamp.path.display(),
+                    kept.spec.version
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The canonical paths of every file the served graph and its kept versions read: a change may
 /// name them wherever they lie (they are read already).
 fn served_files(served: &Served) -> HashSet<PathBuf> {
-    let past = served.history.values().flatten().map(|p| &*p.spec);
+    let past = served.history.past.values().flatten().map(|p| &*p.spec);
     served
         .graph
         .submodels

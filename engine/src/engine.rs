@@ -151,6 +151,11 @@ impl EngineBuilder {
                 }
             }
         }
+        // Every serving label names what it serves now.
+        let mut history = history;
+        for s in submodels.values() {
+            history.label(&s.spec, &s.stamps);
+        }
         let served = Served::compile(graph, submodels, history, None)?;
         Ok(Engine {
             inner: Arc::new(Inner {

@@ -40,7 +40,9 @@ mod metrics;
 mod sequential;
 mod state;
 
-pub use change::{ChangeError, Recomposed, SwapRequest, Swapped, VersionInfo, Versions};
+pub use change::{
+    ChangeError, OutputTypeChange, RecomposeOptions, Recomposed, SwapRequest, Swapped, VersionInfo, Versions,
+};
 pub use engine::{Engine, EngineBuilder, EngineOptions, InferOptions, PipelineInfo, Response, SubmodelInfo};
 pub use error::{EngineError, InferError, Result};
 pub use maas_actors::RestartPolicy;
