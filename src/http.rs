@@ -150,6 +150,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ChangeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ChangeError::InvalidWeights { .. } | ChangeError::InvalidGraph(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ChangeError::TooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ChangeError::Incompatible { .. } | ChangeError::NoPreviousVersion(_) => StatusCode::CONFLICT,
             ChangeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ChangeError::NotRecorded(_) => StatusCode::INTERNAL_SERVER_ERROR,

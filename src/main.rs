@@ -84,6 +84,11 @@ enum Command {
         /// invalid one is logged, and the served graph stays).
         #[arg(long)]
         watch: bool,
+        /// The most memory loading may take (the graph at start, and each swap, rollback or
+        /// recomposition): bytes, or with a unit (512MiB, 8GiB). Loads estimated above it, or
+        /// above the memory available, are refused. Default: half the machine's memory.
+        #[arg(long, value_name = "SIZE", value_parser = maas::engine::parse_bytes)]
+        max_load_memory: Option<u64>,
     },
     /// Drive a pipeline (in process, or a server with --url) and print throughput and latency
     /// percentiles as JSON.
@@ -178,14 +183,18 @@ struct ServeArgs {
     state_dir: Option<PathBuf>,
     model_roots: Vec<PathBuf>,
     watch: bool,
+    max_load_memory: Option<u64>,
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch } = args;
+    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory } = args;
     runtime()?.block_on(async {
         // Changes may read files under the graph files' directories and the model roots.
         let mut roots = model_roots;
         let mut options = maas::engine::EngineOptions { state_dir: state_dir.clone(), ..Default::default() };
+        if max_load_memory.is_some() {
+            options.max_load_bytes = max_load_memory;
+        }
         match &state_dir {
             Some(dir) if maas::engine::has_record(dir) => eprintln!(
                 "maas: serving the graph and versions recorded in {} (delete it to serve the graph files as written)",
@@ -421,8 +430,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch } => {
-            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch })
+        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory } => {
+            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory })
         }
         Command::Bench {
             url: Some(url),
