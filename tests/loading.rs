@@ -193,8 +193,6 @@ fn mkfifo(path: &Path) {
 struct Server {
     child: std::process::Child,
     addr: String,
-    /// What it printed up to its address.
-    early: Vec<String>,
 }
 
 impl Server {
@@ -219,7 +217,7 @@ impl Server {
                 let addr = rest.trim().to_string();
                 // Keep draining stderr so the server never blocks on a full pipe.
                 std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-                return Ok(Self { child, addr, early });
+                return Ok(Self { child, addr });
             }
             early.push(line);
         }

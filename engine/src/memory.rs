@@ -72,7 +72,7 @@ pub(crate) enum Refused {
     /// Over the limit.
     TooLarge(TooLarge),
     /// The kind could not estimate (its settings or headers are wrong).
-    Estimate { submodel: String, source: KernelError },
+    Estimate { submodel: String, source: Box<KernelError> },
 }
 
 impl From<Refused> for ChangeError {
@@ -90,7 +90,7 @@ impl From<Refused> for EngineError {
     fn from(r: Refused) -> Self {
         match r {
             Refused::TooLarge(t) => EngineError::TooLarge(t),
-            Refused::Estimate { submodel, source } => EngineError::Load { submodel, source: Box::new(source) },
+            Refused::Estimate { submodel, source } => EngineError::Load { submodel, source },
         }
     }
 }
@@ -108,7 +108,7 @@ pub(crate) fn check<'a>(
     for spec in specs {
         let one = registry
             .memory_estimate(spec)
-            .map_err(|source| Refused::Estimate { submodel: spec.name.to_string(), source })?;
+            .map_err(|source| Refused::Estimate { submodel: spec.name.to_string(), source: Box::new(source) })?;
         let bytes = one.saturating_mul(spec.replicas as u64);
         total = total.saturating_add(bytes);
         count += 1;
