@@ -45,8 +45,8 @@ pub trait Kind: Send + Sync {
     /// Loads a kernel on `device`.
     fn load(&self, spec: &SubmodelSpec, device: &Device) -> Result<Arc<dyn Kernel>>;
 
-    /// The bytes loading one replica of `spec` takes at its peak (an upper bound, which covers
-    /// what the loaded kernel then holds), from params and file headers only: nothing is
+    /// The bytes loading one replica of `spec` takes at its peak (which covers what the loaded
+    /// kernel then holds), from params and file headers only: nothing is
     /// allocated or loaded. The engine refuses a load whose estimate times the replica count
     /// exceeds its limit (`too_large`) instead of letting the allocation abort the process.
     /// Arithmetic saturates (see [`crate::memory`]): an absurd shape is `u64::MAX`, never a
