@@ -268,6 +268,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ChangeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ChangeError::InvalidWeights { .. } | ChangeError::InvalidGraph(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ChangeError::TooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ChangeError::Incompatible { .. }
             | ChangeError::OutputTypeChanged { .. }
             | ChangeError::VersionConflict { .. }

@@ -84,6 +84,11 @@ enum Command {
         /// invalid one is logged, and the served graph stays).
         #[arg(long)]
         watch: bool,
+        /// The most memory loading may take (the graph at start, and each swap, rollback or
+        /// recomposition): bytes, or with a unit (512MiB, 8GiB). Loads estimated above it, or
+        /// above the memory available, are refused. Default: half the machine's memory.
+        #[arg(long, value_name = "SIZE", value_parser = maas::engine::parse_bytes)]
+        max_load_memory: Option<u64>,
         #[command(flatten)]
         limits: ServeLimits,
     },
@@ -224,11 +229,12 @@ struct ServeArgs {
     state_dir: Option<PathBuf>,
     model_roots: Vec<PathBuf>,
     watch: bool,
+    max_load_memory: Option<u64>,
     limits: ServeLimits,
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, limits } = args;
+    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory, limits } = args;
     let server_config = limits.server_config()?;
     if !(limits.body_timeout.is_finite() && limits.body_timeout > 0.0 && limits.body_timeout <= 86_400.0) {
         bail!("--body-timeout must be a number of seconds above 0 and at most 86400, not {}", limits.body_timeout);
@@ -237,6 +243,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         // Changes may read files under the graph files' directories and the model roots.
         let mut roots = model_roots;
         let mut options = maas::engine::EngineOptions { state_dir: state_dir.clone(), ..Default::default() };
+        if max_load_memory.is_some() {
+            options.max_load_bytes = max_load_memory;
+        }
         match &state_dir {
             Some(dir) if maas::engine::has_record(dir) => eprintln!(
                 "maas: serving the graph and versions recorded in {} (delete it to serve the graph files as written)",
@@ -493,8 +502,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch, limits } => {
-            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, limits })
+        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory, limits } => {
+            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory, limits })
         }
         Command::Bench {
             url: Some(url),

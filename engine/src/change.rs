@@ -341,6 +341,10 @@ pub enum ChangeError {
     /// The engine is shutting down.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// Loading the new version(s) would need more memory than allowed: the estimate from
+    /// params and file headers exceeds the load limit or the memory available. Nothing loaded.
+    #[error("{0}")]
+    TooLarge(crate::TooLarge),
     /// The change could not be recorded in the state directory, so it was not applied.
     #[error("the change was not applied: recording it failed: {0}")]
     NotRecorded(String),
@@ -361,6 +365,7 @@ impl ChangeError {
             ChangeError::InvalidGraph(_) => "invalid_graph",
             ChangeError::ShuttingDown => "shutting_down",
             ChangeError::NotRecorded(_) => "not_recorded",
+            ChangeError::TooLarge(_) => "too_large",
         }
     }
 }
@@ -592,9 +597,9 @@ impl Engine {
         let name = spec.name.to_string();
         let invalid = |message: String| ChangeError::InvalidWeights { submodel: name.clone(), message };
         if let Some(w) = &spec.weights
-            && !w.is_file()
+            && let Some(problem) = maas_graphs::file_problem(w)
         {
-            return Err(invalid(format!("weights file `{}` does not exist", w.display())));
+            return Err(invalid(format!("weights file `{}` {problem}", w.display())));
         }
         let signature = match Catalog::signature(&self.inner.registry, &spec) {
             Ok(s) => s,
@@ -661,6 +666,7 @@ impl Engine {
         let replicas = spec.replicas;
         let version = spec.version.clone();
         let options = &self.inner.options;
+        crate::memory::check(&self.inner.registry, [&spec], options.max_load_bytes)?;
         let new = start_submodel(Arc::new(spec), &self.inner.registry, options.restart, current.metrics.clone())
             .await
             .map_err(|e| invalid(load_error(e)))?;
@@ -742,6 +748,8 @@ impl Engine {
                 ));
             }
         }
+        let loads = fresh.iter().map(|name| &checked.graph.submodels[*name]);
+        crate::memory::check(&self.inner.registry, loads, self.inner.options.max_load_bytes)?;
         let output_type_changes = output_type_changes(&served.graph, &checked.graph);
         if !output_type_changes.is_empty() {
             if !options.allow_signature_change {

@@ -61,6 +61,14 @@ pub struct EngineOptions {
     /// directory that holds a record serves the recorded graph and versions instead of the
     /// graph it was given. `None`: changes live as long as the process.
     pub state_dir: Option<PathBuf>,
+    /// The most memory one load may take, in bytes: a build, swap, rollback or recomposition
+    /// whose new submodels' estimated memory (each kind's `memory_estimate` times its replicas)
+    /// exceeds it, or exceeds the memory available at that moment, is refused
+    /// ([`EngineError::TooLarge`], [`ChangeError::TooLarge`](crate::ChangeError::TooLarge))
+    /// before anything is allocated. Default: half the machine's memory
+    /// ([`default_max_load_bytes`](crate::default_max_load_bytes)); `None`: only the available
+    /// memory bounds loads.
+    pub max_load_bytes: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -72,6 +80,7 @@ impl Default for EngineOptions {
             keep_versions: 5,
             file_roots: None,
             state_dir: None,
+            max_load_bytes: crate::memory::default_max_load_bytes(),
         }
     }
 }
@@ -135,6 +144,7 @@ impl EngineBuilder {
             }
             None => (graph, History::default(), 0),
         };
+        crate::memory::check(&self.registry, graph.submodels.values(), options.max_load_bytes)?;
         let mut submodels: BTreeMap<String, Arc<Submodel>> = BTreeMap::new();
         for (name, spec) in &graph.submodels {
             let metrics = Arc::new(SubmodelMetrics::default());

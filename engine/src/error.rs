@@ -28,6 +28,10 @@ pub enum EngineError {
         /// Why.
         message: String,
     },
+    /// Loading the graph would need more memory than allowed (estimated before anything is
+    /// allocated; see [`EngineOptions::max_load_bytes`](crate::EngineOptions)).
+    #[error("{0}")]
+    TooLarge(crate::TooLarge),
     /// The engine's settings cannot be used: a state directory that cannot be read or whose
     /// record no longer checks, or a file root that does not exist.
     #[error("{0}")]

@@ -36,6 +36,7 @@ mod change;
 mod engine;
 mod error;
 pub mod json;
+mod memory;
 mod metrics;
 mod sequential;
 mod state;
@@ -47,6 +48,7 @@ pub use engine::{Engine, EngineBuilder, EngineOptions, InferOptions, PipelineInf
 pub use error::{EngineError, InferError, Result};
 pub use maas_actors::RestartPolicy;
 pub use maas_actors::metrics::HistogramSnapshot;
+pub use memory::{TooLarge, default_max_load_bytes, parse_bytes};
 pub use metrics::{MetricsSnapshot, PipelineSnapshot, SubmodelSnapshot};
 pub use sequential::Sequential;
 pub use state::{STATE_FILE, has_record};

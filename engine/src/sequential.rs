@@ -14,8 +14,10 @@ pub struct Sequential {
 }
 
 impl Sequential {
-    /// Loads every submodel of `graph` with `registry`.
+    /// Loads every submodel of `graph` with `registry` (refused with [`EngineError::TooLarge`]
+    /// when their estimated memory exceeds half the machine's or what is available).
     pub fn new(graph: &Graph, registry: &Registry) -> Result<Self> {
+        crate::memory::check(registry, graph.submodels.values(), crate::default_max_load_bytes())?;
         let mut submodels = BTreeMap::new();
         for (name, spec) in &graph.submodels {
             let loaded = registry

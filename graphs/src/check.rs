@@ -129,11 +129,11 @@ fn submodel_signatures(
             continue;
         }
         if let Some(w) = &s.spec.weights
-            && !w.is_file()
+            && let Some(problem) = crate::file_problem(w)
         {
             diags.push(Diagnostic::error(
                 Some(s.file.locate(&s.span_of(Some("weights")))),
-                format!("weights file `{}` of submodel `{name}` does not exist", w.display()),
+                format!("weights file `{}` of submodel `{name}` {problem}", w.display()),
             ));
             continue;
         }

@@ -15,6 +15,23 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    /// A path given as a file is not a regular file (missing, a directory, a FIFO, ...); it is
+    /// never opened.
+    #[error("`{path}` {problem}")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead (`is not a regular file (a FIFO)`).
+        problem: String,
+    },
+    /// A buffer could not be allocated; the load fails instead of aborting the process.
+    #[error("{op}: cannot allocate {bytes} bytes")]
+    Allocation {
+        /// What was being allocated.
+        op: &'static str,
+        /// How many bytes it needed (`u64::MAX`: more than can be counted).
+        bytes: u64,
+    },
     /// A weights file is not valid safetensors (corrupt or truncated).
     #[error("`{path}` is not a valid safetensors file: {reason}")]
     Corrupt {

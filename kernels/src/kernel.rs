@@ -44,6 +44,21 @@ pub trait Kind: Send + Sync {
 
     /// Loads a kernel on `device`.
     fn load(&self, spec: &SubmodelSpec, device: &Device) -> Result<Arc<dyn Kernel>>;
+
+    /// The bytes loading one replica of `spec` takes at its peak (which covers what the loaded
+    /// kernel then holds), from params and file headers only: nothing is
+    /// allocated or loaded. The engine refuses a load whose estimate times the replica count
+    /// exceeds its limit (`too_large`) instead of letting the allocation abort the process.
+    /// Arithmetic saturates (see [`crate::memory`]): an absurd shape is `u64::MAX`, never a
+    /// wrapped small number.
+    ///
+    /// Defaults to the total size of the submodel's files (`weights` and file params, see
+    /// [`SubmodelSpec::files`]), 0 without files: right for a kind that reads its files as they
+    /// are; a kind that allocates from its params (a seeded init) or decodes its files into a
+    /// larger form should say so here.
+    fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
+        Ok(crate::memory::files_size(spec))
+    }
 }
 
 /// A kernel together with its signature and version: what a submodel runs.

@@ -76,13 +76,12 @@ pub(crate) fn out(port: &str, t: candle_core::Tensor) -> Values {
     Values::from([(port.to_string(), Value::Tensor(t))])
 }
 
-/// A path param resolved against the graph file, which must exist.
+/// A path param resolved against the graph file, which must be a regular file.
 pub(crate) fn existing_file(spec: &SubmodelSpec, key: &str, raw: &str) -> Result<PathBuf, KindError> {
     let p = spec.resolve(raw);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(KindError::at(format!("params.{key}"), format!("file `{}` does not exist", p.display())))
+    match maas_graphs::file_problem(&p) {
+        None => Ok(p),
+        Some(problem) => Err(KindError::at(format!("params.{key}"), format!("file `{}` {problem}", p.display()))),
     }
 }
 

@@ -30,6 +30,7 @@ mod device;
 mod error;
 mod kernel;
 pub mod kinds;
+pub mod memory;
 mod registry;
 mod value;
 pub mod weights;

@@ -46,6 +46,15 @@ impl Registry {
         self.kinds.get(name)
     }
 
+    /// The bytes loading one replica of `spec` takes (its kind's [`Kind::memory_estimate`]).
+    pub fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
+        let kind = self.get(&spec.kind).ok_or_else(|| KernelError::Param {
+            key: "kind".into(),
+            message: format!("unknown kind `{}`", spec.kind),
+        })?;
+        kind.memory_estimate(spec)
+    }
+
     /// Opens the submodel's device and loads its kernel there.
     pub fn load(&self, spec: &SubmodelSpec) -> Result<Loaded> {
         let kind = self.get(&spec.kind).ok_or_else(|| KernelError::Param {

@@ -46,6 +46,12 @@ fn dtype_size(dtype: &str) -> Option<usize> {
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
     let io = |source| KernelError::Io { path: path.to_path_buf(), source };
     let corrupt = |reason: String| KernelError::Corrupt { path: path.to_path_buf(), reason };
+    // Never open a FIFO (it would block until a writer came) or a directory.
+    if let Some(problem) = maas_graphs::file_problem(path)
+        && path.exists()
+    {
+        return Err(KernelError::NotAFile { path: path.to_path_buf(), problem });
+    }
     let mut f = std::fs::File::open(path).map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
     let mut n = [0u8; 8];
@@ -172,7 +178,12 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn seeded_uniform(shape: &[usize], bound: f32, seed: u64, device: &Device) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..=bound)).collect();
+    // A buffer that cannot be had is an error, not an abort (the engine's memory estimate
+    // refuses such loads before they start; this catches what slips past it).
+    let too_large = || KernelError::Allocation { op: "seeded init", bytes: crate::memory::tensor_bytes(shape, 4) };
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(too_large)?;
+    let mut data: Vec<f32> = Vec::new();
+    data.try_reserve_exact(n).map_err(|_| too_large())?;
+    data.extend((0..n).map(|_| rng.random_range(-bound..=bound)));
     Tensor::from_vec(data, shape, device).map_err(|source| KernelError::Candle { op: "seeded init", source })
 }

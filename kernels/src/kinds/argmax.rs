@@ -34,6 +34,11 @@ impl Kind for Argmax {
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {
         Ok(Arc::new(ArgmaxKernel))
     }
+
+    /// Nothing: it holds no parameters.
+    fn memory_estimate(&self, _spec: &SubmodelSpec) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 impl Kernel for ArgmaxKernel {

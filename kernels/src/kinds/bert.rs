@@ -13,6 +13,7 @@ use maas_graphs::{DType, Dim, KindError, PortSpec, PortType, Signature, Submodel
 use super::{out, tensor};
 use crate::error::{CandleContext, KernelError, Result};
 use crate::kernel::{Kernel, Kind};
+use crate::memory::{F32_BYTES, file_size, sum, tensor_bytes};
 use crate::value::Values;
 use crate::weights::{Weights, parse_params, read_header, read_json};
 
@@ -68,6 +69,15 @@ impl Kind for Bert {
         let vb = weights.var_builder(candle_core::DType::F32, device);
         let model = BertModel::load(vb, &config).map_err(|e| KernelError::Corrupt { path, reason: e.to_string() })?;
         Ok(Arc::new(BertKernel { model, max_positions: config.max_position_embeddings }))
+    }
+
+    /// The file read whole, and every tensor of its header as f32 (what the model holds; a
+    /// tensor stored as f16 doubles).
+    fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
+        let (_, path) = settings(spec).map_err(super::settings_error)?;
+        let header = read_header(&path)?;
+        let tensors = sum(header.values().map(|t| tensor_bytes(&t.shape, F32_BYTES)));
+        Ok(tensors.saturating_add(file_size(&path)))
     }
 }
 

@@ -35,6 +35,11 @@ impl Kind for Cosine {
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {
         Ok(Arc::new(CosineKernel))
     }
+
+    /// Nothing: it holds no parameters.
+    fn memory_estimate(&self, _spec: &SubmodelSpec) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 impl Kernel for CosineKernel {

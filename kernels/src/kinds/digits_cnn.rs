@@ -15,6 +15,7 @@ use maas_graphs::{DType, Dim, KindError, PortSpec, PortType, Signature, Submodel
 use super::{out, tensor};
 use crate::error::{CandleContext, Result};
 use crate::kernel::{Kernel, Kind};
+use crate::memory::{F32_BYTES, file_size, sum, tensor_bytes};
 use crate::value::Values;
 use crate::weights::{Weights, parse_params, read_header, seeded_uniform};
 
@@ -159,6 +160,14 @@ impl Kind for DigitsCnnKind {
         }
         let vb = VarBuilder::from_tensors(tensors, CDType::F32, device);
         Ok(Arc::new(DigitsCnnKernel(DigitsCnn::new(vb, f).ctx("digits_cnn load")?)))
+    }
+
+    /// The file read whole and twice its tensors as f32 (loaded, and the copies the layers
+    /// may make).
+    fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
+        let (f, _) = features(spec).map_err(super::settings_error)?;
+        let tensors = sum(tensor_shapes(f).iter().map(|(_, shape)| tensor_bytes(shape, F32_BYTES)));
+        Ok(sum([tensors, tensors, spec.weights.as_deref().map_or(0, file_size)]))
     }
 }
 

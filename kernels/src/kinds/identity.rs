@@ -33,6 +33,11 @@ impl Kind for Identity {
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {
         Ok(Arc::new(IdentityKernel))
     }
+
+    /// Nothing: it holds no parameters.
+    fn memory_estimate(&self, _spec: &SubmodelSpec) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 impl Kernel for IdentityKernel {

@@ -35,6 +35,11 @@ impl Kind for L2Normalize {
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {
         Ok(Arc::new(L2NormalizeKernel))
     }
+
+    /// Nothing: it holds no parameters.
+    fn memory_estimate(&self, _spec: &SubmodelSpec) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Row-wise L2 norms of a [B,D] tensor, as [B,1], at least `eps`.

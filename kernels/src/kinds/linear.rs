@@ -14,6 +14,7 @@ use maas_graphs::{DType, Dim, KindError, PortSpec, PortType, Signature, Submodel
 use super::{out, tensor};
 use crate::error::{CandleContext, KernelError, Result};
 use crate::kernel::{Kernel, Kind};
+use crate::memory::{F32_BYTES, block_bytes, file_size, sum, tensor_bytes};
 use crate::value::Values;
 use crate::weights::{Weights, parse_params, read_header, seeded_uniform};
 
@@ -51,6 +52,15 @@ impl Quantize {
                 "params.quantize",
                 format!("unknown quantization `{other}`; expected \"q8_0\" or \"q4k\""),
             )),
+        }
+    }
+
+    /// Bytes of an `[out, in]` weight stored this way.
+    fn stored_bytes(self, output: usize, input: usize) -> u64 {
+        let numel = crate::memory::tensor_bytes(&[output, input], 1);
+        match self.block() {
+            None => numel.saturating_mul(F32_BYTES),
+            Some((dtype, _)) => block_bytes(numel, dtype.block_size() as u64, dtype.type_size() as u64),
         }
     }
 
@@ -159,6 +169,16 @@ impl Kind for LinearKind {
             }
         };
         Ok(Arc::new(Linear::new(weight, bias, p.quantize)?))
+    }
+
+    /// The file read whole (while its tensors are decoded), the weight and bias as f32, and
+    /// the copy the layer keeps (the transposed weight, or its quantized blocks).
+    fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
+        let p = plan(spec).map_err(super::settings_error)?;
+        let weight = tensor_bytes(&[p.output, p.input], F32_BYTES);
+        let bias = tensor_bytes(&[p.output], F32_BYTES);
+        let file = spec.weights.as_deref().map_or(0, file_size);
+        Ok(sum([file, weight, bias, p.quantize.stored_bytes(p.output, p.input), bias]))
     }
 }
 

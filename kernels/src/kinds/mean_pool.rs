@@ -39,6 +39,11 @@ impl Kind for MeanPool {
     fn load(&self, _spec: &SubmodelSpec, _device: &Device) -> Result<Arc<dyn Kernel>> {
         Ok(Arc::new(MeanPoolKernel))
     }
+
+    /// Nothing: it holds no parameters.
+    fn memory_estimate(&self, _spec: &SubmodelSpec) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 impl Kernel for MeanPoolKernel {

@@ -14,6 +14,7 @@ use super::linear::{Linear, Quantize};
 use super::{out, tensor};
 use crate::error::{CandleContext, Result};
 use crate::kernel::{Kernel, Kind};
+use crate::memory::{F32_BYTES, file_size, sum, tensor_bytes};
 use crate::value::Values;
 use crate::weights::{Weights, parse_params, read_header, seeded_uniform};
 
@@ -129,6 +130,18 @@ impl Kind for MlpKind {
             layers.push(Linear::new(weight, bias, Quantize::None)?);
         }
         Ok(Arc::new(Mlp { layers, activation }))
+    }
+
+    /// The file read whole, every layer's weight and bias as f32, and the transposed copy of
+    /// each weight the layers keep.
+    fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
+        let (sizes, _, _) = params(spec).map_err(super::settings_error)?;
+        let layers = sizes.windows(2).map(|w| {
+            let (input, output) = (w[0], w[1]);
+            let weight = tensor_bytes(&[output, input], F32_BYTES);
+            sum([weight, weight, tensor_bytes(&[output], F32_BYTES)])
+        });
+        Ok(sum(layers).saturating_add(spec.weights.as_deref().map_or(0, file_size)))
     }
 }
 

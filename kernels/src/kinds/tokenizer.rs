@@ -16,6 +16,10 @@ use crate::kernel::{Kernel, Kind};
 use crate::value::{Value, Values};
 use crate::weights::parse_params;
 
+/// How many times its file's size a decoded tokenizer takes (vocabulary maps, merges, the
+/// normalizer and pre-tokenizer state): a generous bound for `tokenizer.json` files.
+pub(crate) const DECODED_FACTOR: u64 = 16;
+
 /// Default truncation length.
 pub(crate) const DEFAULT_MAX_LENGTH: usize = 256;
 
@@ -64,6 +68,12 @@ impl Kind for TokenizerKind {
         tok.with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
             .map_err(|e| KernelError::Tokenizer(e.to_string()))?;
         Ok(Arc::new(TokenizerKernel { tok, device: device.clone() }))
+    }
+
+    /// The file's size times [`DECODED_FACTOR`] (its text is read whole and decoded).
+    fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
+        let (path, _) = params(spec).map_err(super::settings_error)?;
+        Ok(crate::memory::file_size(&path).saturating_mul(DECODED_FACTOR + 1))
     }
 }
 

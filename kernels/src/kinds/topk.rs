@@ -57,6 +57,11 @@ impl Kind for TopK {
         let k = params(spec).map_err(super::settings_error)?.k;
         Ok(Arc::new(TopKKernel { k }))
     }
+
+    /// Nothing: it holds no parameters.
+    fn memory_estimate(&self, _spec: &SubmodelSpec) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 impl Kernel for TopKKernel {
