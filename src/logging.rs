@@ -65,13 +65,14 @@ pub fn notice_as(source: &str, message: impl Display) {
         LogFormat::Json => {
             let mut timestamp = String::new();
             let _ = SystemTime.format_time(&mut Writer::new(&mut timestamp));
-            let line = serde_json::json!({
-                "timestamp": timestamp,
-                "level": "INFO",
-                "message": message.to_string(),
-                "target": source,
-            });
-            eprintln!("{line}");
+            // The keys in the order tracing's JSON lines have them.
+            let text = |s: &str| serde_json::Value::from(s).to_string();
+            eprintln!(
+                r#"{{"timestamp":{},"level":"INFO","message":{},"target":{}}}"#,
+                text(&timestamp),
+                text(&message.to_string()),
+                text(source)
+            );
         }
     }
 }
