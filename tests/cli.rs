@@ -296,3 +296,13 @@ async fn bench_swaps_params_only_over_http() {
     server.shut().await;
     engine.shutdown().await;
 }
+
+#[test]
+fn text_logs_are_coloured_only_on_a_terminal_without_no_color() {
+    use maas::logging::use_colour;
+    use std::ffi::OsStr;
+    assert!(use_colour(true, None));
+    assert!(use_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+    assert!(!use_colour(true, Some(OsStr::new("1"))));
+    assert!(!use_colour(false, None));
+}
