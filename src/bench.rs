@@ -4,10 +4,19 @@
 //! report. Closed loop: `concurrency` callers each send the next request as soon as the
 //! previous one ends. Open loop (`rate`): requests are sent on a fixed schedule whatever happens, and each
 //! latency is measured from its *scheduled* send time, so queueing is not hidden.
+//!
+//! Over HTTP, a caller whose request gets no answer (connection refused or reset) waits before
+//! its next one ([`BACKOFF_START`], doubling up to [`BACKOFF_MAX`]), and after
+//! [`MAX_CONNECTION_ERRORS`] such errors in a row with no answer in between the bench stops
+//! with an error instead of measuring a server that is not there.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
 
 use maas_engine::{Engine, InferError, Sequential};
 use maas_kernels::Values;
@@ -67,21 +76,58 @@ pub const AROUND: f64 = 0.5;
 /// Requests started in the first second of a bench with changes count in neither window.
 pub const WARM_UP: f64 = 1.0;
 
-/// A [`Changer`] that hot-swaps `submodel` of `engine` to `weights` (version `bench-N`), then
+/// What `maas bench --swap` changes: a submodel's weights, its params, or both (what is left
+/// out stays as it is).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Swap {
+    /// The submodel.
+    pub submodel: String,
+    /// New weights file.
+    pub weights: Option<PathBuf>,
+    /// Params to set, key by key.
+    pub params: Option<toml::Table>,
+}
+
+impl Swap {
+    /// Parses `--swap SUBMODEL[=WEIGHTS]` and `--swap-params JSON` (a JSON object of params,
+    /// e.g. `{"seed": 2}`); a swap needs weights, params or both.
+    pub fn parse(swap: &str, params: Option<&str>) -> anyhow::Result<Swap> {
+        let (submodel, weights) = match swap.split_once('=') {
+            Some((submodel, weights)) => (submodel, Some(PathBuf::from(weights))),
+            None => (swap, None),
+        };
+        if submodel.is_empty() || weights.as_ref().is_some_and(|w| w.as_os_str().is_empty()) {
+            bail!("--swap `{swap}` is not SUBMODEL=WEIGHTS or SUBMODEL (with --swap-params)");
+        }
+        let params = params
+            .map(|text| {
+                serde_json::from_str::<toml::Table>(text)
+                    .with_context(|| format!("--swap-params `{text}` is not a JSON object of params"))
+            })
+            .transpose()?;
+        if weights.is_none() && params.is_none() {
+            bail!("--swap `{submodel}` changes nothing: give SUBMODEL=WEIGHTS, --swap-params JSON, or both");
+        }
+        Ok(Swap { submodel: submodel.to_string(), weights, params })
+    }
+}
+
+/// A [`Changer`] that hot-swaps a submodel of `engine` as `swap` says (version `bench-N`), then
 /// rolls it back, alternately.
-pub fn engine_changer(engine: Engine, submodel: String, weights: std::path::PathBuf) -> Changer {
+pub fn engine_changer(engine: Engine, swap: Swap) -> Changer {
     Arc::new(move |n| {
-        let (engine, submodel, weights) = (engine.clone(), submodel.clone(), weights.clone());
+        let (engine, swap) = (engine.clone(), swap.clone());
         Box::pin(async move {
             let r = if n % 2 == 0 {
                 let req = maas_engine::SwapRequest {
-                    weights: Some(weights),
+                    weights: swap.weights,
                     version: Some(format!("bench-{}", n / 2 + 1)),
+                    params: swap.params.clone(),
                     ..maas_engine::SwapRequest::default()
                 };
-                engine.swap(&submodel, req).await
+                engine.swap(&swap.submodel, req).await
             } else {
-                engine.rollback(&submodel).await
+                engine.rollback(&swap.submodel).await
             };
             r.map(|s| format!("{} -> {}", s.previous, s.version)).map_err(|e| e.to_string())
         })
@@ -89,15 +135,22 @@ pub fn engine_changer(engine: Engine, submodel: String, weights: std::path::Path
 }
 
 /// A [`Changer`] that does the same through a server's admin API (`token` as bearer).
-pub fn http_changer(url: &str, token: String, submodel: String, weights: std::path::PathBuf) -> Changer {
-    let base = format!("{}/v1/submodels/{submodel}", url.trim_end_matches('/'));
+pub fn http_changer(url: &str, token: String, swap: Swap) -> Changer {
+    let base = format!("{}/v1/submodels/{}", url.trim_end_matches('/'), swap.submodel);
     let client = reqwest::Client::new();
+    let mut fields = serde_json::Map::new();
+    if let Some(weights) = &swap.weights {
+        fields.insert("weights".into(), json!(weights));
+    }
+    if let Some(params) = &swap.params {
+        fields.insert("params".into(), serde_json::to_value(params).unwrap_or(Json::Null));
+    }
     Arc::new(move |n| {
-        let (client, base, token, weights) = (client.clone(), base.clone(), token.clone(), weights.clone());
+        let (client, base, token, mut body) = (client.clone(), base.clone(), token.clone(), fields.clone());
         Box::pin(async move {
             let req = if n % 2 == 0 {
-                let body = json!({ "weights": weights, "version": format!("bench-{}", n / 2 + 1) });
-                client.put(&base).body(body.to_string())
+                body.insert("version".into(), json!(format!("bench-{}", n / 2 + 1)));
+                client.put(&base).header("content-type", "application/json").body(Json::Object(body).to_string())
             } else {
                 client.post(format!("{base}/rollback"))
             };
@@ -150,33 +203,97 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig, changes: Op
     report
 }
 
+/// Connection errors in a row (no answer in between, counted over all callers) after which a
+/// bench over HTTP stops and fails.
+pub const MAX_CONNECTION_ERRORS: u32 = 8;
+
+/// How long a caller waits after its first connection error in a row; doubled for each further
+/// one, up to [`BACKOFF_MAX`].
+pub const BACKOFF_START: Duration = Duration::from_millis(50);
+
+/// The longest wait after a connection error.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// The wait after the `n`th connection error in a row (`n` from 1).
+pub fn backoff(n: u32) -> Duration {
+    BACKOFF_START.saturating_mul(1 << n.saturating_sub(1).min(16)).min(BACKOFF_MAX)
+}
+
+/// Connection errors in a row over all callers of [`run_http`], and whether to stop.
+#[derive(Default)]
+struct Connection {
+    in_a_row: AtomicU32,
+    answered: AtomicU32,
+    gave_up: AtomicBool,
+    last_error: Mutex<String>,
+}
+
+impl Connection {
+    /// Records an answer (any HTTP status): the server is there.
+    fn answered(&self) {
+        self.in_a_row.store(0, Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a connection error; answers how many there have been in a row, and gives up at
+    /// [`MAX_CONNECTION_ERRORS`].
+    fn failed(&self, e: &reqwest::Error) -> u32 {
+        // The innermost cause says what happened ("Connection refused (os error 111)").
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        *self.last_error.lock().expect("last error") = cause.to_string();
+        let n = self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= MAX_CONNECTION_ERRORS {
+            self.gave_up.store(true, Ordering::Relaxed);
+        }
+        n
+    }
+}
+
 /// Drives a running server over HTTP: `POST {url}/v1/pipelines/{pipeline}/infer` with
 /// `{"inputs": inputs}`. Errors are counted by the `error.kind` the server answers (or
-/// `http_<status>`, or `connection`).
+/// `http_<status>`, or `connection`). Fails after [`MAX_CONNECTION_ERRORS`] connection errors
+/// in a row (each caller backs off between them).
 pub async fn run_http(
     url: &str,
     inputs: serde_json::Map<String, Json>,
     cfg: &BenchConfig,
     changes: Option<Changes>,
-) -> Json {
+) -> anyhow::Result<Json> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
         .build()
-        .expect("an HTTP client without TLS builds");
+        .context("building the HTTP client")?;
     let endpoint = format!("{}/v1/pipelines/{}/infer", url.trim_end_matches('/'), cfg.pipeline);
     let body = Arc::new(json!({ "inputs": inputs }).to_string());
+    let connection = Arc::new(Connection::default());
+    let conn = connection.clone();
     let call = move || {
-        let (client, endpoint, body) = (client.clone(), endpoint.clone(), body.clone());
+        let (client, endpoint, body, conn) = (client.clone(), endpoint.clone(), body.clone(), conn.clone());
         async move {
-            let r = client
-                .post(&endpoint)
-                .header("content-type", "application/json")
-                .body(body.as_str().to_owned())
-                .send()
-                .await
-                .map_err(|_| "connection".to_string())?;
-            let status = r.status();
-            let text = r.text().await.map_err(|_| "connection".to_string())?;
+            let answer = async {
+                let r = client
+                    .post(&endpoint)
+                    .header("content-type", "application/json")
+                    .body(body.as_str().to_owned())
+                    .send()
+                    .await?;
+                let status = r.status();
+                Ok::<_, reqwest::Error>((status, r.text().await?))
+            };
+            let (status, text) = match answer.await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    let n = conn.failed(&e);
+                    if n < MAX_CONNECTION_ERRORS {
+                        tokio::time::sleep(backoff(n)).await;
+                    }
+                    return Err("connection".to_string());
+                }
+            };
+            conn.answered();
             if status.is_success() {
                 return Ok(());
             }
@@ -187,9 +304,25 @@ pub async fn run_http(
             Err(kind)
         }
     };
-    let mut report = drive_changing(cfg, call, changes).await;
+    let stop = {
+        let connection = connection.clone();
+        move || connection.gave_up.load(Ordering::Relaxed)
+    };
+    let mut report = drive_until(cfg, call, changes, stop).await;
+    if connection.gave_up.load(Ordering::Relaxed) {
+        let last = connection.last_error.lock().expect("last error").clone();
+        let answered = connection.answered.load(Ordering::Relaxed);
+        let what = if answered == 0 {
+            format!("could not connect to {url}")
+        } else {
+            format!("{url} stopped answering after {answered} answers")
+        };
+        bail!(
+            "{what}: {MAX_CONNECTION_ERRORS} connection errors in a row (the last: {last}); is the server running there?"
+        );
+    }
     report["url"] = json!(url);
-    report
+    Ok(report)
 }
 
 /// Runs `call` closed-loop or open-loop as `cfg` says and reports latency and errors.
@@ -209,6 +342,16 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
+    drive_until(cfg, call, changes, || false).await
+}
+
+/// [`drive_changing`] that also ends early, sending nothing more, once `stop` answers `true`.
+async fn drive_until<F, Fut, S>(cfg: &BenchConfig, call: F, changes: Option<Changes>, stop: S) -> Json
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+    S: Fn() -> bool + Clone + Send + Sync + 'static,
+{
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start = Instant::now();
     let end = start + cfg.duration;
@@ -226,7 +369,14 @@ where
                 let t0 = start.elapsed().as_secs_f64();
                 let r = (c.changer)(n).await;
                 let t1 = start.elapsed().as_secs_f64();
-                eprintln!("bench: change {n} at {t0:.2} s took {:.1} ms: {r:?}", (t1 - t0) * 1e3);
+                let what = match &r {
+                    Ok(what) => what.clone(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                crate::logging::notice_as(
+                    "bench",
+                    format_args!("change {n} at {t0:.2} s took {:.1} ms: {what}", (t1 - t0) * 1e3),
+                );
                 done.push((t0, t1, r));
                 n += 1;
             }
@@ -236,9 +386,9 @@ where
         None => {
             let mut callers = Vec::new();
             for _ in 0..cfg.concurrency.max(1) {
-                let (call, tally) = (call.clone(), tally.clone());
+                let (call, tally, stop) = (call.clone(), tally.clone(), stop.clone());
                 callers.push(tokio::spawn(async move {
-                    while Instant::now() < end {
+                    while Instant::now() < end && !stop() {
                         let t = Instant::now();
                         let r = call().await;
                         let at = t.duration_since(start).as_secs_f64();
@@ -256,7 +406,7 @@ where
             let mut k: u32 = 0;
             loop {
                 let scheduled = start + interval * k;
-                if scheduled >= end {
+                if scheduled >= end || stop() {
                     break;
                 }
                 tokio::time::sleep_until(scheduled.into()).await;
@@ -275,7 +425,12 @@ where
     progress.abort();
     let elapsed = start.elapsed().as_secs_f64();
     let changes = match changing {
-        Some(task) => Some(task.await.unwrap_or_default()),
+        Some(task) => {
+            if stop() {
+                task.abort(); // its remaining changes would only wait for the end
+            }
+            Some(task.await.unwrap_or_default())
+        }
         None => None,
     };
     let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
@@ -330,7 +485,8 @@ async fn report_progress(tally: Arc<Mutex<Tally>>, start: Instant, total: Durati
             let t = tally.lock().expect("tally");
             (t.latencies.len(), t.errors.values().sum::<u64>())
         };
-        eprintln!("bench: {:.0}/{:.0} s, {ok} ok, {err} errors", start.elapsed().as_secs_f64(), total.as_secs_f64());
+        let (at, total) = (start.elapsed().as_secs_f64(), total.as_secs_f64());
+        crate::logging::notice_as("bench", format_args!("{at:.0}/{total:.0} s, {ok} ok, {err} errors"));
     }
 }
 

@@ -11,6 +11,7 @@ pub mod graph_toml {
     pub use maas_graphs::to_toml;
 }
 pub mod http;
+pub mod logging;
 pub mod prometheus;
 pub mod server;
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use maas::bench::{self, BenchConfig};
+use maas::logging::{self, LogFormat};
 use maas_engine::{Engine, Sequential, json};
 use maas_graphs::{Diagnostics, Pipeline, PortType, SourceFile};
 use maas_kernels::{Registry, Values};
@@ -18,6 +19,10 @@ use maas_kernels::{Registry, Values};
 #[derive(Parser)]
 #[command(name = "maas", version, about)]
 struct Cli {
+    /// How logs look on stderr: `text` (coloured only on a terminal, never with `NO_COLOR`) or
+    /// `json` (one object per line). Which logs: `RUST_LOG` (default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,11 +126,16 @@ enum Command {
         /// files too).
         #[arg(long)]
         baseline: bool,
-        /// Hot-swap SUBMODEL to WEIGHTS while the load runs, then roll it back, alternately
-        /// (with --url: through the admin API, token from MAAS_ADMIN_TOKEN), and report the
-        /// latency of the second around each change against the steady state.
-        #[arg(long, value_name = "SUBMODEL=WEIGHTS")]
+        /// Hot-swap SUBMODEL to WEIGHTS (and/or to --swap-params) while the load runs, then
+        /// roll it back, alternately (with --url: through the admin API, token from
+        /// MAAS_ADMIN_TOKEN), and report the latency of the second around each change against
+        /// the steady state.
+        #[arg(long, value_name = "SUBMODEL[=WEIGHTS]")]
         swap: Option<String>,
+        /// Params the swaps set, as a JSON object (e.g. '{"seed": 2}'); with `--swap SUBMODEL`
+        /// alone, a params-only swap.
+        #[arg(long, value_name = "JSON", requires = "swap")]
+        swap_params: Option<String>,
         /// Seconds between changes with --swap.
         #[arg(long, default_value_t = 2.0)]
         swap_every: f64,
@@ -133,11 +143,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -323,7 +330,7 @@ fn read_texts(files: &[PathBuf]) -> Vec<Option<String>> {
 /// recomposition (the operator's own files: not confined to the file roots). A watched file
 /// is the truth: submodels swapped through the API since go back to the file's definition.
 async fn watch_files(engine: Engine, files: Vec<PathBuf>, mut seen: Vec<Option<String>>) {
-    eprintln!("maas: watching {} for changes", describe(&files));
+    logging::notice(format_args!("watching {} for changes", describe(&files)));
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = read_texts(&files);
@@ -342,33 +349,24 @@ async fn watch_files(engine: Engine, files: Vec<PathBuf>, mut seen: Vec<Option<S
         seen = now;
         match engine.recompose_trusted(sources).await {
             Ok(r) if r.applied => {
-                eprintln!(
-                    "maas: applied the changed graph: submodels +{:?} ~{:?} -{:?}, pipelines +{:?} ~{:?} -{:?}",
-                    r.diff.submodels.added,
-                    r.diff.submodels.changed,
-                    r.diff.submodels.removed,
-                    r.diff.pipelines.added,
-                    r.diff.pipelines.changed,
-                    r.diff.pipelines.removed
-                );
+                logging::notice(format_args!("applied the changed graph: {}", logging::describe_diff(&r.diff)));
                 for w in &r.warnings {
-                    eprintln!("maas: warning: {w}");
+                    logging::notice(format_args!("warning: {w}"));
                 }
             }
-            Ok(_) => eprintln!("maas: the graph files changed but serve the same graph"),
-            Err(e) => eprintln!("maas: the changed graph was not applied; the served graph stays:\n{e}"),
+            Ok(_) => logging::notice("the graph files changed but serve the same graph"),
+            Err(e) => logging::notice(format_args!("the changed graph was not applied; the served graph stays:\n{e}")),
         }
     }
 }
 
-/// `--swap SUBMODEL=WEIGHTS`.
-fn parse_swap(arg: Option<&str>, every: f64) -> anyhow::Result<Option<(String, PathBuf)>> {
+/// `--swap SUBMODEL[=WEIGHTS]` with `--swap-params JSON`.
+fn parse_swap(arg: Option<&str>, params: Option<&str>, every: f64) -> anyhow::Result<Option<bench::Swap>> {
     let Some(arg) = arg else { return Ok(None) };
     if !(every.is_finite() && every > 0.0) {
         bail!("--swap-every must be a positive number of seconds");
     }
-    let (submodel, weights) = arg.split_once('=').with_context(|| format!("--swap `{arg}` is not SUBMODEL=WEIGHTS"))?;
-    Ok(Some((submodel.to_string(), PathBuf::from(weights))))
+    bench::Swap::parse(arg, params).map(Some)
 }
 
 /// Listens for SIGINT and SIGTERM from the call on (so a signal sent as soon as the address is
@@ -515,6 +513,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             inputs,
             baseline,
             swap,
+            swap_params,
             swap_every,
         } => {
             let mut body = serde_json::Map::new();
@@ -542,16 +541,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let changes = match parse_swap(swap.as_deref(), swap_every)? {
-                Some((submodel, weights)) => {
+            let changes = match parse_swap(swap.as_deref(), swap_params.as_deref(), swap_every)? {
+                Some(swap) => {
                     let token =
                         std::env::var("MAAS_ADMIN_TOKEN").context("--swap with --url needs MAAS_ADMIN_TOKEN")?;
-                    let changer = bench::http_changer(&url, token, submodel, weights);
+                    let changer = bench::http_changer(&url, token, swap);
                     Some(bench::Changes { every: Duration::from_secs_f64(swap_every), changer })
                 }
                 None => None,
             };
-            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg, changes));
+            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg, changes))?;
             println!("{}", with_baseline(report, base));
             Ok(ExitCode::SUCCESS)
         }
@@ -565,9 +564,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             inputs,
             baseline,
             swap,
+            swap_params,
             swap_every,
         } => {
-            let swap = parse_swap(swap.as_deref(), swap_every)?;
+            let swap = parse_swap(swap.as_deref(), swap_params.as_deref(), swap_every)?;
             let checked = load(&files, &registry)?;
             let p = find_pipeline(&checked.graph, &pipeline, &files)?;
             let values = parse_inputs(p, &inputs)?;
@@ -583,9 +583,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let engine = Engine::builder().from_graph(checked.graph.clone()).await?;
                 // Warm up every submodel once before measuring.
                 let _ = engine.infer(&pipeline, values.clone()).await;
-                let changes = swap.map(|(submodel, weights)| bench::Changes {
+                let changes = swap.map(|swap| bench::Changes {
                     every: Duration::from_secs_f64(swap_every),
-                    changer: bench::engine_changer(engine.clone(), submodel, weights),
+                    changer: bench::engine_changer(engine.clone(), swap),
                 });
                 let report = bench::run(&engine, values, &cfg, changes).await;
                 engine.shutdown().await;

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 fn maas(args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_maas"))
         .args(args)
@@ -94,4 +96,213 @@ fn bench_prints_one_json_report() {
     assert_eq!(json["mode"], "open");
     // An open loop sends on schedule whatever happens: 200/s for 0.3 s is exactly 60 sends.
     assert_eq!(json["requests"], 60, "{json}");
+}
+
+/// Runs maas with `envs` set (RUST_LOG and NO_COLOR removed first); answers the exit code,
+/// stdout and stderr. Its stderr is a pipe, not a terminal, as when logs go to a file.
+fn maas_env(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_maas"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run maas");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// A short in-process bench of `linear4` that swaps the `step` submodel's params (no weights)
+/// every 0.3 s: swap, rollback, swap.
+const PARAMS_SWAP_BENCH: &[&str] = &[
+    "bench",
+    "examples/pipelines/overhead.toml",
+    "--pipeline",
+    "linear4",
+    "--duration",
+    "1.2",
+    "--input",
+    "x=[[1,2,3,4]]",
+    "--swap",
+    "step",
+    "--swap-params",
+    r#"{"seed": 2}"#,
+    "--swap-every",
+    "0.3",
+];
+
+#[test]
+fn bench_swaps_params_only() {
+    let (code, json, stderr) = maas(PARAMS_SWAP_BENCH);
+    assert_eq!(code, 0, "{stderr}");
+    let changes = json["changes"].as_array().expect("changes");
+    assert!(changes.len() >= 2, "{json}");
+    assert_eq!(changes[0]["ok"], "v1 -> bench-1", "{json}");
+    assert_eq!(changes[1]["ok"], "bench-1 -> v1", "{json}");
+    assert!(changes.iter().all(|c| c.get("error").is_none()), "{json}");
+    // Status lines name the change plainly.
+    assert!(stderr.lines().any(|l| l.starts_with("bench: change 0 at ") && l.ends_with(": v1 -> bench-1")), "{stderr}");
+
+    // The weights form still works, alone and with params.
+    let (code, json, stderr) = maas(&[
+        "bench",
+        "examples/pipelines/digits.toml",
+        "--pipeline",
+        "classify",
+        "--duration",
+        "0.9",
+        "--input",
+        "pixels=@examples/inputs/digits.json",
+        "--swap",
+        "head=assets/digits/head.safetensors",
+        "--swap-every",
+        "0.3",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["changes"][0]["ok"], "v1 -> bench-1", "{json}");
+
+    // A swap must change something.
+    let (code, _, stderr) = maas(&[
+        "bench",
+        "examples/pipelines/overhead.toml",
+        "--pipeline",
+        "linear4",
+        "--input",
+        "x=[[1,2,3,4]]",
+        "--swap",
+        "step",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--swap `step` changes nothing"), "{stderr}");
+    let (code, _, stderr) = maas(&[
+        "bench",
+        "examples/pipelines/overhead.toml",
+        "--pipeline",
+        "linear4",
+        "--input",
+        "x=[[1,2,3,4]]",
+        "--swap",
+        "step",
+        "--swap-params",
+        "[1]",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--swap-params `[1]` is not a JSON object of params"), "{stderr}");
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let (code, _, stderr) = maas_env(PARAMS_SWAP_BENCH, &[("RUST_LOG", "info")]);
+    assert_eq!(code, 0, "{stderr}");
+    // A tracing event (the engine's swap log), not only the binary's own lines.
+    assert!(stderr.lines().any(|l| l.contains("INFO") && l.contains("swap")), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "escape codes in redirected logs: {stderr:?}");
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let mut args = vec!["--log-format", "json"];
+    args.extend_from_slice(PARAMS_SWAP_BENCH);
+    let (code, stdout, stderr) = maas_env(&args, &[("RUST_LOG", "info")]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("stdout is the report");
+    assert!(report["changes"].is_array(), "{report}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect();
+    for l in &lines {
+        assert!(l["timestamp"].is_string() && l["level"].is_string() && l["target"].is_string(), "{l}");
+    }
+    // Both the engine's tracing events and the binary's own status lines.
+    assert!(lines.iter().any(|l| l["target"].as_str().is_some_and(|t| t.starts_with("maas_engine"))), "{stderr}");
+    assert!(lines.iter().any(|l| l["target"] == "bench" && l["message"].as_str().unwrap().starts_with("change 0")));
+    // The flag is global: after the subcommand too.
+    let mut args = PARAMS_SWAP_BENCH.to_vec();
+    args.extend_from_slice(&["--log-format", "json"]);
+    let (code, _, stderr) = maas_env(&args, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{stderr}");
+}
+
+#[test]
+fn bench_against_a_closed_port_stops_with_a_clear_error() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_maas"))
+        .args(["bench", "--url", &url, "--pipeline", "classify", "--duration", "600", "--concurrency", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start maas bench");
+    // It gives up long before its 600 s run; wait at most a minute, then fail.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            panic!("bench --url against a closed port still running after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().expect("output");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let want =
+        format!("error: could not connect to {url}: {} connection errors in a row", maas::bench::MAX_CONNECTION_ERRORS);
+    assert!(stderr.contains(&want) && stderr.contains("is the server running there?"), "{stderr}");
+}
+
+#[test]
+fn bench_backoff_doubles_up_to_its_cap() {
+    use maas::bench::{BACKOFF_MAX, BACKOFF_START, backoff};
+    assert_eq!(backoff(1), BACKOFF_START);
+    assert_eq!(backoff(2), BACKOFF_START * 2);
+    assert_eq!(backoff(3), BACKOFF_START * 4);
+    assert_eq!(backoff(100), BACKOFF_MAX);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_swaps_params_only_over_http() {
+    let engine = maas_engine::Engine::from_files(&["examples/pipelines/overhead.toml"]).await.expect("engine");
+    let config = maas::http::HttpConfig { admin_token: Some("t".into()), ..Default::default() };
+    let server = common::serve(engine.clone(), config).await;
+    let url = format!("http://{}", server.addr);
+    let mut args: Vec<String> = PARAMS_SWAP_BENCH.iter().map(|a| a.to_string()).collect();
+    args.drain(1..2); // no graph file: the server's
+    args.extend(["--url".to_string(), url]);
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        maas_env(&args, &[("MAAS_ADMIN_TOKEN", "t")])
+    })
+    .await
+    .expect("bench");
+    assert_eq!(code, 0, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON report");
+    let changes = json["changes"].as_array().expect("changes");
+    assert_eq!(changes[0]["ok"], "v1 -> bench-1", "{json}");
+    assert!(changes.iter().all(|c| c.get("error").is_none()), "{json}");
+    // Changes at 0.3, 0.6 and 0.9 s: swap, rollback, swap; the last one serves.
+    assert_eq!(changes.len(), 3, "{json}");
+    let serving = engine.versions("step").expect("step").serving;
+    assert_eq!(serving.version, "bench-2");
+    assert_eq!(serving.params.get("seed").and_then(toml::Value::as_integer), Some(2), "{serving:?}");
+    assert_eq!(serving.weights, None, "params only");
+    server.shut().await;
+    engine.shutdown().await;
+}
+
+#[test]
+fn text_logs_are_coloured_only_on_a_terminal_without_no_color() {
+    use maas::logging::use_colour;
+    use std::ffi::OsStr;
+    assert!(use_colour(true, None));
+    assert!(use_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+    assert!(!use_colour(true, Some(OsStr::new("1"))));
+    assert!(!use_colour(false, None));
 }

@@ -228,6 +228,18 @@ fn watch_applies_a_changed_graph_file_and_keeps_serving_an_invalid_one() {
            nodes.h = { submodel = \"head\", inputs = { x = \"f.features\" } }\n";
     std::fs::write(dir.join("g.toml"), &added).unwrap();
     wait_for(&child, &["classify", "logits"]);
+    // The change is logged with plain names.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let mut said = Vec::new();
+    let applied = loop {
+        said.extend(child.printed());
+        if let Some(l) = said.iter().find(|l| l.starts_with("maas: applied the changed graph")) {
+            break l.clone();
+        }
+        assert!(std::time::Instant::now() < end, "no change logged: {said:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(applied, "maas: applied the changed graph: pipelines added: logits");
     // An invalid edit is logged with its diagnostics; the served graph stays.
     std::fs::write(dir.join("g.toml"), added.replace("f.features", "f.nope")).unwrap();
     let end = std::time::Instant::now() + Duration::from_secs(20);

@@ -29,7 +29,9 @@ impl Value {
         }
     }
 
-    /// The tensor, if this is one.
+    /// The tensor, if this is one. candle copies it out as plain numbers of its dtype:
+    /// `value.as_tensor()?.to_vec2::<f32>()` for `f32[B,N]`, `to_vec1::<u32>()` for `u32[B]`
+    /// (also `to_vec3`, `to_scalar`).
     pub fn as_tensor(&self) -> Option<&Tensor> {
         match self {
             Value::Tensor(t) => Some(t),
