@@ -254,14 +254,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             options.max_load_bytes = max_load_memory;
         }
         match &state_dir {
-            Some(dir) if maas::engine::has_record(dir) => eprintln!(
-                "maas: serving the graph and versions recorded in {} (delete it to serve the graph files as written)",
+            Some(dir) if maas::engine::has_record(dir) => logging::notice(format_args!(
+                "serving the graph and versions recorded in {} (delete it to serve the graph files as written)",
                 dir.join(maas::engine::STATE_FILE).display()
-            ),
-            Some(dir) => eprintln!("maas: recording changes in {}", dir.display()),
-            None => eprintln!(
-                "maas: no --state-dir: swaps, rollbacks and recompositions last until this process stops; a restart serves the graph files as written"
-            ),
+            )),
+            Some(dir) => logging::notice(format_args!("recording changes in {}", dir.display())),
+            None => logging::notice(format_args!(
+                "no --state-dir: swaps, rollbacks and recompositions last until this process stops; a restart serves the graph files as written"
+            )),
         }
         // What --watch compares against: the files' text as the engine reads them.
         let texts = read_texts(&files);
@@ -274,7 +274,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             if maas::default_graph::minilm_present(&cwd) {
                 roots.push(cwd.join("models"));
             } else {
-                eprintln!("maas: ./models has no MiniLM model: serving `classify` only (run scripts/fetch-models for `embed` and `similarity`)");
+                logging::notice(format_args!("./models has no MiniLM model: serving `classify` only (run scripts/fetch-models for `embed` and `similarity`)"));
             }
             options.file_roots = Some(roots);
             Engine::builder().options(options).from_sources(sources).await?
@@ -288,7 +288,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         if watch {
             if files.is_empty() {
-                eprintln!("maas: --watch needs graph files; the embedded graph is not watched");
+                logging::notice(format_args!("--watch needs graph files; the embedded graph is not watched"));
             } else {
                 tokio::spawn(watch_files(engine.clone(), files.clone(), texts));
             }
@@ -298,26 +298,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.max_rows = max_rows;
         config.body_timeout = Duration::from_secs_f64(limits.body_timeout);
         if config.admin_token.is_none() {
-            eprintln!("maas: admin routes disabled (set MAAS_ADMIN_TOKEN to enable them)");
+            logging::notice(format_args!("admin routes disabled (set MAAS_ADMIN_TOKEN to enable them)"));
         }
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         let names: Vec<String> = engine.pipelines().into_iter().map(|p| p.name).collect();
         let stop = shutdown_signal();
-        eprintln!("maas: serving {} on http://{}", names.join(", "), listener.local_addr()?);
+        logging::notice(format_args!("serving {} on http://{}", names.join(", "), listener.local_addr()?));
         let metrics = config.metrics.clone();
         let router = maas::http::router_with(engine.clone(), config);
         let grace = server_config.shutdown_grace;
         let stopping = async {
             stop.await;
-            eprintln!("maas: stopped accepting; requests in flight get {grace:?} to finish");
+            logging::notice(format_args!("stopped accepting; requests in flight get {grace:?} to finish"));
         };
         maas::server::serve(listener, router, server_config, metrics, stopping).await?;
-        eprintln!("maas: connections closed; draining the engine");
+        logging::notice(format_args!("connections closed; draining the engine"));
         let left = engine.shutdown().await;
         if left > 0 {
-            eprintln!("maas: {left} requests were still running at the drain timeout");
+            logging::notice(format_args!("{left} requests were still running at the drain timeout"));
         }
-        eprintln!("maas: stopped");
+        logging::notice(format_args!("stopped"));
         Ok(ExitCode::SUCCESS)
     })
 }
