@@ -60,10 +60,13 @@ impl Sequential {
                 args.insert(port.to_string(), v);
             }
             let loaded = &self.submodels[&node.submodel];
-            let fail = |e: KernelError| InferError::SubmodelFailed {
-                node: node.name.to_string(),
-                submodel: node.submodel.to_string(),
-                message: e.to_string(),
+            let fail = |e: KernelError| match e.is_input() {
+                true => InferError::InvalidInput(format!("node `{}` (submodel `{}`): {e}", node.name, node.submodel)),
+                false => InferError::SubmodelFailed {
+                    node: node.name.to_string(),
+                    submodel: node.submodel.to_string(),
+                    message: e.to_string(),
+                },
             };
             let mut out = loaded.forward(&args).map_err(fail)?;
             for port in &loaded.signature.outputs {
