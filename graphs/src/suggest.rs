@@ -11,10 +11,10 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
     let limit = (len / 3).max(1).min(len.saturating_sub(1));
     let mut best: Option<(usize, &'a str)> = None;
     for c in candidates {
-        let lc = c.to_lowercase();
-        if lc == w {
+        if c == word {
             continue;
         }
+        let lc = c.to_lowercase();
         let d = distance(&w, &lc);
         let prefix = len >= 3 && lc.starts_with(&w);
         if (d <= limit || prefix) && best.is_none_or(|(b, _)| d < b) {
