@@ -27,7 +27,7 @@ struct Log {
 
 /// `x` f32[B,N] -> `out` = x + 1. Each batch waits for a permit on `gate` (or runs freely when
 /// the gate is `None`); a row whose first value is 13 makes it panic, and one whose first value
-/// is negative is refused by its input check (before `forward`).
+/// is negative is refused as invalid input.
 #[derive(Clone)]
 struct Gated {
     name: &'static str,
@@ -62,17 +62,6 @@ fn firsts(x: &Tensor) -> Vec<f32> {
 }
 
 impl Kernel for Gated {
-    fn check(&self, inputs: &Values) -> maas_kernels::Result<()> {
-        let x = inputs["x"].as_tensor().expect("checked");
-        match firsts(x).into_iter().enumerate().find(|(_, v)| *v < 0.0) {
-            Some((row, v)) => Err(KernelError::Input {
-                port: "x".into(),
-                message: format!("{v} at row {row} is negative; values must be at least 0"),
-            }),
-            None => Ok(()),
-        }
-    }
-
     fn forward(&self, inputs: &Values) -> maas_kernels::Result<Values> {
         self.log.calls.fetch_add(1, SeqCst);
         if let Some(gate) = &self.gate {
@@ -82,6 +71,12 @@ impl Kernel for Gated {
         let x = inputs["x"].as_tensor().expect("checked");
         if firsts(x).contains(&13.0) {
             panic!("poison row");
+        }
+        if let Some((row, v)) = firsts(x).into_iter().enumerate().find(|(_, v)| *v < 0.0) {
+            return Err(KernelError::Input {
+                port: "x".into(),
+                message: format!("{v} at row {row} is negative; values must be at least 0"),
+            });
         }
         self.log.batches.lock().unwrap().push(x.dim(0).expect("rows"));
         Ok(Values::from([("out".to_string(), Value::Tensor((x + 1.0).expect("add")))]))
@@ -242,8 +237,8 @@ async fn a_refused_row_is_invalid_input_and_fails_neither_its_batch_nor_its_subm
         async move { e.infer("p", row(100.0)).await }
     });
     assert!(eventually(Duration::from_secs(5), || log.calls.load(SeqCst) == 1).await);
-    // Three requests queue behind the blocker and form one batch, which the kernel's input
-    // check refuses because of the middle row; the rows are then run one by one.
+    // Three requests queue behind the blocker and form one batch, which the kernel refuses as
+    // invalid input because of the middle row; the rows are then run one by one.
     let reqs: Vec<_> = [1.0, -1.0, 3.0]
         .into_iter()
         .map(|v| {
