@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use maas_graphs::{Graph, Pipeline, Source, SubmodelName};
-use maas_kernels::{KernelError, Loaded, Registry, Values, check_inputs};
+use maas_kernels::{KernelError, Loaded, Registry, Value, Values, check_inputs};
 
 use crate::error::{EngineError, InferError, Result};
 
@@ -92,6 +92,19 @@ pub(crate) fn check_pipeline_inputs(p: &Pipeline, inputs: &Values) -> Result<(),
                 p.name,
                 known.join(", ")
             )));
+        }
+    }
+    // An empty tensor (`"pixels": []`) would otherwise be described by its odd shape.
+    for i in &p.inputs {
+        if let (maas_graphs::PortType::Tensor { .. }, Some(Value::Tensor(t))) = (&i.ty, inputs.get(i.name.as_str()))
+            && t.elem_count() == 0
+        {
+            let e = KernelError::EmptyInput {
+                port: i.name.to_string(),
+                expected: i.ty.to_string(),
+                shape: t.dims().to_vec(),
+            };
+            return Err(InferError::InvalidInput(e.to_string()));
         }
     }
     let sig = maas_graphs::Signature {

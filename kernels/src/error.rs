@@ -75,7 +75,8 @@ pub enum KernelError {
         /// What does not fit, with the expected and actual shapes or the value and the limit.
         message: String,
     },
-    /// An input tensor has no elements (a zero-sized dimension), e.g. `"pixels": []`.
+    /// An input tensor has no elements (a zero-sized dimension), e.g. `"pixels": []` at a
+    /// pipeline's input.
     #[error("input port `{port}` is empty (shape {shape:?}); expected {expected}")]
     EmptyInput {
         /// The port.

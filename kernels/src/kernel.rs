@@ -170,8 +170,9 @@ pub fn candle_dtype(d: maas_graphs::DType) -> candle_core::DType {
 }
 
 /// Checks named inputs against a signature: presence, text vs tensor, dtype, rank, fixed sizes,
-/// symbols equal across ports (e.g. `S` of `input_ids` and `attention_mask`), no empty tensor
-/// (a zero-sized dimension), and one batch size for all ports. Returns the batch size.
+/// symbols equal across ports (e.g. `S` of `input_ids` and `attention_mask`), and one batch size
+/// for all ports. Returns the batch size. (A zero-sized dimension fits; the engine refuses empty
+/// tensors at a pipeline's inputs, where they are the client's mistake.)
 pub fn check_inputs(sig: &Signature, inputs: &Values) -> Result<Option<usize>> {
     let mut bound: HashMap<&str, (usize, &str)> = HashMap::new();
     let mut rows: Option<(usize, &str)> = None;
@@ -202,13 +203,6 @@ pub fn check_inputs(sig: &Signature, inputs: &Values) -> Result<Option<usize>> {
                 return Err(bad(format!("expected {}, got text", port.ty)));
             }
             (PortType::Tensor { dtype, shape }, Value::Tensor(t)) => {
-                if t.elem_count() == 0 {
-                    return Err(KernelError::EmptyInput {
-                        port: port.name.clone(),
-                        expected: port.ty.to_string(),
-                        shape: t.dims().to_vec(),
-                    });
-                }
                 let want = candle_dtype(*dtype);
                 let mismatch = || bad(format!("expected {}, got {:?} of shape {:?}", port.ty, t.dtype(), t.dims()));
                 if t.dtype() != want {
