@@ -266,7 +266,7 @@ impl From<ChangeError> for ApiError {
         let status = match &e {
             ChangeError::UnknownSubmodel(_) => StatusCode::NOT_FOUND,
             ChangeError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            ChangeError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ChangeError::InvalidRequest(_) | ChangeError::InvalidParams { .. } => StatusCode::BAD_REQUEST,
             ChangeError::InvalidWeights { .. } | ChangeError::InvalidGraph(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ChangeError::TooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ChangeError::Incompatible { .. }

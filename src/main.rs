@@ -463,11 +463,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 for w in &checked.warnings {
                     eprintln!("{w}");
                 }
+                let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
                 eprintln!(
-                    "{}: ok ({} submodels, {} pipelines)",
+                    "{}: ok ({}, {})",
                     describe(&files),
-                    checked.graph.submodels.len(),
-                    checked.graph.pipelines.len()
+                    count(checked.graph.submodels.len(), "submodel"),
+                    count(checked.graph.pipelines.len(), "pipeline")
                 );
                 Ok(ExitCode::SUCCESS)
             }

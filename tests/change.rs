@@ -274,6 +274,7 @@ async fn bad_swaps_are_rejected_and_traffic_is_unaffected() {
         ("head", json!({ "weights": "/etc/passwd", "version": "v2" }), 403, "forbidden"),
         ("head", json!({ "weights": p("head.safetensors"), "version": "v1" }), 400, "invalid_request"),
         ("head", json!({ "weights": 7 }), 400, "invalid_json"),
+        ("head", json!({ "params": { "sed": 2 }, "version": "v2" }), 400, "invalid_params"),
         ("nope", json!({ "version": "v2" }), 404, "unknown_submodel"),
     ];
     for (submodel, body, status, kind) in cases {
@@ -286,6 +287,13 @@ async fn bad_swaps_are_rejected_and_traffic_is_unaffected() {
         let (st, answer) = server.swap("head", json!({ "weights": p("link.safetensors"), "version": "v2" })).await;
         assert_eq!(st, 403, "a symlink out of the roots: {answer}");
     }
+    // A params typo names the key, the kind, what the kind takes and the closest of them.
+    let (_, answer) = server.swap("head", json!({ "params": { "sed": 2 }, "version": "v2" })).await;
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(
+        message,
+        "submodel `head` (kind `linear`): unknown param `sed`; it takes: in, out, seed, quantize; did you mean `seed`?"
+    );
     // The narrow head's diagnostics name the shapes that no longer fit.
     let (_, answer) = server.swap("head", json!({ "weights": p("narrow.safetensors"), "version": "v2" })).await;
     let diags = answer["error"]["diagnostics"].to_string();

@@ -26,7 +26,8 @@ struct Log {
 }
 
 /// `x` f32[B,N] -> `out` = x + 1. Each batch waits for a permit on `gate` (or runs freely when
-/// the gate is `None`); a row whose first value is 13 makes it panic.
+/// the gate is `None`); a row whose first value is 13 makes it panic, and one whose first value
+/// is negative is refused as invalid input.
 #[derive(Clone)]
 struct Gated {
     name: &'static str,
@@ -56,6 +57,10 @@ impl Kind for Gated {
     }
 }
 
+fn firsts(x: &Tensor) -> Vec<f32> {
+    x.narrow(1, 0, 1).and_then(|c| c.flatten_all()).and_then(|c| c.to_vec1()).expect("f32")
+}
+
 impl Kernel for Gated {
     fn forward(&self, inputs: &Values) -> maas_kernels::Result<Values> {
         self.log.calls.fetch_add(1, SeqCst);
@@ -64,9 +69,14 @@ impl Kernel for Gated {
                 .map_err(|_| KernelError::Panicked("gate never opened".into()))?;
         }
         let x = inputs["x"].as_tensor().expect("checked");
-        let firsts: Vec<f32> = x.narrow(1, 0, 1).and_then(|c| c.flatten_all()).and_then(|c| c.to_vec1()).expect("f32");
-        if firsts.contains(&13.0) {
+        if firsts(x).contains(&13.0) {
             panic!("poison row");
+        }
+        if let Some((row, v)) = firsts(x).into_iter().enumerate().find(|(_, v)| *v < 0.0) {
+            return Err(KernelError::Input {
+                port: "x".into(),
+                message: format!("{v} at row {row} is negative; values must be at least 0"),
+            });
         }
         self.log.batches.lock().unwrap().push(x.dim(0).expect("rows"));
         Ok(Values::from([("out".to_string(), Value::Tensor((x + 1.0).expect("add")))]))
@@ -215,6 +225,69 @@ async fn a_poison_row_fails_only_its_request_and_the_replica_restarts() {
     assert_eq!(bystander.await.unwrap(), 200);
     assert!(eventually(Duration::from_secs(5), || e.ready()).await, "{:?}", e.submodels());
     assert!(e.infer("p", row(7.0)).await.is_ok(), "serves again after the restarts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_row_is_invalid_input_and_fails_neither_its_batch_nor_its_submodel() {
+    let (open, gate) = flume::unbounded();
+    let (kind, log) = gated(Some(gate));
+    let e = engine(kind, "batch = { max_size = 16 }", EngineOptions::default()).await;
+    let blocker = tokio::spawn({
+        let e = e.clone();
+        async move { e.infer("p", row(100.0)).await }
+    });
+    assert!(eventually(Duration::from_secs(5), || log.calls.load(SeqCst) == 1).await);
+    // Three requests queue behind the blocker and form one batch, which the kernel refuses as
+    // invalid input because of the middle row; the rows are then run one by one.
+    let reqs: Vec<_> = [1.0, -1.0, 3.0]
+        .into_iter()
+        .map(|v| {
+            let e = e.clone();
+            tokio::spawn(async move { (v, e.infer("p", row(v)).await) })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || e.metrics().submodels["g"].queued == 3).await);
+    for _ in 0..10 {
+        open.send(()).unwrap();
+    }
+    assert!(blocker.await.unwrap().is_ok());
+    for r in reqs {
+        let (v, result) = r.await.unwrap();
+        if v < 0.0 {
+            match result {
+                Err(InferError::InvalidInput(m)) => {
+                    assert!(m.contains("node `n` (submodel `g`)") && m.contains("input port `x`"), "{m}");
+                    assert!(m.contains("-1 at row 0 is negative"), "{m}");
+                }
+                other => panic!("refused row: {other:?}"),
+            }
+        } else {
+            assert_eq!(out_first(&result.expect("the other rows succeed")), [v + 1.0]);
+        }
+    }
+    let m = e.metrics();
+    assert_eq!((m.submodels["g"].jobs_failed, m.submodels["g"].restarts), (0, 0), "{:?}", m.submodels["g"]);
+    assert_eq!(*log.batches.lock().unwrap(), vec![1, 1, 1], "the blocker, then the two valid rows alone");
+    assert_eq!(e.submodels()[0].state, "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_tensor_is_described_as_empty() {
+    let (kind, _) = gated(None);
+    let e = engine(kind, "", EngineOptions::default()).await;
+    for dims in [[1, 0], [0, 2]] {
+        let empty = Values::from([(
+            "x".to_string(),
+            Value::Tensor(Tensor::zeros(&dims, candle_core::DType::F32, &Device::Cpu).unwrap()),
+        )]);
+        match e.infer("p", empty).await {
+            Err(InferError::InvalidInput(m)) => {
+                let want = format!("input port `x` is empty (shape {dims:?}); expected f32[B,2]");
+                assert!(m.contains(&want), "`{want}` not in: {m}");
+            }
+            other => panic!("{dims:?}: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! all-MiniLM-L6-v2 parity through the real pipeline graph (`examples/pipelines/minilm.toml`):
 //! token ids, embeddings (batched and unbatched), similarity, truncation and typed input
-//! errors, against `tests/data/minilm-reference.json` (computed independently by
+//! errors (ids past the vocabulary, sequences past the model's positions), against `tests/data/minilm-reference.json` (computed independently by
 //! sentence-transformers). Also measures the error of q8_0/q4k `Linear` layers against f32.
 //!
 //! The model must have been fetched with `scripts/fetch-models`; without it these tests fail
@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use maas_engine::{InferError, Sequential};
+use maas_engine::{Engine, InferError, Sequential};
+use maas_graphs::SourceFile;
 use maas_kernels::{Linear, Quantize, Registry, Value, Values};
 
 /// Largest accepted max abs difference to the reference embeddings.
@@ -284,4 +285,64 @@ fn quantized_linear_error_is_bounded() {
         assert!(err > 0.0, "{q:?} should not be exact (is it quantizing at all?)");
         assert!(err < bound, "{q:?} max abs error {err} >= {bound}");
     }
+}
+
+/// The encoder fed u32 ids directly (no tokenizer to truncate them), on its actor.
+const IDS_GRAPH: &str = r#"
+[submodels.encoder]
+kind = "bert"
+weights = "models/all-MiniLM-L6-v2/model.safetensors"
+params = { config = "models/all-MiniLM-L6-v2/config.json" }
+batch = { max_size = 8 }
+
+[pipelines.ids]
+inputs = { ids = "u32[B,S]", mask = "u32[B,S]", types = "u32[B,S]" }
+outputs = { hidden = "enc.hidden" }
+
+[pipelines.ids.nodes]
+enc = { submodel = "encoder", inputs = { input_ids = "$ids", attention_mask = "$mask", token_type_ids = "$types" } }
+"#;
+
+fn ids_request(ids: &[u32], types: &[u32]) -> Values {
+    let row = |v: &[u32]| Value::Tensor(Tensor::new(v, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids"));
+    Values::from([
+        ("ids".to_string(), row(ids)),
+        ("mask".to_string(), row(&vec![1; ids.len()])),
+        ("types".to_string(), row(types)),
+    ])
+}
+
+fn invalid_input(result: Result<maas_engine::Response, InferError>) -> String {
+    match result {
+        Err(InferError::InvalidInput(m)) => m,
+        other => panic!("expected invalid_input, got {:?}", other.map(|r| r.versions)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_past_the_vocabulary_or_the_positions_are_invalid_input_not_a_failure() {
+    require_model();
+    let src = SourceFile::new("ids.toml", IDS_GRAPH, root());
+    let e = Engine::builder().from_sources(vec![src]).await.expect("the ids graph serves");
+
+    let m = invalid_input(e.infer("ids", ids_request(&[101, 999_999, 102], &[0, 0, 0])).await);
+    for part in ["node `enc`", "input port `input_ids`", "999999", "position 1", "vocabulary size is 30522"] {
+        assert!(m.contains(part), "`{part}` not in: {m}");
+    }
+    let long = vec![1000; 1000];
+    let m = invalid_input(e.infer("ids", ids_request(&long, &vec![0; 1000])).await);
+    for part in ["input port `input_ids`", "sequence length 1000", "maximum of 512 positions"] {
+        assert!(m.contains(part), "`{part}` not in: {m}");
+    }
+    let m = invalid_input(e.infer("ids", ids_request(&[101, 7592, 102], &[0, 5, 0])).await);
+    for part in ["input port `token_type_ids`", "token type id 5", "number of token types is 2"] {
+        assert!(m.contains(part), "`{part}` not in: {m}");
+    }
+
+    // The encoder is healthy: it was never counted as failing, and it serves the next request.
+    let ok = e.infer("ids", ids_request(&[101, 7592, 102], &[0, 0, 0])).await.expect("valid ids are served");
+    assert_eq!(tensor_of(&ok.outputs, "hidden").dims(), [1, 3, 384]);
+    let m = e.metrics();
+    assert_eq!((m.submodels["encoder"].jobs_failed, m.submodels["encoder"].restarts), (0, 0), "{m:?}");
+    e.shutdown().await;
 }

@@ -25,6 +25,11 @@ pub enum JobError {
     /// The kernel failed on it (after a retry, if it panicked).
     #[error("{0}")]
     Failed(String),
+    /// Its inputs were refused before the kernel ran (an id past the vocabulary, a sequence
+    /// longer than the model's positions, an empty tensor): the caller's fault, not the
+    /// submodel's, so it does not count as a failed job.
+    #[error("{0}")]
+    InvalidInput(String),
     /// The submodel cannot serve (every replica failed, or it is shutting down).
     #[error("{0}")]
     Unavailable(String),
@@ -94,6 +99,11 @@ pub enum SubmodelMessage {
         error: Option<String>,
         /// The kernel panicked (the stream is gone; the replica will be restarted).
         panicked: bool,
+        /// The batch's inputs were refused before the kernel ran ([`KernelError::is_input`]):
+        /// one job of a batch is at fault, found by running them one by one.
+        ///
+        /// [`KernelError::is_input`]: maas_kernels::KernelError::is_input
+        invalid: bool,
     },
     /// The batching delay ran out: dispatch what is queued.
     Flush,

@@ -29,7 +29,7 @@ pub(crate) struct Stream {
 /// The outcome of one batch on the stream.
 enum Outcome {
     Done,
-    Failed { jobs: Vec<Job>, error: String, panicked: bool },
+    Failed { jobs: Vec<Job>, error: String, panicked: bool, invalid: bool },
 }
 
 impl Stream {
@@ -37,9 +37,9 @@ impl Stream {
     pub(crate) fn run(self, batches: flume::Receiver<Vec<Job>>) -> Option<String> {
         while let Ok(jobs) = batches.recv() {
             let outcome = self.run_batch(jobs);
-            let (failed, error, panicked) = match outcome {
-                Outcome::Done => (Vec::new(), None, false),
-                Outcome::Failed { jobs, error, panicked } => (jobs, Some(error), panicked),
+            let (failed, error, panicked, invalid) = match outcome {
+                Outcome::Done => (Vec::new(), None, false, false),
+                Outcome::Failed { jobs, error, panicked, invalid } => (jobs, Some(error), panicked, invalid),
             };
             let panic = panicked.then(|| error.clone().unwrap_or_default());
             let _ = self.submodel.cast(SubmodelMessage::BatchDone {
@@ -48,6 +48,7 @@ impl Stream {
                 failed,
                 error,
                 panicked,
+                invalid,
             });
             if panic.is_some() {
                 return panic;
@@ -92,14 +93,14 @@ impl Stream {
                 }
                 Outcome::Done
             }
-            Ok(Err(e)) => Outcome::Failed { jobs: live, error: e.to_string(), panicked: false },
+            Ok(Err(e)) => Outcome::Failed { jobs: live, error: e.to_string(), panicked: false, invalid: e.is_input() },
             Err(panic) => {
                 let msg = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                Outcome::Failed { jobs: live, error: format!("kernel panicked: {msg}"), panicked: true }
+                Outcome::Failed { jobs: live, error: format!("kernel panicked: {msg}"), panicked: true, invalid: false }
             }
         }
     }

@@ -342,7 +342,7 @@ impl Actor for SubmodelActor {
                     state.dispatch(&myself);
                 }
             }
-            SubmodelMessage::BatchDone { replica, generation, failed, error, panicked } => {
+            SubmodelMessage::BatchDone { replica, generation, failed, error, panicked, invalid } => {
                 let stale = state.replicas.get(replica).is_none_or(|r| r.generation != generation);
                 if !stale {
                     let r = &mut state.replicas[replica];
@@ -361,6 +361,9 @@ impl Actor for SubmodelActor {
                         // Row by row: a poison job then fails only itself; a panic is retried once.
                         job.alone = true;
                         retry.push(job);
+                    } else if invalid {
+                        // The caller's inputs, not the kernel: answered, not counted as failed.
+                        job.answer(Err(JobError::InvalidInput(error.clone())));
                     } else {
                         state.fail_job(job, JobError::Failed(error.clone()));
                     }

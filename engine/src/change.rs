@@ -293,6 +293,17 @@ pub enum ChangeError {
     /// The change itself is malformed (an empty version label or the serving one, an unknown kind).
     #[error("invalid change: {0}")]
     InvalidRequest(String),
+    /// A param the kind does not take (a typo such as `sed` for `seed`); the message names the
+    /// key, the params the kind takes and the closest of them.
+    #[error("submodel `{submodel}` (kind `{kind}`): {message}")]
+    InvalidParams {
+        /// The submodel.
+        submodel: String,
+        /// Its kind.
+        kind: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The new version's files are missing, truncated, corrupt or of the wrong shapes, or it
     /// failed to load.
     #[error("submodel `{submodel}`: {message}")]
@@ -357,6 +368,7 @@ impl ChangeError {
             ChangeError::UnknownSubmodel(_) => "unknown_submodel",
             ChangeError::Forbidden { .. } => "forbidden",
             ChangeError::InvalidRequest(_) => "invalid_request",
+            ChangeError::InvalidParams { .. } => "invalid_params",
             ChangeError::InvalidWeights { .. } => "invalid_weights",
             ChangeError::Incompatible { .. } => "incompatible_signature",
             ChangeError::OutputTypeChanged { .. } => "output_type_changed",
@@ -605,6 +617,14 @@ impl Engine {
             Ok(s) => s,
             Err(SignatureError::UnknownKind) => {
                 return Err(ChangeError::InvalidRequest(format!("unknown kind `{}`", spec.kind)));
+            }
+            Err(SignatureError::Invalid(errors)) if errors.iter().any(|e| e.unknown_param) => {
+                let msgs: Vec<&str> = errors.iter().filter(|e| e.unknown_param).map(|e| e.message.as_str()).collect();
+                return Err(ChangeError::InvalidParams {
+                    submodel: name.clone(),
+                    kind: spec.kind.clone(),
+                    message: msgs.join("; "),
+                });
             }
             Err(SignatureError::Invalid(errors)) => {
                 let msgs: Vec<String> = errors

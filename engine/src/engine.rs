@@ -665,6 +665,11 @@ fn failed(node: &PlanNode, message: impl Into<String>) -> InferError {
     }
 }
 
+/// Inputs a node's kernel refused before running (the request is at fault, not the submodel).
+fn invalid_at(node: &PlanNode, message: impl std::fmt::Display) -> InferError {
+    InferError::InvalidInput(format!("node `{}` (submodel `{}`): {message}", node.name, node.submodel.spec.name))
+}
+
 /// Runs a trivial kernel on the request's task, catching panics.
 fn run_inline(node: &PlanNode, kernel: &Loaded, args: &Values) -> Result<(Values, String), InferError> {
     let m = &node.submodel.metrics;
@@ -677,6 +682,7 @@ fn run_inline(node: &PlanNode, kernel: &Loaded, args: &Values) -> Result<(Values
             m.jobs_ok.fetch_add(1, Relaxed);
             Ok((out, node.submodel.spec.version.clone()))
         }
+        Ok(Err(e)) if e.is_input() => Err(invalid_at(node, e)),
         Ok(Err(e)) => {
             m.jobs_failed.fetch_add(1, Relaxed);
             Err(failed(node, e.to_string()))
@@ -746,6 +752,7 @@ async fn call_actor(
                     deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(Instant::now())),
                 ));
             }
+            Ok(Err(JobError::InvalidInput(e))) => return Err(invalid_at(node, e)),
             Ok(Err(e)) => return Err(failed(node, e.to_string())),
             Err(_) => return Err(failed(node, "the replica running this request was lost")),
         }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use maas_graphs::{Graph, Pipeline, Source, SubmodelName};
-use maas_kernels::{KernelError, Loaded, Registry, Values, check_inputs};
+use maas_kernels::{KernelError, Loaded, Registry, Value, Values, check_inputs};
 
 use crate::error::{EngineError, InferError, Result};
 
@@ -62,10 +62,13 @@ impl Sequential {
                 args.insert(port.to_string(), v);
             }
             let loaded = &self.submodels[&node.submodel];
-            let fail = |e: KernelError| InferError::SubmodelFailed {
-                node: node.name.to_string(),
-                submodel: node.submodel.to_string(),
-                message: e.to_string(),
+            let fail = |e: KernelError| match e.is_input() {
+                true => InferError::InvalidInput(format!("node `{}` (submodel `{}`): {e}", node.name, node.submodel)),
+                false => InferError::SubmodelFailed {
+                    node: node.name.to_string(),
+                    submodel: node.submodel.to_string(),
+                    message: e.to_string(),
+                },
             };
             let mut out = loaded.forward(&args).map_err(fail)?;
             for port in &loaded.signature.outputs {
@@ -91,6 +94,19 @@ pub(crate) fn check_pipeline_inputs(p: &Pipeline, inputs: &Values) -> Result<(),
                 p.name,
                 known.join(", ")
             )));
+        }
+    }
+    // An empty tensor (`"pixels": []`) would otherwise be described by its odd shape.
+    for i in &p.inputs {
+        if let (maas_graphs::PortType::Tensor { .. }, Some(Value::Tensor(t))) = (&i.ty, inputs.get(i.name.as_str()))
+            && t.elem_count() == 0
+        {
+            let e = KernelError::EmptyInput {
+                port: i.name.to_string(),
+                expected: i.ty.to_string(),
+                shape: t.dims().to_vec(),
+            };
+            return Err(InferError::InvalidInput(e.to_string()));
         }
     }
     let sig = maas_graphs::Signature {

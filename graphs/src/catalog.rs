@@ -15,17 +15,34 @@ pub struct KindError {
     pub key: Option<String>,
     /// What is wrong.
     pub message: String,
+    /// The key is a param the kind does not take (a typo, or a param of another kind): a
+    /// mistake in what was written rather than in the files it names.
+    pub unknown_param: bool,
 }
 
 impl KindError {
     /// A problem with one key.
     pub fn at(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { key: Some(key.into()), message: message.into() }
+        Self { key: Some(key.into()), message: message.into(), unknown_param: false }
+    }
+
+    /// `params.<key>` is not a param of this kind, which takes `accepted` (perhaps none); the
+    /// message lists them and suggests the closest.
+    pub fn unknown_param(key: &str, accepted: &[&str]) -> Self {
+        let takes = match accepted {
+            [] => "it takes no params".to_string(),
+            some => format!("it takes: {}", some.join(", ")),
+        };
+        Self {
+            key: Some(format!("params.{key}")),
+            message: format!("unknown param `{key}`; {takes}{}", crate::suggest::hint(key, accepted.iter().copied())),
+            unknown_param: true,
+        }
     }
 
     /// A problem with the submodel as a whole.
     pub fn whole(message: impl Into<String>) -> Self {
-        Self { key: None, message: message.into() }
+        Self { key: None, message: message.into(), unknown_param: false }
     }
 }
 

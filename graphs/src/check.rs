@@ -19,6 +19,7 @@ use crate::names::{PipelineName, PortName, SubmodelName};
 use crate::parse::{self, RawPipeline, RawSubmodel, Span};
 use crate::signature::{BATCH, Dim, PortType, Signature};
 use crate::spec::{Graph, Node, Pipeline, PipelineInput, PipelineOutput, Source};
+use crate::suggest::hint;
 
 /// An accepted graph and the warnings found on the way.
 #[derive(Debug, Clone)]
@@ -146,7 +147,12 @@ fn submodel_signatures(
                 kinds.sort();
                 diags.push(Diagnostic::error(
                     Some(s.file.locate(&s.span_of(Some("kind")))),
-                    format!("unknown kind `{}`; expected one of: {}", s.spec.kind, kinds.join(", ")),
+                    format!(
+                        "unknown kind `{}`; expected one of: {}{}",
+                        s.spec.kind,
+                        kinds.join(", "),
+                        hint(&s.spec.kind, kinds.iter().map(String::as_str))
+                    ),
                 ));
             }
             Err(SignatureError::Invalid(errors)) => {
@@ -192,7 +198,8 @@ fn check_pipeline(
         if let Some((s, span)) = &n.submodel
             && !submodels.contains_key(s)
         {
-            err(diags, span, format!("node `{}` uses unknown submodel `{s}`", n.name));
+            let known = hint(s.as_str(), submodels.keys().map(|k| k.as_str()));
+            err(diags, span, format!("node `{}` uses unknown submodel `{s}`{known}", n.name));
         }
         let sig = sig_of(i);
         for b in &n.inputs {
@@ -203,11 +210,12 @@ fn check_pipeline(
                     diags,
                     &b.port_span,
                     format!(
-                        "node `{}` has no input port `{}`; kind `{}` takes: {}",
+                        "node `{}` has no input port `{}`; kind `{}` takes: {}{}",
                         n.name,
                         b.port,
                         kind_of(i),
-                        port_list(sig.inputs.iter().map(|p| p.name.as_str()))
+                        port_list(sig.inputs.iter().map(|p| p.name.as_str())),
+                        hint(b.port.as_str(), sig.inputs.iter().map(|p| p.name.as_str()))
                     ),
                 );
             }
@@ -218,15 +226,24 @@ fn check_pipeline(
                             diags,
                             &b.span,
                             format!(
-                                "unknown pipeline input `${name}`; pipeline `{}` declares: {}",
+                                "unknown pipeline input `${name}`; pipeline `{}` declares: {}{}",
                                 p.name,
-                                port_list(p.inputs.iter().map(|i| i.name.as_str()))
+                                port_list(p.inputs.iter().map(|i| i.name.as_str())),
+                                hint(name.as_str(), p.inputs.iter().map(|i| i.name.as_str()))
                             ),
                         );
                     }
                 }
                 Source::Node { node, port } => match nodes.get(node.as_str()) {
-                    None => err(diags, &b.span, format!("unknown node `{node}` in `{}`", b.source)),
+                    None => err(
+                        diags,
+                        &b.span,
+                        format!(
+                            "unknown node `{node}` in `{}`{}",
+                            b.source,
+                            hint(node.as_str(), p.nodes.iter().map(|n| n.name.as_str()))
+                        ),
+                    ),
                     Some(&j) => {
                         g.add_edge(idx[j], idx[i], ());
                         if let Some(sj) = sig_of(j)
@@ -255,7 +272,15 @@ fn check_pipeline(
     for o in &p.outputs {
         let Some((node, port)) = &o.target else { continue };
         match nodes.get(node.as_str()) {
-            None => err(diags, &o.span, format!("output `{}` is bound to unknown node `{node}`", o.name)),
+            None => err(
+                diags,
+                &o.span,
+                format!(
+                    "output `{}` is bound to unknown node `{node}`{}",
+                    o.name,
+                    hint(node.as_str(), p.nodes.iter().map(|n| n.name.as_str()))
+                ),
+            ),
             Some(&j) => {
                 if let Some(sj) = sig_of(j)
                     && sj.output(port.as_str()).is_none()
@@ -266,14 +291,17 @@ fn check_pipeline(
         }
     }
 
-    // Cycles.
-    let mut cyclic = false;
+    // Cycles. The rest of the checks still run on the graph without the edges inside cycles
+    // (nodes on a cycle count as reached and as feeding an output: the cycle is their error).
+    let mut in_cycle = vec![false; p.nodes.len()];
     for scc in tarjan_scc(&g) {
         let self_loop = scc.len() == 1 && g.contains_edge(scc[0], scc[0]);
         if scc.len() < 2 && !self_loop {
             continue;
         }
-        cyclic = true;
+        for v in &scc {
+            in_cycle[g[*v]] = true;
+        }
         let start = *scc.iter().min_by_key(|v| g[**v]).expect("an SCC is never empty");
         let cycle = cycle_through(&g, start, &scc);
         let names: Vec<&str> = cycle.iter().map(|v| p.nodes[g[*v]].name.as_str()).collect();
@@ -283,17 +311,21 @@ fn check_pipeline(
             format!("pipeline `{}` has a cycle: {} -> {}", p.name, names.join(" -> "), names[0]),
         );
     }
-    if cyclic {
-        return None;
-    }
+    let cyclic = in_cycle.contains(&true);
+    let mut acyclic = g.clone();
+    acyclic.retain_edges(|a, e| {
+        let (from, to) = a.edge_endpoints(e).expect("an edge of this graph");
+        !(in_cycle[a[from]] && in_cycle[a[to]])
+    });
 
     // Reachability: from inputs forward, and back from outputs.
-    let order: Vec<usize> = toposort(&g, None).expect("no cycles").into_iter().map(|v| g[v]).collect();
+    let order: Vec<usize> = toposort(&acyclic, None).expect("cycles removed").into_iter().map(|v| acyclic[v]).collect();
     let mut reached = vec![false; p.nodes.len()];
     for &i in &order {
         let n = &p.nodes[i];
-        // A broken or dangling reference was reported already: count it as reached.
-        reached[i] = !n.broken.is_empty()
+        // A broken or dangling reference, or a cycle, was reported already: count it as reached.
+        reached[i] = in_cycle[i]
+            || !n.broken.is_empty()
             || n.inputs.iter().any(|b| match &b.source {
                 Source::Input(_) => true,
                 Source::Node { node, .. } => nodes.get(node.as_str()).is_none_or(|&j| reached[j]),
@@ -313,7 +345,7 @@ fn check_pipeline(
         }
     }
     for &i in order.iter().rev() {
-        if !feeds[i] && !p.outputs.is_empty() {
+        if !feeds[i] && !in_cycle[i] && !p.outputs.is_empty() {
             let n = &p.nodes[i];
             diags.push(Diagnostic::warning(
                 Some(p.file.locate(&n.span)),
@@ -337,6 +369,10 @@ fn check_pipeline(
                 format!("input `{}` of pipeline `{}` is not used by any node", i.name, p.name),
             ));
         }
+    }
+
+    if cyclic {
+        return None;
     }
 
     // A pipeline with a part that did not parse (reported already) is never built.
@@ -428,8 +464,9 @@ fn check_pipeline(
 
 fn no_output(node: &impl std::fmt::Display, port: &PortName, kind: &str, sig: &Signature) -> String {
     format!(
-        "node `{node}` has no output port `{port}`; kind `{kind}` produces: {}",
-        port_list(sig.outputs.iter().map(|p| p.name.as_str()))
+        "node `{node}` has no output port `{port}`; kind `{kind}` produces: {}{}",
+        port_list(sig.outputs.iter().map(|p| p.name.as_str())),
+        hint(port.as_str(), sig.outputs.iter().map(|p| p.name.as_str()))
     )
 }
 

@@ -59,6 +59,7 @@ mod names;
 mod parse;
 mod signature;
 mod spec;
+mod suggest;
 mod to_toml;
 
 pub use catalog::{Catalog, KindError, SignatureError};
@@ -74,4 +75,5 @@ pub use spec::{
     BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Edge, FILE_PARAMS, Graph, Node, Pipeline, PipelineInput,
     PipelineOutput, Source, SubmodelSpec, Vertex,
 };
+pub use suggest::{did_you_mean, hint};
 pub use to_toml::{submodel_table, to_toml};

@@ -3,7 +3,7 @@
 //! Every key is looked at, so that one run reports every unknown key, missing key and value of
 //! the wrong type (serde's `deny_unknown_fields` would stop at the first).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use crate::diagnostic::{Diagnostic, SourceFile};
 use crate::names::{NodeName, PipelineName, PortName, SubmodelName};
 use crate::signature::PortType;
 use crate::spec::{BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Source, SubmodelSpec};
+use crate::suggest::did_you_mean;
 
 pub(crate) type Span = Range<usize>;
 
@@ -106,7 +107,10 @@ struct Parser<'a> {
     diags: &'a mut Vec<Diagnostic>,
 }
 
-type Entry<'i> = (&'i Spanned<std::borrow::Cow<'i, str>>, &'i Spanned<DeValue<'i>>);
+/// A key as the checker reads it, and its value. A mistyped key with one likely meaning
+/// (`weigths`) is reported, then read as that key, so that what depends on it (a submodel's
+/// signature, a node's ports) is still checked in the same run.
+type Entry<'t, 'i> = (&'t str, &'t Spanned<DeValue<'i>>);
 
 impl Parser<'_> {
     fn error(&mut self, span: &Span, msg: impl Into<String>) {
@@ -132,8 +136,8 @@ impl Parser<'_> {
         }
         let root = root.into_inner();
         let mut out = RawFile::default();
-        for (key, value) in root.iter() {
-            match key.get_ref().as_ref() {
+        for (key, value) in self.known(&root, "the graph file", ROOT_KEYS) {
+            match key {
                 "submodels" => {
                     if let Some(t) = self.table(value, "`submodels`") {
                         for (k, v) in t.iter() {
@@ -143,7 +147,7 @@ impl Parser<'_> {
                         }
                     }
                 }
-                "pipelines" => {
+                _ => {
                     if let Some(t) = self.table(value, "`pipelines`") {
                         for (k, v) in t.iter() {
                             if let Some(p) = self.pipeline(k, v) {
@@ -152,27 +156,38 @@ impl Parser<'_> {
                         }
                     }
                 }
-                other => self.unknown_key(&key.span(), other, "the graph file", ROOT_KEYS),
             }
         }
         out
     }
 
-    fn unknown_key(&mut self, span: &Span, key: &str, what: &str, allowed: &[&str]) {
-        self.error(span, format!("unknown key `{key}` in {what}; expected one of: {}", allowed.join(", ")));
-    }
-
-    /// Reports keys of `t` not in `allowed`; returns the known entries.
-    fn known<'t, 'i>(&mut self, t: &'t DeTable<'i>, what: &str, allowed: &[&str]) -> Vec<Entry<'t>>
+    /// Reports keys of `t` not in `allowed` (with the closest allowed key, if one is close);
+    /// returns the known entries, and each unknown key that has a close match not written
+    /// elsewhere in `t`, read as that match.
+    fn known<'t, 'i>(&mut self, t: &'t DeTable<'i>, what: &str, allowed: &[&'static str]) -> Vec<Entry<'t, 'i>>
     where
         'i: 't,
     {
+        let present: HashSet<&str> = t.iter().map(|(k, _)| k.get_ref().as_ref()).collect();
+        let mut recovered = HashSet::new();
         let mut out = Vec::new();
         for (k, v) in t.iter() {
-            if allowed.contains(&k.get_ref().as_ref()) {
-                out.push((k, v));
-            } else {
-                self.unknown_key(&k.span(), k.get_ref(), what, allowed);
+            let name: &'t str = k.get_ref().as_ref();
+            if allowed.contains(&name) {
+                out.push((name, v));
+                continue;
+            }
+            let guess = did_you_mean(name, allowed.iter().copied());
+            let hint = guess.map(|g| format!("; did you mean `{g}`?")).unwrap_or_default();
+            self.error(
+                &k.span(),
+                format!("unknown key `{name}` in {what}; expected one of: {}{hint}", allowed.join(", ")),
+            );
+            if let Some(g) = guess
+                && !present.contains(g)
+                && recovered.insert(g)
+            {
+                out.push((g, v));
             }
         }
         out
@@ -243,7 +258,6 @@ impl Parser<'_> {
         let mut keys = HashMap::new();
         let mut kind = None;
         for (key, val) in self.known(t, &what, SUBMODEL_KEYS) {
-            let key = key.get_ref().as_ref();
             keys.insert(key.to_string(), val.span());
             let kw = format!("`{key}` of {what}");
             match key {
@@ -317,15 +331,19 @@ impl Parser<'_> {
         let t = self.table(v, &what)?;
         let mut max_size = None;
         let mut delay = 0;
+        let mut written = false;
         for (key, val) in self.known(t, &what, BATCH_KEYS) {
-            let kw = format!("`batch.{}` of {owner}", key.get_ref());
-            match key.get_ref().as_ref() {
-                "max_size" => max_size = self.int(val, &kw, 1, 1 << 20),
+            let kw = format!("`batch.{}` of {owner}", key);
+            match key {
+                "max_size" => {
+                    written = true;
+                    max_size = self.int(val, &kw, 1, 1 << 20);
+                }
                 _ => delay = self.int(val, &kw, 0, 3_600_000)?,
             }
         }
         let Some(max_size) = max_size else {
-            if !t.contains_key("max_size") {
+            if !written {
                 self.error(&v.span(), format!("{what} is missing the required key `max_size`"));
             }
             return None;
@@ -346,9 +364,11 @@ impl Parser<'_> {
             deadline: None,
             nodes: Vec::new(),
         };
+        let mut written = HashSet::new();
         for (key, val) in self.known(t, &what, PIPELINE_KEYS) {
-            let kw = format!("`{}` of {what}", key.get_ref());
-            match key.get_ref().as_ref() {
+            written.insert(key);
+            let kw = format!("`{}` of {what}", key);
+            match key {
                 "inputs" => {
                     let Some(it) = self.table(val, &kw) else { continue };
                     for (ik, iv) in it.iter() {
@@ -400,7 +420,7 @@ impl Parser<'_> {
             }
         }
         for req in ["inputs", "outputs", "nodes"] {
-            if !t.contains_key(req) {
+            if !written.contains(req) {
                 self.error(&k.span(), format!("{what} is missing the required key `{req}`"));
             }
         }
@@ -417,9 +437,11 @@ impl Parser<'_> {
         let what = format!("node `{name}` of pipeline `{pipeline}`");
         let t = self.table(v, &what)?;
         let mut node = RawNode { name, span: k.span(), submodel: None, inputs: Vec::new(), broken: Vec::new() };
+        let mut written = false;
         for (key, val) in self.known(t, &what, NODE_KEYS) {
-            let kw = format!("`{}` of {what}", key.get_ref());
-            if key.get_ref() == "submodel" {
+            let kw = format!("`{}` of {what}", key);
+            if key == "submodel" {
+                written = true;
                 if let Some(s) = self.string(val, &kw) {
                     match SubmodelName::new(s) {
                         Ok(n) => node.submodel = Some((n, val.span())),
@@ -444,7 +466,7 @@ impl Parser<'_> {
                 }
             }
         }
-        if !t.contains_key("submodel") {
+        if !written {
             self.error(&k.span(), format!("{what} is missing the required key `submodel`"));
         }
         Some(node)

@@ -82,13 +82,26 @@ pub enum KernelError {
         /// The port.
         port: String,
     },
-    /// An input does not fit its port (dtype, rank, size, or text vs tensor).
+    /// An input does not fit its port (dtype, rank, size, or text vs tensor), or holds a value
+    /// the kernel cannot take (a token id past the vocabulary, more positions than the model
+    /// has).
     #[error("input port `{port}`: {message}")]
     Input {
         /// The port.
         port: String,
-        /// What does not fit, with the expected and actual shapes.
+        /// What does not fit, with the expected and actual shapes or the value and the limit.
         message: String,
+    },
+    /// An input tensor has no elements (a zero-sized dimension), e.g. `"pixels": []` at a
+    /// pipeline's input.
+    #[error("input port `{port}` is empty (shape {shape:?}); expected {expected}")]
+    EmptyInput {
+        /// The port.
+        port: String,
+        /// The port's type (`f32[B,64]`).
+        expected: String,
+        /// The shape received.
+        shape: Vec<usize>,
     },
     /// The device is not available in this build or on this machine.
     #[error("device `{device}`: {message}")]
@@ -113,6 +126,14 @@ pub enum KernelError {
     /// A kernel panicked; the runtime turns the panic into this error.
     #[error("kernel panicked: {0}")]
     Panicked(String),
+}
+
+impl KernelError {
+    /// The error is about what the caller sent (a missing, mistyped, empty or out-of-range
+    /// input), not about the kernel: the request is at fault, the submodel is healthy.
+    pub fn is_input(&self) -> bool {
+        matches!(self, KernelError::MissingInput { .. } | KernelError::Input { .. } | KernelError::EmptyInput { .. })
+    }
 }
 
 /// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set (which

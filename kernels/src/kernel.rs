@@ -16,6 +16,16 @@ use crate::value::{Value, Values};
 pub trait Kernel: Send + Sync {
     /// Runs one batch. Every output keeps the batch dimension of the inputs.
     fn forward(&self, inputs: &Values) -> Result<Values>;
+
+    /// Checks what a signature cannot express before [`Kernel::forward`] runs: values in range
+    /// (token ids below the vocabulary size, sequences no longer than the model's positions).
+    /// A bad value is a [`KernelError::Input`] naming the port, the value and the limit, so the
+    /// request is refused as invalid input rather than failing inside the model. Inputs have
+    /// already been checked against the signature. Defaults to accepting everything.
+    fn check(&self, inputs: &Values) -> Result<()> {
+        let _ = inputs;
+        Ok(())
+    }
 }
 
 /// A kind of kernel, registered by name: declares signatures and loads kernels.
@@ -113,10 +123,12 @@ impl Loaded {
         self.forward(&inputs).map(|_| ())
     }
 
-    /// Checks `inputs` against the signature, then runs the kernel and checks that every
-    /// declared output came back with the batch's row count.
+    /// Checks `inputs` against the signature and the kernel's own limits ([`Kernel::check`]),
+    /// then runs the kernel and checks that every declared output came back with the batch's
+    /// row count.
     pub fn forward(&self, inputs: &Values) -> Result<Values> {
         let rows = check_inputs(&self.signature, inputs)?;
+        self.kernel.check(inputs)?;
         // An edge that crosses devices (CPU input into a CUDA submodel, or between two CUDA
         // streams) is moved here, once, before the kernel sees it.
         let moved;
@@ -174,7 +186,8 @@ pub fn candle_dtype(d: maas_graphs::DType) -> candle_core::DType {
 
 /// Checks named inputs against a signature: presence, text vs tensor, dtype, rank, fixed sizes,
 /// symbols equal across ports (e.g. `S` of `input_ids` and `attention_mask`), and one batch size
-/// for all ports. Returns the batch size.
+/// for all ports. Returns the batch size. (A zero-sized dimension fits; the engine refuses empty
+/// tensors at a pipeline's inputs, where they are the client's mistake.)
 pub fn check_inputs(sig: &Signature, inputs: &Values) -> Result<Option<usize>> {
     let mut bound: HashMap<&str, (usize, &str)> = HashMap::new();
     let mut rows: Option<(usize, &str)> = None;

@@ -49,7 +49,7 @@ pub(crate) fn no_settings(spec: &SubmodelSpec) -> Result<(), Vec<KindError>> {
         errs.push(KindError::at("weights", format!("kind `{}` takes no weights", spec.kind)));
     }
     if let Some(k) = spec.params.keys().next() {
-        errs.push(KindError::at(format!("params.{k}"), format!("kind `{}` takes no params (found `{k}`)", spec.kind)));
+        errs.push(KindError::unknown_param(k, &[]));
     }
     if errs.is_empty() { Ok(()) } else { Err(errs) }
 }

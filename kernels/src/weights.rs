@@ -160,11 +160,54 @@ impl Weights {
 }
 
 /// Parses a submodel's `params` into a kind's params struct (which should deny unknown
-/// fields), with the error pointing at `params`.
+/// fields), with the error pointing at `params`. A key the struct does not have is a
+/// [`KindError::unknown_param`](maas_graphs::KindError::unknown_param) naming it, the params
+/// the kind takes and the closest of them.
 pub fn parse_params<T: DeserializeOwned>(params: &toml::Table) -> std::result::Result<T, maas_graphs::KindError> {
+    if let Some(fields) = struct_fields::<T>()
+        && let Some(key) = params.keys().find(|k| !fields.contains(&k.as_str()))
+    {
+        return Err(maas_graphs::KindError::unknown_param(key, fields));
+    }
     toml::Value::Table(params.clone())
         .try_into()
         .map_err(|e: toml::de::Error| maas_graphs::KindError::at("params", format!("invalid params: {}", e.message())))
+}
+
+/// The field names (as written, after renames) of a struct that derives `Deserialize`: serde
+/// hands them to `deserialize_struct`, where a deserializer that holds no data catches them.
+fn struct_fields<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
+    use serde::de::{self, Visitor};
+
+    struct Fields<'a>(&'a mut Option<&'static [&'static str]>);
+
+    impl<'de> de::Deserializer<'de> for Fields<'_> {
+        type Error = de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> std::result::Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            *self.0 = Some(fields);
+            Err(de::Error::custom("fields read"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    let mut fields = None;
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
 }
 
 /// Reads and parses a JSON config file (e.g. a model's `config.json`).

@@ -68,7 +68,12 @@ impl Kind for Bert {
         let weights = Weights::load(&path, device)?;
         let vb = weights.var_builder(candle_core::DType::F32, device);
         let model = BertModel::load(vb, &config).map_err(|e| KernelError::Corrupt { path, reason: e.to_string() })?;
-        Ok(Arc::new(BertKernel { model, max_positions: config.max_position_embeddings }))
+        Ok(Arc::new(BertKernel {
+            model,
+            max_positions: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            type_vocab_size: config.type_vocab_size,
+        }))
     }
 
     /// The file read whole, and every tensor of its header as f32 (what the model holds; a
@@ -84,23 +89,48 @@ impl Kind for Bert {
 struct BertKernel {
     model: BertModel,
     max_positions: usize,
+    vocab_size: usize,
+    type_vocab_size: usize,
+}
+
+/// Every id of `port` must be below `limit`; the first that is not is named with its place.
+fn ids_below(inputs: &Values, port: &str, limit: usize, noun: &str, limit_name: &str) -> Result<()> {
+    let Some(ids) = inputs.get(port).and_then(|v| v.as_tensor()) else { return Ok(()) };
+    let rows: Vec<Vec<u32>> = ids.to_vec2().ctx("bert input check")?;
+    for (r, row) in rows.iter().enumerate() {
+        if let Some((pos, &id)) = row.iter().enumerate().find(|(_, id)| **id as usize >= limit) {
+            return Err(KernelError::Input {
+                port: port.into(),
+                message: format!(
+                    "{noun} {id} at row {r}, position {pos} is out of range: the model's {limit_name} is {limit}, so ids must be below {limit}"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Kernel for BertKernel {
-    fn forward(&self, inputs: &Values) -> Result<Values> {
+    fn check(&self, inputs: &Values) -> Result<()> {
         let ids = tensor(inputs, "input_ids")?;
-        let mask = tensor(inputs, "attention_mask")?;
         let seq = ids.dim(1).ctx("bert")?;
         if seq > self.max_positions {
             return Err(KernelError::Input {
                 port: "input_ids".into(),
                 message: format!(
-                    "sequence length {seq} exceeds the model's {} positions (shape {:?})",
+                    "sequence length {seq} exceeds the model's maximum of {} positions (shape {:?})",
                     self.max_positions,
                     ids.dims()
                 ),
             });
         }
+        ids_below(inputs, "input_ids", self.vocab_size, "token id", "vocabulary size")?;
+        ids_below(inputs, "token_type_ids", self.type_vocab_size, "token type id", "number of token types")
+    }
+
+    fn forward(&self, inputs: &Values) -> Result<Values> {
+        let ids = tensor(inputs, "input_ids")?;
+        let mask = tensor(inputs, "attention_mask")?;
         let types = match inputs.get("token_type_ids").and_then(|v| v.as_tensor()) {
             Some(t) => t.clone(),
             None => ids.zeros_like().ctx("bert token types")?,
