@@ -197,6 +197,8 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
         .route("/v1/submodels/{name}", axum::routing::put(swap))
         .route("/v1/submodels/{name}/rollback", post(rollback))
         .route("/v1/submodels/{name}/versions", get(versions))
+        // Bodies are read only once the caller is authenticated.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
         .route("/v1/pipelines/{name}/infer", post(infer))
@@ -205,13 +207,14 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
         .route("/healthz", get(|| async { json_response(StatusCode::OK, json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        // Only routes read bodies: an unknown route or method is answered without reading one.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .merge(admin)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
         })
         .layer(DefaultBodyLimit::max(config.max_body))
-        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state)
 }
@@ -299,22 +302,10 @@ impl From<BytesRejection> for ApiError {
 #[derive(Debug, Clone, Copy)]
 struct ErrorKind(&'static str);
 
-/// Reads the whole body within the body timeout and the size limit, and checks the header's
-/// size, before any handler runs: a slow body is a 408 (and the connection closes), a large one
-/// a 413, too many or too large header fields a 431, each with the JSON error shape.
+/// Reads the whole body within the body timeout and the size limit before a route's handler
+/// runs (after the admin gate on admin routes): a slow body is a 408 and a large one a 413, each
+/// with the JSON error shape, and the connection closes.
 async fn read_body(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-    if req.headers().len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
-        return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            format!(
-                "{} header fields of {header_bytes} bytes; at most {MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
-                req.headers().len()
-            ),
-        )
-        .into_response();
-    }
     let limit = st.config.max_body;
     let too_large = || {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is over {limit} bytes"))
@@ -332,7 +323,8 @@ async fn read_body(State(st): State<AppState>, req: Request, next: Next) -> Resp
     let read = async move {
         use http_body_util::BodyExt;
         let mut body = body;
-        let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
+        // Trust content-length for at most 1 MiB up front: it is only what the client claims.
+        let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit).min(1 << 20));
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.map_err(Some)?.into_data() {
                 if buf.len() + data.len() > limit {
@@ -377,8 +369,24 @@ fn json_response(status: StatusCode, body: Json) -> Response {
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Echoes `x-request-id` (or makes one), runs the request inside a span that carries it, and
-/// counts error answers by kind.
+/// counts error answers by kind. Too many or too large header fields are a 431 here, before
+/// any route.
 async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+    if req.headers().len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
+        let response = ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "{} header fields of {header_bytes} bytes; at most {MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
+                req.headers().len()
+            ),
+        )
+        .into_response();
+        st.config.metrics.error("headers_too_large", response.status());
+        return response;
+    }
+
     let id = req
         .headers()
         .get(&REQUEST_ID)
@@ -440,10 +448,14 @@ async fn infer(
     let decoded = if body.len() < BLOCKING_DECODE_BYTES {
         values_json::request_from_slice(&body, &inputs)
     } else {
-        let _permit = st.decoding.clone().acquire_owned().await.map_err(|_| InferError::ShuttingDown)?;
-        tokio::task::spawn_blocking(move || values_json::request_from_slice(&body, &inputs))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        let permit = st.decoding.clone().acquire_owned().await.map_err(|_| InferError::ShuttingDown)?;
+        // The permit goes with the decode: a client that leaves does not free its slot early.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            values_json::request_from_slice(&body, &inputs)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
     };
     let values: Values = decoded.map_err(|e| match e {
         RequestError::Json(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
@@ -670,23 +682,26 @@ async fn put_graph(
     let dry_run = options.dry_run;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the graph must be UTF-8 TOML text"))?;
-    if text.trim().is_empty() {
+    if !allow_empty && text.trim().is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "empty_graph",
-            "the body is empty: PUT /v1/graph takes the whole graph as TOML (an empty graph would remove every pipeline)",
+            "the body is empty: PUT /v1/graph takes the whole graph as TOML (an empty graph would remove every pipeline; add ?allow_empty=true to mean that)",
         ));
     }
-    // A graph without pipelines would stop serving everything: only when asked for.
-    if !allow_empty && let Ok(table) = text.parse::<toml::Table>() {
-        let pipelines = table.get("pipelines").and_then(toml::Value::as_table).map_or(0, toml::Table::len);
-        if pipelines == 0 {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "empty_graph",
-                "the graph has no pipelines, so applying it would remove every pipeline served; add ?allow_empty=true to mean that",
-            ));
-        }
+    // A graph without pipelines would stop serving everything: only when asked for. (A graph
+    // with other problems, e.g. a misspelt `[pipeline.x]`, is left to the checker to report.)
+    if !allow_empty
+        && let Ok(table) = text.parse::<toml::Table>()
+        && table.keys().all(|k| k == "submodels" || k == "pipelines")
+        && table.get("pipelines").and_then(toml::Value::as_table).is_none_or(toml::Table::is_empty)
+        && table.get("pipelines").is_none_or(toml::Value::is_table)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_graph",
+            "the graph has no pipelines, so applying it would remove every pipeline served; add ?allow_empty=true to mean that",
+        ));
     }
     // Relative paths in the body resolve against the server's working directory.
     let source = maas_graphs::SourceFile::new("request.toml", text, "");

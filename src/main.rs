@@ -186,18 +186,18 @@ fn describe(files: &[PathBuf]) -> String {
 /// `maas serve`'s connection limits and timeouts (seconds may be fractional).
 #[derive(clap::Args)]
 struct ServeLimits {
-    /// Seconds a request's header may take to arrive, from its first byte; slower: the
-    /// connection is closed.
+    /// Seconds a request's header may take to arrive (a connection's first request: from its
+    /// opening; later ones: from their first byte); slower: the connection is closed.
     #[arg(long, value_name = "SECS", default_value_t = maas::server::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
     header_timeout: f64,
     /// Seconds a request's whole body may take to arrive; slower: 408 and the connection closes.
     #[arg(long, value_name = "SECS", default_value_t = maas::http::DEFAULT_BODY_TIMEOUT.as_secs_f64())]
     body_timeout: f64,
-    /// Seconds a connection may stay open with no request in progress (keep-alive included).
+    /// Seconds a keep-alive connection may stay open between requests.
     #[arg(long, value_name = "SECS", default_value_t = maas::server::DEFAULT_IDLE_TIMEOUT.as_secs_f64())]
     idle_timeout: f64,
     /// Most connections open at once; more are answered 503 and closed [default: the
-    /// file-descriptor limit less 64].
+    /// file-descriptor limit less 96].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
     /// After SIGINT/SIGTERM, seconds requests in flight get to finish; then every connection

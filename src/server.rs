@@ -5,12 +5,12 @@
 //!   under the process's file-descriptor limit). A connection over the cap is answered at once
 //!   with `503 {"error": {"kind": "overloaded", ...}}` and `Retry-After`, then closed, so the
 //!   connections in progress keep their descriptors and the server never stops accepting.
-//! - **Header timeout**: from a request's first byte, its header must arrive complete within
-//!   [`ServerConfig::header_timeout`], or the connection is closed (a slow-header client holds a
-//!   connection for that long at most).
-//! - **Idle timeout**: a connection with no request in progress and no byte of a new one is
-//!   closed after [`ServerConfig::idle_timeout`] (this covers keep-alive connections between
-//!   requests and connections that never send anything).
+//! - **Header timeout**: a new connection must deliver its first request's header within
+//!   [`ServerConfig::header_timeout`] of opening, and a later request's header must arrive
+//!   within it from its first byte, or the connection is closed (a slow-header or silent client
+//!   holds a connection for that long at most).
+//! - **Idle timeout**: a keep-alive connection with no request in progress and no byte of a
+//!   new one is closed after [`ServerConfig::idle_timeout`].
 //! - The body timeout (a request's whole body within a time) is the router's, in
 //!   [`crate::http::HttpConfig::body_timeout`], so an embedding application gets it too.
 //! - **Bounded graceful shutdown**: when `shutdown` resolves the listener closes; idle
@@ -45,10 +45,12 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time requests in flight get to finish after shutdown begins.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Descriptors kept free for everything but connections (model files, state, logs).
+/// Descriptors kept free for everything but connections and refusals (model files, state, logs).
 const RESERVED_FDS: usize = 64;
 /// Most connections refused at once (each holds its descriptor for a short write).
-const MAX_REFUSING: usize = 64;
+const MAX_REFUSING: usize = 32;
+/// hyper's read buffer per connection: bounds what a connection holds before a handler runs.
+const MAX_READ_BUFFER: usize = 64 << 10;
 
 /// Limits of the server loop.
 #[derive(Debug, Clone)]
@@ -75,14 +77,15 @@ impl Default for ServerConfig {
 }
 
 /// The default connection cap: the process's soft file-descriptor limit less a reserve for
-/// everything else, between 16 and 65,536 (1,024 where the limit cannot be read).
+/// everything else (64) and for connections being refused (32), between 16 and 65,536 (1,024
+/// where the limit cannot be read).
 pub fn default_max_connections() -> usize {
     let soft = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
         let line = text.lines().find(|l| l.starts_with("Max open files"))?;
         line.split_whitespace().nth(3)?.parse::<usize>().ok()
     });
     match soft {
-        Some(n) => n.saturating_sub(RESERVED_FDS).clamp(16, 65_536),
+        Some(n) => n.saturating_sub(RESERVED_FDS + MAX_REFUSING).clamp(16, 65_536),
         None => 1024,
     }
 }
@@ -122,9 +125,8 @@ pub async fn serve(
                 let (router, config, metrics, stop) =
                     (router.clone(), config.clone(), metrics.clone(), stop_rx.clone());
                 connections.spawn(async move {
-                    metrics.connection_opened();
+                    let _open = OpenConnection::new(&metrics);
                     connection(stream, router, &config, &metrics, stop).await;
-                    metrics.connection_closed();
                     drop(permit);
                 });
             }
@@ -157,6 +159,22 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Counts a connection as open for as long as it lives (also when its task is aborted).
+struct OpenConnection<'a>(&'a HttpMetrics);
+
+impl<'a> OpenConnection<'a> {
+    fn new(metrics: &'a HttpMetrics) -> Self {
+        metrics.connection_opened();
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
 }
 
 /// Answers a connection over the cap with a 503 and closes it, without reading the request.
@@ -216,6 +234,9 @@ async fn connection(
 ) {
     let opened = Instant::now();
     let activity = Arc::new(Activity::default());
+    // The first request's header is due `header_timeout` after the connection opens, whether
+    // or not a byte of it came (a connection that says nothing is a slow header).
+    activity.first_byte_ms.store(1, Relaxed);
     let io = TokioIo::new(Watched { inner: stream, activity: activity.clone(), opened });
     let service_activity = activity.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
@@ -235,6 +256,7 @@ async fn connection(
         hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
             .max_headers(crate::http::MAX_HEADERS * 2)
+            .max_buf_size(MAX_READ_BUFFER)
             .serve_connection(io, service)
     );
     let tick = (config.header_timeout.min(config.idle_timeout) / 8)

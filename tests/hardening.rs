@@ -184,10 +184,10 @@ fn slow_headers_slow_bodies_and_idle_connections_are_closed() {
     let header = closed_after(&mut slow_header, Duration::from_secs(15)).expect("a slow header is cut");
     assert!(header < 5.0, "closed after {header} s");
     closed_after(&mut silent, Duration::from_secs(15)).expect("a silent connection is cut");
-    let idle = silent_opened.elapsed().as_secs_f64();
-    assert!((1.5..8.0).contains(&idle), "closed after {idle} s, with a 2 s idle timeout");
+    let silent_for = silent_opened.elapsed().as_secs_f64();
+    assert!(silent_for < 5.0, "a connection that sends nothing owes its header: closed after {silent_for} s");
     let keep_alive = closed_after(&mut kept, Duration::from_secs(15)).expect("an idle keep-alive connection is cut");
-    assert!(keep_alive < 8.0, "closed after {keep_alive} s");
+    assert!(keep_alive > 1.0 && keep_alive < 8.0, "closed after {keep_alive} s, with a 2 s idle timeout");
     let mut answer = Vec::new();
     slow_body.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let _ = slow_body.read_to_end(&mut answer);
@@ -201,8 +201,8 @@ fn slow_headers_slow_bodies_and_idle_connections_are_closed() {
     assert_eq!(status, 200);
     let (_, metrics) = request(addr, "GET", "/metrics", &[], b"").unwrap();
     let metrics = metrics.as_str().unwrap().to_string();
-    assert!(metrics.contains(r#"maas_http_connections_timed_out_total{timeout="header"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"maas_http_connections_timed_out_total{timeout="idle"} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"maas_http_connections_timed_out_total{timeout="header"} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"maas_http_connections_timed_out_total{timeout="idle"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"maas_http_errors_total{kind="body_timeout",status="408"} 1"#), "{metrics}");
 }
 
@@ -301,6 +301,8 @@ fn a_16_mib_body_costs_a_small_multiple_of_its_size() {
     )
     .unwrap();
     assert_eq!(status, 200);
+    // Reset the peak to what is resident now, so the start-up peak cannot hide growth.
+    std::fs::write(format!("/proc/{}/clear_refs", server.pid()), "5").unwrap();
     let before = server.status_kb("VmRSS");
     let (status, answer) = request(addr, "POST", "/v1/pipelines/classify/infer", &[], body.as_bytes()).unwrap();
     assert_eq!(status, 413, "{answer}");

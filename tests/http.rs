@@ -75,7 +75,7 @@ fn assert_error(status: u16, body: &Value, want_status: u16, kind: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn infer_and_every_error_status() {
-    let s = start(HttpConfig { max_body: 4096, max_rows: 8, admin_token: None }).await;
+    let s = start(HttpConfig { max_body: 4096, max_rows: 8, ..HttpConfig::default() }).await;
     let (st, h, body) = post(&s, "/v1/pipelines/lin/infer", r#"{"inputs": {"x": [[1, 2, 3, 4], [0, 0, 0, 0]]}}"#).await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["outputs"]["y"].as_array().unwrap().len(), 2);

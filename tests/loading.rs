@@ -118,7 +118,10 @@ fn an_oversized_swap_or_recomposition_in_process_is_refused_and_the_old_graph_se
             let engine = Engine::from_files(&[&path]).await.unwrap();
             let params: toml::Table = "out = 4000000000".parse().unwrap();
             let err = engine
-                .swap("head", SwapRequest { params: Some(params), ..SwapRequest::default() })
+                .swap(
+                    "head",
+                    SwapRequest { params: Some(params), allow_signature_change: true, ..SwapRequest::default() },
+                )
                 .await
                 .expect_err("a 1 TB head was swapped in");
             assert!(matches!(err, ChangeError::TooLarge(_)), "{err}");
@@ -269,7 +272,11 @@ fn serve_refuses_an_oversized_linear_through_both_change_routes_and_keeps_servin
     assert_eq!(server.infer(), "v1");
 
     let (st, body) = server
-        .call("PUT", "/v1/submodels/head", r#"{"params": {"out": 4000000000}, "version": "huge"}"#.into())
+        .call(
+            "PUT",
+            "/v1/submodels/head",
+            r#"{"params": {"out": 4000000000}, "version": "huge", "allow_signature_change": true}"#.into(),
+        )
         .unwrap();
     assert_eq!(st, 422, "{body}");
     assert_eq!(body["error"]["kind"], "too_large", "{body}");
@@ -300,7 +307,9 @@ fn serve_max_load_memory_bounds_the_graph_at_start_and_every_swap() {
     write_graph(&tmp.0, GRAPH);
     // The head (64 x 10) needs a few KiB; 1000 outputs need about half a MiB.
     let mut server = Server::start(&["g.toml", "--max-load-memory", "64KiB"], &tmp.0).unwrap();
-    let (st, body) = server.call("PUT", "/v1/submodels/head", r#"{"params": {"out": 1000}}"#.into()).unwrap();
+    let (st, body) = server
+        .call("PUT", "/v1/submodels/head", r#"{"params": {"out": 1000}, "allow_signature_change": true}"#.into())
+        .unwrap();
     assert_eq!(st, 422, "{body}");
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("more than the load limit of 64.0 KiB"), "{msg}");

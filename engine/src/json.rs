@@ -99,9 +99,11 @@ impl std::fmt::Display for Number {
     }
 }
 
-/// Largest finite f16 and bf16 values.
-const F16_MAX: f64 = 65504.0;
-const BF16_MAX: f64 = 3.389_531_389_251_535e38;
+/// Magnitudes from which f16 and bf16 round to infinity (halfway past their largest finite
+/// value, 65504 and 3.3895e38; a tie rounds to even, which is infinity): anything below rounds
+/// to a finite value.
+const F16_OVERFLOW: f64 = 65520.0;
+const BF16_OVERFLOW: f64 = 3.396_177_529_230_426_6e38;
 
 /// Converts `n` to `dtype`, or says why it is not representable there.
 fn push_number(out: &mut Elements, dtype: DType, n: Number) -> Result<(), String> {
@@ -123,12 +125,14 @@ fn push_number(out: &mut Elements, dtype: DType, n: Number) -> Result<(), String
         |lo: &dyn std::fmt::Display, hi: &dyn std::fmt::Display| format!("{n} is outside {dtype}'s range {lo}..={hi}");
     match out {
         Elements::F32(v) => {
-            let max = match dtype {
-                DType::F16 => F16_MAX,
-                DType::BF16 => BF16_MAX,
-                _ => f64::from(f32::MAX),
+            // Rounding to the nearest value of the dtype must stay finite (so f32::MAX written
+            // in its shortest form, 3.4028235e38, is accepted).
+            let (finite, max) = match dtype {
+                DType::F16 => (float.abs() < F16_OVERFLOW, 65504.0),
+                DType::BF16 => (float.abs() < BF16_OVERFLOW, 3.389_531_389_251_535e38),
+                _ => ((float as f32).is_finite(), f64::from(f32::MAX)),
             };
-            if !float.is_finite() || float.abs() > max {
+            if !float.is_finite() || !finite {
                 return Err(format!("{n} is outside {dtype}'s finite range (largest magnitude {max:e})"));
             }
             v.push(float as f32);
@@ -482,15 +486,166 @@ impl<'de> serde::de::Visitor<'de> for Inputs<'_> {
                         None => t.finish().map(Value::Tensor).map_err(|m| fail(self.error, m))?,
                     }
                 }
-                // Text is small: decode the JSON value, then convert it.
                 PortType::Text => {
-                    let json: Json = map.next_value()?;
-                    value_from_json(&name, ty, &json).map_err(|e| fail(self.error, e.message))?
+                    let mut message = None;
+                    match map.next_value_seed(TextValue { error: &mut message }) {
+                        Ok(rows) => Value::text(rows),
+                        Err(e) => {
+                            return Err(match message {
+                                Some(m) => fail(self.error, m),
+                                None => e,
+                            });
+                        }
+                    }
                 }
             };
             values.insert(name, value);
         }
         Ok(values)
+    }
+}
+
+/// A text value straight from the JSON: one string (one row) or a list of strings; anything
+/// else is refused without decoding it into a tree.
+struct TextValue<'a> {
+    error: &'a mut Option<String>,
+}
+
+impl TextValue<'_> {
+    fn fail<E: serde::de::Error>(self, message: String) -> E {
+        let e = E::custom(&message);
+        self.error.get_or_insert(message);
+        e
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TextValue<'_> {
+    type Value = Vec<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TextValue<'_> {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string or a list of strings")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(vec![v.to_string()])
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        strings(seq, Vec::new(), self.error)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(self.fail("expected a string or a list of strings, found a number".into()))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(self.fail("expected a string or a list of strings, found a number".into()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(self.fail("expected a string or a list of strings, found a number".into()))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(self.fail("expected a string or a list of strings, found a boolean".into()))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Err(self.fail("expected a string or a list of strings, found null".into()))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.fail("expected a string or a list of strings, found an object".into()))
+    }
+}
+
+/// The rest of a list of strings after `rows`; an item that is not a string is named by its row.
+fn strings<'de, A: serde::de::SeqAccess<'de>>(
+    mut seq: A,
+    mut rows: Vec<String>,
+    error: &mut Option<String>,
+) -> Result<Vec<String>, A::Error> {
+    loop {
+        let row = rows.len();
+        match seq.next_element_seed(OneString { row, error: &mut *error })? {
+            Some(s) => rows.push(s),
+            None => return Ok(rows),
+        }
+    }
+}
+
+/// One row of a list of strings.
+struct OneString<'a> {
+    row: usize,
+    error: &'a mut Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for OneString<'_> {
+    type Value = String;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for OneString<'_> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<String, E> {
+        Err(self.fail("a number"))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<String, E> {
+        Err(self.fail("a number"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+        Err(self.fail("a number"))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
+        Err(self.fail("a boolean"))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<String, E> {
+        Err(self.fail("null"))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<String, A::Error> {
+        Err(self.fail("an array"))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<String, A::Error> {
+        Err(self.fail("an object"))
+    }
+}
+
+impl OneString<'_> {
+    fn fail<E: serde::de::Error>(self, found: &str) -> E {
+        let message = format!("row {}: expected a string like every text row, found {found}", self.row);
+        let e = E::custom(&message);
+        self.error.get_or_insert(message);
+        e
     }
 }
 
@@ -535,17 +690,20 @@ impl<'de> serde::de::Visitor<'de> for AnyValue<'_> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         use serde::de::Error;
         let AnyValue { t, error } = self;
-        t.open(0, None).map_err(A::Error::custom)?;
-        // The first item decides: a string makes the whole value text.
-        let first = seq.next_element_seed(FirstItem { t: &mut *t, error: &mut *error })?;
-        let mut count = usize::from(first.is_some());
-        if let Some(Some(s)) = first {
-            let mut rows = vec![s];
-            while let Some(s) = seq.next_element::<String>()? {
-                rows.push(s);
-            }
-            return Ok(Some(rows));
+        if let Err(m) = t.open(0, None) {
+            error.get_or_insert(m.clone());
+            return Err(A::Error::custom(m));
         }
+        // The first item decides: a string makes the whole value text.
+        let first = match seq.next_element_seed(FirstItem { t: &mut *t, error: &mut *error })? {
+            // `[]`: no rows of text, as the CLI reads it too.
+            None => return Ok(Some(Vec::new())),
+            Some(first) => first,
+        };
+        if let Some(s) = first {
+            return strings(seq, vec![s], error).map(Some);
+        }
+        let mut count = 1;
         loop {
             t.row = count;
             match seq.next_element_seed(Level { t: &mut *t, depth: 1, error: &mut *error })? {
@@ -553,20 +711,32 @@ impl<'de> serde::de::Visitor<'de> for AnyValue<'_> {
                 None => break,
             }
         }
-        t.close(0, count, true).map_err(A::Error::custom)?;
+        if let Err(m) = t.close(0, count, true) {
+            error.get_or_insert(m.clone());
+            return Err(A::Error::custom(m));
+        }
         Ok(None)
     }
 
     fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Err(E::custom("expected text or an array, found a boolean"))
+        Err(self.fail("a boolean"))
     }
 
     fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Err(E::custom("expected text or an array, found null"))
+        Err(self.fail("null"))
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        Err(serde::de::Error::custom("expected text or an array, found an object"))
+        Err(self.fail("an object"))
+    }
+}
+
+impl AnyValue<'_> {
+    fn fail<E: serde::de::Error>(self, found: &str) -> E {
+        let message = format!("expected text or an array of numbers, found {found}");
+        let e = E::custom(&message);
+        self.error.get_or_insert(message);
+        e
     }
 }
 
@@ -756,10 +926,17 @@ mod tests {
                 other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
             }
         }
+        // Written as ryu writes f32::MAX: rounds to it, so it is in range.
+        assert!(request_from_slice(br#"{"inputs": {"pixels": [[3.4028235e38, -3.4028235e38]]}}"#, &ports()).is_ok());
+        let e = request_from_slice(br#"{"inputs": {"t": ["a", 2]}}"#, &ports()).unwrap_err();
+        assert!(matches!(&e, RequestError::Input(e) if e.port == "t" && e.message.contains("row 1")), "{e:?}");
+        let e = request_from_slice(br#"{"inputs": {"t": [[1, 2, 3]]}}"#, &ports()).unwrap_err();
+        assert!(matches!(&e, RequestError::Input(e) if e.port == "t"), "{e:?}");
         let f16 = vec![("h".to_string(), ty("f16[B]"))];
         let e = request_from_slice(br#"{"inputs": {"h": [70000]}}"#, &f16).unwrap_err();
         assert!(e.to_string().contains("outside f16's finite range"), "{e}");
-        assert!(request_from_slice(br#"{"inputs": {"h": [65504]}}"#, &f16).is_ok());
+        assert!(request_from_slice(br#"{"inputs": {"h": [65504, 65519]}}"#, &f16).is_ok());
+        assert!(request_from_slice(br#"{"inputs": {"h": [65520]}}"#, &f16).is_err());
     }
 
     #[test]
@@ -788,7 +965,18 @@ mod tests {
         assert_eq!(v["x"].as_text().unwrap(), ["a", "b"]);
         let v = request_from_slice(br#"{"inputs": {"x": "a"}}"#, &any).unwrap();
         assert_eq!(v["x"].as_text().unwrap(), ["a"]);
-        assert!(request_from_slice(br#"{"inputs": {"x": ["a", 1]}}"#, &any).is_err());
+        for (body, want) in [
+            (&br#"{"inputs": {"x": ["a", 1]}}"#[..], "row 1: expected a string"),
+            (br#"{"inputs": {"x": true}}"#, "found a boolean"),
+            (br#"{"inputs": {"x": [[1], ["a"]]}}"#, "found a string"),
+        ] {
+            match request_from_slice(body, &any) {
+                Err(RequestError::Input(e)) => assert!(e.message.contains(want), "{e}"),
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
+        let v = request_from_slice(br#"{"inputs": {"x": []}}"#, &any).unwrap();
+        assert_eq!(v["x"].as_text().unwrap().len(), 0, "[] is no rows of text, as on the CLI");
         let e = request_from_slice(br#"{"inputs": {"x": [[1], [1e39]]}}"#, &any).unwrap_err();
         assert!(e.to_string().contains("1e39 is outside f32's finite range"), "{e}");
         assert!(request_from_slice(br#"{"inputs": {"x": [[1], [2, 3]]}}"#, &any).is_err());
