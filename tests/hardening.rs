@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use maas::http::HttpConfig;
@@ -15,76 +14,18 @@ use maas_engine::Engine;
 use serde_json::{Value as Json, json};
 
 mod common;
-use common::{TempDir, serve};
+use common::{ServeProcess, TempDir, serve};
 
-/// A `maas serve` child on a free port (run through `sh` so a descriptor limit can be set).
-struct Serve {
-    child: std::process::Child,
-    addr: String,
-    stderr: std::sync::mpsc::Receiver<String>,
-}
+/// A `maas serve` child with the embedded default graph (see [`ServeProcess`]).
+struct Serve(ServeProcess);
 
 impl Serve {
-    /// `maas serve ARGS` with the embedded default graph in an empty directory; `fd_limit`
-    /// lowers the process's descriptor limit first.
     fn start(args: &[&str], fd_limit: Option<u32>, dir: &std::path::Path) -> Self {
-        let exe = env!("CARGO_BIN_EXE_maas");
-        let ulimit = fd_limit.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(r#"{ulimit}exec "$0" serve --addr 127.0.0.1:0 "$@""#))
-            .arg(exe)
-            .args(args)
-            .current_dir(dir)
-            .env("MAAS_ADMIN_TOKEN", "t")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start maas serve");
-        let (tx, stderr) = std::sync::mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut seen = Vec::new();
-        let addr = loop {
-            let line = stderr
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("serve printed no address: {seen:?}"));
-            if let Some(rest) = line.split("on http://").nth(1) {
-                break rest.trim().to_string();
-            }
-            seen.push(line);
-        };
-        Self { child, addr, stderr }
+        Self(ServeProcess::spawn(args, dir, fd_limit).unwrap_or_else(|e| panic!("{e}")))
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn sigterm(&self) {
-        assert!(Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap().success());
-    }
-
-    /// Waits up to `limit` for the process to exit; its exit code, or `None` (then it is killed).
-    fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
+        self.0.child.id()
     }
 
     /// A kB figure from /proc/PID/status (`VmRSS`, `VmHWM`).
@@ -95,10 +36,17 @@ impl Serve {
     }
 }
 
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Serve {
+    type Target = ServeProcess;
+
+    fn deref(&self) -> &ServeProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Serve {
+    fn deref_mut(&mut self) -> &mut ServeProcess {
+        &mut self.0
     }
 }
 
@@ -272,7 +220,7 @@ fn sigterm_with_slow_clients_connected_exits_after_the_grace_period() {
     let code = server.wait(Duration::from_secs(20));
     assert_eq!(code, Some(0), "SIGTERM with slow clients connected must end the process with 0 (within 20 s)");
     let took = sent.elapsed().as_secs_f64();
-    let lines: Vec<String> = server.stderr.try_iter().collect();
+    let lines: Vec<String> = server.lines.try_iter().collect();
     assert!(lines.iter().any(|l| l.contains("maas: stopped")), "{lines:?}");
     assert!(took < 15.0, "took {took} s");
     drop((partial_header, slow_body, idle));

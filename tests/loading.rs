@@ -8,16 +8,15 @@
 //! in-process cases run in a child process of this test binary ([`isolated`]), where an abort
 //! fails one test instead of ending the whole run.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use maas_engine::{ChangeError, Engine, EngineError, EngineOptions, SwapRequest};
 use maas_kernels::{Value, Values};
 
 mod common;
-use common::TempDir;
+use common::{ServeProcess, TempDir};
 
 /// A seeded `linear` head (64 -> 10) in a pipeline `p` whose output is untyped, so that a head
 /// of any size fits it.
@@ -194,38 +193,14 @@ fn mkfifo(path: &Path) {
 
 /// A running `maas serve` child.
 struct Server {
-    child: std::process::Child,
-    addr: String,
+    p: ServeProcess,
 }
 
 impl Server {
     /// Starts `maas serve` with `args` in `dir` (admin token `t`); `Err` with what it printed if
     /// it exits before serving.
     fn start(args: &[&str], dir: &Path) -> Result<Self, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_maas"))
-            .arg("serve")
-            .args(args)
-            .args(["--addr", "127.0.0.1:0"])
-            .current_dir(dir)
-            .env("MAAS_ADMIN_TOKEN", "t")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start maas serve");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut early = Vec::new();
-        for line in lines.by_ref().map_while(Result::ok) {
-            if let Some(rest) = line.split("on http://").nth(1) {
-                let addr = rest.trim().to_string();
-                // Keep draining stderr so the server never blocks on a full pipe.
-                std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-                return Ok(Self { child, addr });
-            }
-            early.push(line);
-        }
-        let status = child.wait().unwrap();
-        Err(format!("serve exited with {status} before serving:\n{}", early.join("\n")))
+        ServeProcess::spawn(args, dir, None).map(|p| Self { p })
     }
 
     /// One admin-authorised request; `Err` when the server does not answer (it died).
@@ -233,13 +208,13 @@ impl Server {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let answer = rt.block_on(async {
             let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-            let url = format!("http://{}{path}", self.addr);
+            let url = format!("http://{}{path}", self.p.addr);
             let r = c.request(method.parse().unwrap(), url).bearer_auth("t").body(body).send().await?;
             let status = r.status().as_u16();
             let text = r.text().await?;
             Ok::<_, reqwest::Error>((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))))
         });
-        answer.map_err(|e| match self.child.try_wait() {
+        answer.map_err(|e| match self.p.child.try_wait() {
             Ok(Some(status)) => format!("the server died ({status}): {e}"),
             _ => format!("no answer: {e}"),
         })
@@ -257,9 +232,9 @@ impl Server {
 
     /// SIGTERM; it must end cleanly (it did not crash).
     fn stop(mut self) {
-        let killed = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let killed = Command::new("kill").args(["-TERM", &self.p.child.id().to_string()]).status().unwrap();
         assert!(killed.success());
-        let status = self.child.wait().unwrap();
+        let status = self.p.child.wait().unwrap();
         assert_eq!(status.code(), Some(0), "serve ended with {status}");
     }
 }

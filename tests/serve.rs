@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::TempDir;
+use common::{ServeProcess, TempDir};
 
 #[test]
 fn serve_runs_the_embedded_default_and_stops_on_sigterm() {
@@ -64,66 +64,33 @@ fn serve_runs_the_embedded_default_and_stops_on_sigterm() {
 
 /// A running `maas serve` child and its stderr lines.
 struct Child {
-    child: std::process::Child,
-    addr: String,
-    lines: std::sync::mpsc::Receiver<String>,
-    /// What it printed up to its address.
-    early: Vec<String>,
+    p: ServeProcess,
 }
 
 impl Child {
     fn start(args: &[&str], dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_maas"))
-            .arg("serve")
-            .args(args)
-            .args(["--addr", "127.0.0.1:0"])
-            .current_dir(dir)
-            .env("MAAS_ADMIN_TOKEN", "t")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start maas serve");
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addr = None;
-        let mut early = Vec::new();
-        while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
-            if let Some(rest) = line.split("on http://").nth(1) {
-                addr = Some(rest.trim().to_string());
-                break;
-            }
-            early.push(line);
-        }
-        let addr = addr.unwrap_or_else(|| panic!("serve printed no address: {early:?}"));
-        Self { child, addr, lines, early }
+        let p = ServeProcess::spawn(args, dir, None).unwrap_or_else(|e| panic!("{e}"));
+        Self { p }
     }
 
     /// Stderr lines printed so far (not yet returned).
     fn printed(&mut self) -> Vec<String> {
-        let mut out = std::mem::take(&mut self.early);
-        out.extend(self.lines.try_iter());
+        let mut out = std::mem::take(&mut self.p.early);
+        out.extend(self.p.lines.try_iter());
         out
     }
 
     fn stop(mut self) {
-        let killed = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let killed = Command::new("kill").args(["-TERM", &self.p.child.id().to_string()]).status().unwrap();
         assert!(killed.success());
-        assert_eq!(self.child.wait().unwrap().code(), Some(0));
+        assert_eq!(self.p.child.wait().unwrap().code(), Some(0));
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> (u16, serde_json::Value) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let c = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-            let mut r = c.request(method.parse().unwrap(), format!("http://{}{path}", self.addr)).bearer_auth("t");
+            let mut r = c.request(method.parse().unwrap(), format!("http://{}{path}", self.p.addr)).bearer_auth("t");
             if let Some(b) = body {
                 r = r.body(b);
             }

@@ -74,3 +74,84 @@ pub(crate) async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) 
     }
     cond()
 }
+
+/// A `maas serve` child process, started in `dir` with admin token `t` and `--addr
+/// 127.0.0.1:0`, as a user starts it.
+pub(crate) struct ServeProcess {
+    pub(crate) child: std::process::Child,
+    /// Where it serves (`127.0.0.1:PORT`).
+    pub(crate) addr: String,
+    /// Its stderr lines after the address line (drained on a thread, so it never blocks).
+    pub(crate) lines: std::sync::mpsc::Receiver<String>,
+    /// What it printed up to its address.
+    pub(crate) early: Vec<String>,
+}
+
+impl ServeProcess {
+    /// Starts `maas serve ARGS`, with the descriptor limit lowered to `fd_limit` first when
+    /// given; `Err` with what it printed when it exits before serving.
+    pub(crate) fn spawn(args: &[&str], dir: &std::path::Path, fd_limit: Option<u32>) -> Result<Self, String> {
+        use std::io::BufRead;
+        let ulimit = fd_limit.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(r#"{ulimit}exec "$0" serve "$@" --addr 127.0.0.1:0"#))
+            .arg(env!("CARGO_BIN_EXE_maas"))
+            .args(args)
+            .current_dir(dir)
+            .env("MAAS_ADMIN_TOKEN", "t")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start maas serve");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr piped");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut early = Vec::new();
+        while let Ok(line) = lines.recv_timeout(Duration::from_secs(120)) {
+            if let Some(rest) = line.split("on http://").nth(1) {
+                let addr = rest.trim().to_string();
+                return Ok(Self { child, addr, lines, early });
+            }
+            early.push(line);
+        }
+        let _ = child.kill();
+        let status = child.wait().expect("wait for maas serve");
+        Err(format!("serve exited with {status} before serving:\n{}", early.join("\n")))
+    }
+
+    /// Sends SIGTERM.
+    pub(crate) fn sigterm(&self) {
+        let killed = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        assert!(killed.expect("run kill").success());
+    }
+
+    /// Waits up to `limit` for the process to exit: its exit code (`None`: killed by a signal,
+    /// or still running at the limit, when it is killed).
+    pub(crate) fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
