@@ -64,7 +64,8 @@ enum Command {
     ///
     /// Without graph files it serves the committed digits model as `classify`, and the MiniLM
     /// pipelines `embed` and `similarity` when `./models` holds the fetched model. Admin routes
-    /// need `MAAS_ADMIN_TOKEN`. SIGINT/SIGTERM: stop accepting, finish requests in flight, exit 0.
+    /// need `MAAS_ADMIN_TOKEN`. SIGINT/SIGTERM: stop accepting, give requests in flight
+    /// --shutdown-grace to finish, close what is left, exit 0.
     Serve {
         /// Graph files (TOML); none: the embedded default pipelines.
         files: Vec<PathBuf>,
