@@ -383,3 +383,48 @@ async fn deadline_is_504_and_overload_is_503_with_retry_after() {
     s.stop.send(()).unwrap();
     s.done.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_computing_past_the_connection_timeouts_is_answered() {
+    let (open, gate) = flume::unbounded();
+    let engine = gate_engine(gate, "").await;
+    let limits = maas::server::ServerConfig {
+        header_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(200),
+        max_connections: 8,
+        shutdown_grace: Duration::from_millis(300),
+    };
+    let s = common::serve_with(engine.clone(), HttpConfig::default(), limits).await;
+    let addr = s.addr;
+    let call = tokio::spawn(async move {
+        let r = client()
+            .post(format!("http://{addr}/v1/pipelines/p/infer"))
+            .body(json!({"inputs": {"x": [[1.0, 2.0]]}}).to_string())
+            .send()
+            .await;
+        match r {
+            Ok(r) => Ok(r.status().as_u16()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    // The request computes for five times the header and idle timeouts: neither applies to it.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!call.is_finished(), "the connection was cut while its request computed");
+    open.send(()).unwrap();
+    assert_eq!(call.await.unwrap(), Ok(200));
+
+    // At shutdown, a request still computing after the grace period has its connection closed
+    // and the server returns, instead of waiting for it.
+    let addr = s.addr;
+    let stuck = tokio::spawn(async move {
+        client().post(format!("http://{addr}/v1/pipelines/p/infer")).body(r#"{"inputs": {"x": [[0, 0]]}}"#).send().await
+    });
+    assert!(common::eventually(Duration::from_secs(10), || engine.metrics().in_flight == 1).await);
+    let started = std::time::Instant::now();
+    s.stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.done).await.expect("serve returned after the grace").unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300), "the grace period was given");
+    assert!(stuck.await.unwrap().is_err(), "the stuck request's connection was closed");
+    open.send(()).unwrap();
+    engine.shutdown().await;
+}
