@@ -91,6 +91,7 @@ pub struct HttpMetrics {
     refused: AtomicU64,
     header_timeouts: AtomicU64,
     idle_timeouts: AtomicU64,
+    write_timeouts: AtomicU64,
 }
 
 impl HttpMetrics {
@@ -116,6 +117,7 @@ impl HttpMetrics {
         match why {
             crate::server::Closed::HeaderTimeout => self.header_timeouts.fetch_add(1, Relaxed),
             crate::server::Closed::IdleTimeout => self.idle_timeouts.fetch_add(1, Relaxed),
+            crate::server::Closed::WriteTimeout => self.write_timeouts.fetch_add(1, Relaxed),
         };
     }
 
@@ -123,6 +125,13 @@ impl HttpMetrics {
     pub fn errors(&self) -> Vec<(&'static str, u16, u64)> {
         let errors = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         errors.iter().map(|((k, s), n)| (*k, *s, *n)).collect()
+    }
+
+    /// The counters in Prometheus text format, as a new string.
+    pub fn render_to_string(&self) -> String {
+        let mut out = String::new();
+        self.render(&mut out);
+        out
     }
 
     /// The counters in Prometheus text format.
@@ -152,6 +161,11 @@ impl HttpMetrics {
             out,
             "maas_http_connections_timed_out_total{{timeout=\"idle\"}} {}",
             self.idle_timeouts.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "maas_http_connections_timed_out_total{{timeout=\"write\"}} {}",
+            self.write_timeouts.load(Relaxed)
         );
         let _ = writeln!(
             out,

@@ -10,7 +10,8 @@
 //!   within it from its first byte, or the connection is closed (a slow-header or silent client
 //!   holds a connection for that long at most).
 //! - **Idle timeout**: a keep-alive connection with no request in progress and no byte of a
-//!   new one is closed after [`ServerConfig::idle_timeout`].
+//!   new one is closed after [`ServerConfig::idle_timeout`]; so is one whose client takes no
+//!   byte of its answer for that long (a client reading a long answer slowly is not idle).
 //! - The body timeout (a request's whole body within a time) is the router's, in
 //!   [`crate::http::HttpConfig::body_timeout`], so an embedding application gets it too.
 //! - **Bounded graceful shutdown**: when `shutdown` resolves the listener closes; idle
@@ -25,7 +26,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -215,13 +216,21 @@ struct Activity {
     idle_since_ms: AtomicU64,
     /// Requests dispatched and not yet answered.
     in_flight: AtomicUsize,
+    /// Milliseconds since the connection opened of the last byte written.
+    last_write_ms: AtomicU64,
+    /// The socket refused the last write (the client is not taking bytes).
+    write_blocked: AtomicBool,
 }
 
 /// Why a watchdog closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Closed {
+    /// A request's header did not arrive in time.
     HeaderTimeout,
+    /// Nothing happened on a connection between requests.
     IdleTimeout,
+    /// The client took no byte of a response for the idle timeout.
+    WriteTimeout,
 }
 
 /// Serves one connection until it ends, a limit passes, or the shutdown grace is over.
@@ -245,7 +254,8 @@ async fn connection(
         activity.in_flight.fetch_add(1, Relaxed);
         async move {
             let response = tower_service::Service::call(&mut router, req).await;
-            // The request is answered: the connection is idle from now until a next byte.
+            // Answered: from now the connection is quiet unless bytes move (the answer being
+            // written, or a next request arriving).
             activity.first_byte_ms.store(0, Relaxed);
             activity.idle_since_ms.store(opened.elapsed().as_millis() as u64, Relaxed);
             activity.in_flight.fetch_sub(1, Relaxed);
@@ -293,8 +303,16 @@ fn overdue(activity: &Activity, now: Duration, config: &ServerConfig) -> Option<
     let now_ms = now.as_millis() as u64;
     match activity.first_byte_ms.load(Relaxed) {
         0 => {
-            let idle_for = now_ms.saturating_sub(activity.idle_since_ms.load(Relaxed));
-            (idle_for > config.idle_timeout.as_millis() as u64).then_some(Closed::IdleTimeout)
+            // Quiet since the answer, or since its last byte was written: a client reading a
+            // long answer slowly is not idle; one that takes nothing is.
+            let since = activity.idle_since_ms.load(Relaxed).max(activity.last_write_ms.load(Relaxed));
+            if now_ms.saturating_sub(since) <= config.idle_timeout.as_millis() as u64 {
+                None
+            } else if activity.write_blocked.load(Relaxed) {
+                Some(Closed::WriteTimeout)
+            } else {
+                Some(Closed::IdleTimeout)
+            }
         }
         first => {
             let reading_for = now_ms.saturating_sub(first - 1);
@@ -303,7 +321,7 @@ fn overdue(activity: &Activity, now: Duration, config: &ServerConfig) -> Option<
     }
 }
 
-/// A socket that tells its connection's [`Activity`] when bytes arrive.
+/// A socket that tells its connection's [`Activity`] when bytes arrive and leave.
 struct Watched {
     inner: TcpStream,
     activity: Arc<Activity>,
@@ -322,9 +340,25 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// Records a write's outcome: bytes taken, or the client not taking any.
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.last_write_ms.store(self.opened.elapsed().as_millis() as u64, Relaxed);
+                self.activity.write_blocked.store(false, Relaxed);
+            }
+            Poll::Pending => self.activity.write_blocked.store(true, Relaxed),
+            _ => {}
+        }
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&r);
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -340,7 +374,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -372,6 +408,16 @@ mod tests {
         assert_eq!(overdue(&a, s(8), &config()), Some(Closed::HeaderTimeout));
         a.in_flight.store(1, Relaxed);
         assert_eq!(overdue(&a, s(100), &config()), None, "a request in progress is not the watchdog's");
+        // Answered at 100 s; the answer is being written.
+        a.in_flight.store(0, Relaxed);
+        a.first_byte_ms.store(0, Relaxed);
+        a.idle_since_ms.store(100_000, Relaxed);
+        a.last_write_ms.store(103_000, Relaxed);
+        assert_eq!(overdue(&a, s(107), &config()), None, "the client took a byte 4 s ago, of 5");
+        a.write_blocked.store(true, Relaxed);
+        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::WriteTimeout), "a client taking nothing for 6 s");
+        a.write_blocked.store(false, Relaxed);
+        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::IdleTimeout), "nothing to write, nothing read");
     }
 
     #[test]

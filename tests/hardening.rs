@@ -415,3 +415,54 @@ async fn framework_rejections_are_json_counted_by_kind_and_the_bearer_scheme_is_
     }
     server.shut().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_no_byte_of_its_answer_is_cut_after_the_idle_timeout() {
+    let dir = TempDir::new("write-timeout");
+    let graph = dir.0.join("echo.toml");
+    std::fs::write(
+        &graph,
+        "[submodels.id]\nkind = \"identity\"\n\n[pipelines.echo]\ninputs = { x = \"f32[B,512]\" }\n\
+         outputs = { y = \"a.out\" }\nnodes.a = { submodel = \"id\", inputs = { x = \"$x\" } }\n",
+    )
+    .unwrap();
+    let engine = Engine::from_files(&[graph]).await.unwrap();
+    let config = HttpConfig::default();
+    let metrics = config.metrics.clone();
+    let limits = maas::server::ServerConfig {
+        header_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_millis(500),
+        max_connections: 8,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let server = common::serve_with(engine.clone(), config, limits).await;
+    // A 9 MB request whose answer is ~21 MB (2048 rows of 512 numbers, each written back as
+    // 0.12345600128173828), far more than the socket buffers hold.
+    let row = format!("[{}]", vec!["0.123456"; 512].join(","));
+    let body = format!(r#"{{"inputs": {{"x": [{}]}}}}"#, vec![row.as_str(); 2048].join(","));
+    let addr = server.addr;
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let head =
+            format!("POST /v1/pipelines/echo/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body.as_bytes()).unwrap();
+        // Take nothing for 3 s (six idle timeouts), then read what is left: the server must
+        // have given up on the answer and closed the connection.
+        std::thread::sleep(Duration::from_secs(3));
+        let mut answer = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.read_to_end(&mut answer);
+        answer.len()
+    });
+    let got = reader.await.unwrap();
+    assert!(got < 20_000_000, "the answer was not cut: {got} bytes read");
+    assert!(
+        common::eventually(Duration::from_secs(5), || metrics.render_to_string().contains(r#"timeout="write"} 1"#))
+            .await,
+        "{}",
+        metrics.render_to_string()
+    );
+    server.shut().await;
+    engine.shutdown().await;
+}
