@@ -115,9 +115,9 @@ impl HttpMetrics {
 
     pub(crate) fn connection_timed_out(&self, why: crate::server::Closed) {
         match why {
-            crate::server::Closed::HeaderTimeout => self.header_timeouts.fetch_add(1, Relaxed),
-            crate::server::Closed::IdleTimeout => self.idle_timeouts.fetch_add(1, Relaxed),
-            crate::server::Closed::WriteTimeout => self.write_timeouts.fetch_add(1, Relaxed),
+            crate::server::Closed::Header => self.header_timeouts.fetch_add(1, Relaxed),
+            crate::server::Closed::Idle => self.idle_timeouts.fetch_add(1, Relaxed),
+            crate::server::Closed::Write => self.write_timeouts.fetch_add(1, Relaxed),
         };
     }
 

@@ -222,15 +222,15 @@ struct Activity {
     write_blocked: AtomicBool,
 }
 
-/// Why a watchdog closed a connection.
+/// Which timeout a watchdog closed a connection for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Closed {
     /// A request's header did not arrive in time.
-    HeaderTimeout,
+    Header,
     /// Nothing happened on a connection between requests.
-    IdleTimeout,
+    Idle,
     /// The client took no byte of a response for the idle timeout.
-    WriteTimeout,
+    Write,
 }
 
 /// Serves one connection until it ends, a limit passes, or the shutdown grace is over.
@@ -309,14 +309,14 @@ fn overdue(activity: &Activity, now: Duration, config: &ServerConfig) -> Option<
             if now_ms.saturating_sub(since) <= config.idle_timeout.as_millis() as u64 {
                 None
             } else if activity.write_blocked.load(Relaxed) {
-                Some(Closed::WriteTimeout)
+                Some(Closed::Write)
             } else {
-                Some(Closed::IdleTimeout)
+                Some(Closed::Idle)
             }
         }
         first => {
             let reading_for = now_ms.saturating_sub(first - 1);
-            (reading_for > config.header_timeout.as_millis() as u64).then_some(Closed::HeaderTimeout)
+            (reading_for > config.header_timeout.as_millis() as u64).then_some(Closed::Header)
         }
     }
 }
@@ -402,10 +402,10 @@ mod tests {
         let a = Activity::default();
         let s = Duration::from_secs;
         assert_eq!(overdue(&a, s(4), &config()), None, "idle for 4 s of 5");
-        assert_eq!(overdue(&a, s(6), &config()), Some(Closed::IdleTimeout));
+        assert_eq!(overdue(&a, s(6), &config()), Some(Closed::Idle));
         a.first_byte_ms.store(5_001, Relaxed); // first byte at 5 s
         assert_eq!(overdue(&a, s(6), &config()), None, "a header arriving for 1 s of 2");
-        assert_eq!(overdue(&a, s(8), &config()), Some(Closed::HeaderTimeout));
+        assert_eq!(overdue(&a, s(8), &config()), Some(Closed::Header));
         a.in_flight.store(1, Relaxed);
         assert_eq!(overdue(&a, s(100), &config()), None, "a request in progress is not the watchdog's");
         // Answered at 100 s; the answer is being written.
@@ -415,9 +415,9 @@ mod tests {
         a.last_write_ms.store(103_000, Relaxed);
         assert_eq!(overdue(&a, s(107), &config()), None, "the client took a byte 4 s ago, of 5");
         a.write_blocked.store(true, Relaxed);
-        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::WriteTimeout), "a client taking nothing for 6 s");
+        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Write), "a client taking nothing for 6 s");
         a.write_blocked.store(false, Relaxed);
-        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::IdleTimeout), "nothing to write, nothing read");
+        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Idle), "nothing to write, nothing read");
     }
 
     #[test]
