@@ -134,8 +134,14 @@ pub fn engine_changer(engine: Engine, swap: Swap) -> Changer {
     })
 }
 
-/// A [`Changer`] that does the same through a server's admin API (`token` as bearer).
+/// A [`Changer`] that does the same through a server's admin API (`token` as bearer). A
+/// server outlives bench runs, so its labels carry a tag of this run (`bench-TAG-N`): a label
+/// names one content, and another run may swap in other content. A rollback follows only a
+/// swap that succeeded, so a refused swap never moves the server back past where it started.
 pub fn http_changer(url: &str, token: String, swap: Swap) -> Changer {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let tag = format!("{:04x}", (u64::from(std::process::id()) ^ secs) & 0xffff);
+    let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let base = format!("{}/v1/submodels/{}", url.trim_end_matches('/'), swap.submodel);
     let client = reqwest::Client::new();
     let mut fields = serde_json::Map::new();
@@ -147,16 +153,24 @@ pub fn http_changer(url: &str, token: String, swap: Swap) -> Changer {
     }
     Arc::new(move |n| {
         let (client, base, token, mut body) = (client.clone(), base.clone(), token.clone(), fields.clone());
+        let (tag, swapped) = (tag.clone(), swapped.clone());
         Box::pin(async move {
-            let req = if n % 2 == 0 {
-                body.insert("version".into(), json!(format!("bench-{}", n / 2 + 1)));
+            use std::sync::atomic::Ordering::SeqCst;
+            let is_swap = n % 2 == 0;
+            let req = if is_swap {
+                body.insert("version".into(), json!(format!("bench-{tag}-{}", n / 2 + 1)));
                 client.put(&base).header("content-type", "application/json").body(Json::Object(body).to_string())
-            } else {
+            } else if swapped.swap(false, SeqCst) {
                 client.post(format!("{base}/rollback"))
+            } else {
+                return Err("no rollback: the swap before it did not apply".to_string());
             };
             let r = req.bearer_auth(token).send().await.map_err(|e| e.to_string())?;
             let status = r.status();
             let body: Json = r.json().await.map_err(|e| e.to_string())?;
+            if is_swap {
+                swapped.store(status.is_success(), SeqCst);
+            }
             if status.is_success() {
                 Ok(format!(
                     "{} -> {}",
@@ -204,7 +218,8 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig, changes: Op
 }
 
 /// Connection errors in a row (no answer in between, counted over all callers) after which a
-/// bench over HTTP stops and fails.
+/// bench over HTTP stops and fails; with more callers than this, one error per caller (a blip
+/// that reaches every pooled connection at once is not a server gone).
 pub const MAX_CONNECTION_ERRORS: u32 = 8;
 
 /// How long a caller waits after its first connection error in a row; doubled for each further
@@ -222,6 +237,8 @@ pub fn backoff(n: u32) -> Duration {
 /// Connection errors in a row over all callers of [`run_http`], and whether to stop.
 #[derive(Default)]
 struct Connection {
+    /// Errors in a row at which to give up.
+    limit: u32,
     in_a_row: AtomicU32,
     answered: AtomicU32,
     gave_up: AtomicBool,
@@ -245,7 +262,7 @@ impl Connection {
         }
         *self.last_error.lock().expect("last error") = cause.to_string();
         let n = self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= MAX_CONNECTION_ERRORS {
+        if n >= self.limit {
             self.gave_up.store(true, Ordering::Relaxed);
         }
         n
@@ -254,8 +271,8 @@ impl Connection {
 
 /// Drives a running server over HTTP: `POST {url}/v1/pipelines/{pipeline}/infer` with
 /// `{"inputs": inputs}`. Errors are counted by the `error.kind` the server answers (or
-/// `http_<status>`, or `connection`). Fails after [`MAX_CONNECTION_ERRORS`] connection errors
-/// in a row (each caller backs off between them).
+/// `http_<status>`, or `connection`). Fails after [`MAX_CONNECTION_ERRORS`] (or, with more
+/// callers, as many as there are callers) connection errors in a row (each caller backs off between them).
 pub async fn run_http(
     url: &str,
     inputs: serde_json::Map<String, Json>,
@@ -268,7 +285,8 @@ pub async fn run_http(
         .context("building the HTTP client")?;
     let endpoint = format!("{}/v1/pipelines/{}/infer", url.trim_end_matches('/'), cfg.pipeline);
     let body = Arc::new(json!({ "inputs": inputs }).to_string());
-    let connection = Arc::new(Connection::default());
+    let limit = MAX_CONNECTION_ERRORS.max(u32::try_from(cfg.concurrency).unwrap_or(u32::MAX));
+    let connection = Arc::new(Connection { limit, ..Connection::default() });
     let conn = connection.clone();
     let call = move || {
         let (client, endpoint, body, conn) = (client.clone(), endpoint.clone(), body.clone(), conn.clone());
@@ -287,7 +305,7 @@ pub async fn run_http(
                 Ok(answer) => answer,
                 Err(e) => {
                     let n = conn.failed(&e);
-                    if n < MAX_CONNECTION_ERRORS {
+                    if n < conn.limit {
                         tokio::time::sleep(backoff(n)).await;
                     }
                     return Err("connection".to_string());
@@ -317,9 +335,7 @@ pub async fn run_http(
         } else {
             format!("{url} stopped answering after {answered} answers")
         };
-        bail!(
-            "{what}: {MAX_CONNECTION_ERRORS} connection errors in a row (the last: {last}); is the server running there?"
-        );
+        bail!("{what}: {limit} connection errors in a row (the last: {last}); is the server running there?");
     }
     report["url"] = json!(url);
     Ok(report)

@@ -285,12 +285,15 @@ async fn bench_swaps_params_only_over_http() {
     assert_eq!(code, 0, "{stderr}");
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON report");
     let changes = json["changes"].as_array().expect("changes");
-    assert_eq!(changes[0]["ok"], "v1 -> bench-1", "{json}");
+    // Over HTTP the labels carry the run's tag: `bench-TAG-N`.
+    let first = changes[0]["ok"].as_str().unwrap_or_default();
+    assert!(first.starts_with("v1 -> bench-") && first.ends_with("-1"), "{json}");
     assert!(changes.iter().all(|c| c.get("error").is_none()), "{json}");
     // Changes at 0.3, 0.6 and 0.9 s: swap, rollback, swap; the last one serves.
     assert_eq!(changes.len(), 3, "{json}");
     let serving = engine.versions("step").expect("step").serving;
-    assert_eq!(serving.version, "bench-2");
+    let run = first.trim_start_matches("v1 -> ").strip_suffix("-1").expect("bench-TAG-1");
+    assert_eq!(serving.version, format!("{run}-2"));
     assert_eq!(serving.params.get("seed").and_then(toml::Value::as_integer), Some(2), "{serving:?}");
     assert_eq!(serving.weights, None, "params only");
     server.shut().await;

@@ -466,3 +466,40 @@ async fn a_client_that_takes_no_byte_of_its_answer_is_cut_after_the_idle_timeout
     server.shut().await;
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_edge_that_does_not_fit_is_a_failure_not_the_clients_fault() {
+    let dir = TempDir::new("internal-edge");
+    let graph = dir.0.join("top.toml");
+    // `topk` takes any width N, so the checker accepts k = 5 after a 3-wide head; the request
+    // is well-formed, and the fault is the graph's.
+    std::fs::write(
+        &graph,
+        r#"
+[submodels.head]
+kind = "linear"
+params = { in = 4, out = 3, seed = 1 }
+
+[submodels.top]
+kind = "topk"
+params = { k = 5 }
+
+[pipelines.p]
+inputs = { x = "f32[B,4]" }
+outputs = { values = "t.values" }
+
+[pipelines.p.nodes]
+h = { submodel = "head", inputs = { x = "$x" } }
+t = { submodel = "top", inputs = { x = "h.out" } }
+"#,
+    )
+    .unwrap();
+    let engine = Engine::from_files(&[graph]).await.unwrap();
+    let x = maas_kernels::Value::Tensor(
+        candle_core::Tensor::new(&[[1f32, 2., 3., 4.]], &candle_core::Device::Cpu).unwrap(),
+    );
+    let err = engine.infer("p", maas_kernels::Values::from([("x".to_string(), x)])).await.unwrap_err();
+    assert_eq!(err.kind(), "submodel_failed", "{err}");
+    assert!(err.to_string().contains("node `t`"), "{err}");
+    engine.shutdown().await;
+}

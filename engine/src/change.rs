@@ -768,8 +768,7 @@ impl Engine {
                 ));
             }
         }
-        let loads = fresh.iter().map(|name| &checked.graph.submodels[*name]);
-        crate::memory::check(&self.inner.registry, loads, self.inner.options.max_load_bytes)?;
+        // The static check first (as a swap does), then the memory guard (reads file headers).
         let output_type_changes = output_type_changes(&served.graph, &checked.graph);
         if !output_type_changes.is_empty() {
             if !options.allow_signature_change {
@@ -777,6 +776,8 @@ impl Engine {
             }
             warnings.extend(output_type_changes.iter().map(|c| format!("{c}: the output changes its type")));
         }
+        let loads = fresh.iter().map(|name| &checked.graph.submodels[*name]);
+        crate::memory::check(&self.inner.registry, loads, self.inner.options.max_load_bytes)?;
         if options.dry_run || diff.is_empty() {
             return Ok(Recomposed { diff, applied: false, warnings, output_type_changes, elapsed: started.elapsed() });
         }

@@ -665,9 +665,15 @@ fn failed(node: &PlanNode, message: impl Into<String>) -> InferError {
     }
 }
 
-/// Inputs a node's kernel refused before running (the request is at fault, not the submodel).
+/// Inputs a node's kernel refused before running. When the node reads something the request
+/// sent, the request is at fault (`InvalidInput`); when it reads only other nodes' outputs, the
+/// graph is (e.g. a `topk` whose `k` exceeds what a swapped head now gives): a failure.
 fn invalid_at(node: &PlanNode, message: impl std::fmt::Display) -> InferError {
-    InferError::InvalidInput(format!("node `{}` (submodel `{}`): {message}", node.name, node.submodel.spec.name))
+    if node.inputs.iter().any(|(_, src)| matches!(src, Src::Input(_))) {
+        InferError::InvalidInput(format!("node `{}` (submodel `{}`): {message}", node.name, node.submodel.spec.name))
+    } else {
+        failed(node, format!("its inputs from other nodes do not fit: {message}"))
+    }
 }
 
 /// Runs a trivial kernel on the request's task, catching panics.

@@ -140,14 +140,33 @@ pub(crate) fn check<'a>(
 }
 
 /// The default of [`EngineOptions::max_load_bytes`](crate::EngineOptions): half the machine's
-/// total memory (`MemTotal`), `None` where it cannot be read.
+/// total memory (`MemTotal`, or the process's cgroup v2 `memory.max` when that is smaller),
+/// `None` where neither can be read.
 pub fn default_max_load_bytes() -> Option<u64> {
-    meminfo("MemTotal").map(|t| t / 2)
+    let total = match (meminfo("MemTotal"), cgroup("memory.max")) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    };
+    total.map(|t| t / 2)
 }
 
-/// The memory available now (`MemAvailable`), if known.
+/// The memory available now: `MemAvailable`, or what the process's cgroup v2 still allows
+/// (`memory.max - memory.current`) when that is less.
 fn available_bytes() -> Option<u64> {
-    meminfo("MemAvailable")
+    let cgroup_left = cgroup("memory.max").zip(cgroup("memory.current")).map(|(max, cur)| max.saturating_sub(cur));
+    match (meminfo("MemAvailable"), cgroup_left) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// A number from the process's own cgroup v2 directory (`None`: no cgroup v2, no limit (`max`),
+/// or unreadable).
+fn cgroup(file: &str) -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let text = std::fs::read_to_string(format!("/sys/fs/cgroup{}/{file}", path.trim_end_matches('/'))).ok()?;
+    text.trim().parse().ok()
 }
 
 fn meminfo(key: &str) -> Option<u64> {

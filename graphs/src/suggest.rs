@@ -6,6 +6,11 @@
 /// `deadline_ms`). Case is ignored; ties go to the
 /// first candidate.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // Names and keys are short; a very long word is nobody's typo (and must not cost
+    // len x len work on a change path).
+    if word.len() > MAX_WORD {
+        return None;
+    }
     let w = word.to_lowercase();
     let len = w.chars().count();
     let limit = (len / 3).max(1).min(len.saturating_sub(1));
@@ -14,15 +19,24 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
         if c == word {
             continue;
         }
+        if c.len() > MAX_WORD {
+            continue;
+        }
         let lc = c.to_lowercase();
-        let d = distance(&w, &lc);
         let prefix = len >= 3 && lc.starts_with(&w);
+        if !prefix && lc.chars().count().abs_diff(len) > limit {
+            continue; // the length difference alone is more edits than allowed
+        }
+        let d = distance(&w, &lc);
         if (d <= limit || prefix) && best.is_none_or(|(b, _)| d < b) {
             best = Some((d, c));
         }
     }
     best.map(|(_, c)| c)
 }
+
+/// Words (in bytes) beyond which no suggestion is looked for.
+const MAX_WORD: usize = 64;
 
 /// `"; did you mean `x`?"` when there is a close candidate, else nothing: for the end of a
 /// message.
@@ -72,5 +86,7 @@ mod tests {
         assert_eq!(did_you_mean("nope", ["out"]), None);
         assert_eq!(hint("qeue", keys), "; did you mean `queue`?");
         assert_eq!(hint("zzz", keys), "");
+        let long = "w".repeat(100_000);
+        assert_eq!(did_you_mean(&long, [long.as_str(), "weights"]), None, "no quadratic work on huge names");
     }
 }
