@@ -503,3 +503,15 @@ t = { submodel = "top", inputs = { x = "h.out" } }
     assert!(err.to_string().contains("node `t`"), "{err}");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_label_has_a_bounded_length() {
+    let server = serve(digits_engine().await, admin()).await;
+    let long = "v".repeat(129);
+    let body = json!({ "params": { "seed": 3 }, "version": long }).to_string();
+    let (status, answer) =
+        call(server.addr, reqwest::Method::PUT, "/v1/submodels/head", Some("Bearer secret"), &body).await;
+    assert_eq!((status, answer["error"]["kind"].as_str()), (400, Some("invalid_request")), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("at most 128"), "{answer}");
+    server.shut().await;
+}

@@ -123,6 +123,9 @@ impl std::fmt::Display for Content {
 /// names.
 pub(crate) type Labels = BTreeMap<String, BTreeMap<String, Content>>;
 
+/// The longest version label a swap accepts, in bytes (labels are remembered for good).
+const MAX_LABEL: usize = 128;
+
 /// What an engine remembers of the versions that served.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct History {
@@ -543,6 +546,12 @@ impl Engine {
         let current = served.submodels.get(name).ok_or_else(|| ChangeError::UnknownSubmodel(name.into()))?;
         let label = match request.version {
             Some(v) if v.trim().is_empty() => return Err(ChangeError::InvalidRequest("`version` is empty".into())),
+            Some(v) if v.len() > MAX_LABEL => {
+                return Err(ChangeError::InvalidRequest(format!(
+                    "`version` is {} bytes long; a label has at most {MAX_LABEL}",
+                    v.len()
+                )));
+            }
             Some(v) if v == current.spec.version => {
                 return Err(ChangeError::InvalidRequest(format!(
                     "version `{v}` of `{name}` is serving already; label the new version differently"

@@ -161,9 +161,19 @@ impl EngineBuilder {
                 }
             }
         }
-        // Every serving label names what it serves now.
+        // Every serving label names what it serves now. A restored label whose files changed
+        // while the server was down names other content from now on: say so loudly.
         let mut history = history;
         for s in submodels.values() {
+            let now = crate::change::Content::new(&s.spec, &s.stamps);
+            if let Some(before) = history.labels.get(s.spec.name.as_str()).and_then(|l| l.get(&s.spec.version))
+                && *before != now
+            {
+                tracing::warn!(
+                    submodel = %s.spec.name, version = %s.spec.version, before = %before, now = %now,
+                    "a version label now names other content (its files changed while the server was down)"
+                );
+            }
             history.label(&s.spec, &s.stamps);
         }
         let served = Served::compile(graph, submodels, history, None)?;
