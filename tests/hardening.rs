@@ -515,3 +515,43 @@ async fn a_version_label_has_a_bounded_length() {
     assert!(answer["error"]["message"].as_str().unwrap().contains("at most 128"), "{answer}");
     server.shut().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recomposition_that_keeps_a_label_for_new_content_keeps_the_old_one_under_its_own() {
+    let dir = TempDir::new("relabel");
+    let graph = |seed: u32| {
+        format!(
+            "[submodels.head]\nkind = \"linear\"\nparams = {{ in = 4, out = 2, seed = {seed} }}\n\n[pipelines.p]\n\
+             inputs = {{ x = \"f32[B,4]\" }}\noutputs = {{ y = \"h.out\" }}\nnodes.h = {{ submodel = \"head\", inputs = {{ x = \"$x\" }} }}\n"
+        )
+    };
+    let file = dir.0.join("g.toml");
+    std::fs::write(&file, graph(1)).unwrap();
+    let engine = Engine::from_files(&[&file]).await.unwrap();
+    let x = || {
+        maas_kernels::Values::from([(
+            "x".to_string(),
+            maas_kernels::Value::Tensor(
+                candle_core::Tensor::new(&[[1f32, 2., 3., 4.]], &candle_core::Device::Cpu).unwrap(),
+            ),
+        )])
+    };
+    let before = engine.infer("p", x()).await.unwrap();
+    let source = maas_graphs::SourceFile::new("g.toml", graph(2), dir.0.clone());
+    let r = engine.recompose(vec![source], false).await.unwrap();
+    assert!(r.applied);
+    assert!(r.warnings.iter().any(|w| w.contains("kept as `v1~r")), "{:?}", r.warnings);
+    let after = engine.infer("p", x()).await.unwrap();
+    assert_eq!(after.versions["head"], "v1");
+    let kept = engine.versions("head").unwrap().previous[0].version.clone();
+    assert!(kept.starts_with("v1~r"), "{kept}");
+    // Back to the first weights: reported under their own label, not the new content's.
+    let back = engine.rollback("head").await.unwrap();
+    assert_eq!(back.version, kept);
+    let again = engine.infer("p", x()).await.unwrap();
+    assert_eq!(again.versions["head"], kept);
+    let y = |r: &maas_engine::Response| r.outputs["y"].as_tensor().unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(y(&again), y(&before), "the kept version computes what v1 computed before");
+    assert_ne!(y(&after), y(&before), "seed 2 computes something else");
+    engine.shutdown().await;
+}

@@ -758,8 +758,10 @@ impl Engine {
             let (o, n) = (old.normalized(), new.normalized());
             if old.version == new.version && (o.weights != n.weights || o.params != n.params || o.kind != n.kind) {
                 warnings.push(format!(
-                    "submodel `{name}` changes its weights or params but keeps version `{}`: responses cannot tell the two apart",
-                    new.version
+                    "submodel `{name}` changes its weights or params but keeps version `{}`: the version it replaces is kept as `{}~r{}`",
+                    new.version,
+                    old.version,
+                    self.inner.revision.load(Relaxed) + 1
                 ));
             }
         }
@@ -813,8 +815,18 @@ impl Engine {
         history.past.retain(|name, _| checked.graph.submodels.contains_key(name.as_str()));
         history.labels.retain(|name, _| checked.graph.submodels.contains_key(name.as_str()));
         let now = SystemTime::now();
+        let revision = self.inner.revision.load(Relaxed) + 1;
         for name in &diff.submodels.changed {
-            retire(&mut history, &served.submodels[name.as_str()], now, false, keep);
+            let old = &served.submodels[name.as_str()];
+            if checked.graph.submodels.get(name.as_str()).is_some_and(|new| new.version == old.spec.version) {
+                // The graph redefines the label: the version it replaces is kept under a label of
+                // its own, so a rollback to it never reports the new content's label.
+                let mut spec = (*old.spec).clone();
+                spec.version = format!("{}~r{revision}", spec.version);
+                retire_as(&mut history, old, Arc::new(spec), now, false, keep);
+            } else {
+                retire(&mut history, old, now, false, keep);
+            }
         }
         for name in &fresh {
             let s = &submodels[name.as_str()];
@@ -869,15 +881,21 @@ impl Engine {
 /// Keeps `old` (which stops serving at `until`) as its submodel's newest kept version (left by a
 /// rollback or not), forgetting the oldest beyond `keep` (their labels stay taken).
 fn retire(history: &mut History, old: &Submodel, until: SystemTime, left_by_rollback: bool, keep: usize) {
-    history.label(&old.spec, &old.stamps);
+    retire_as(history, old, old.spec.clone(), until, left_by_rollback, keep);
+}
+
+/// [`retire`], keeping `old` as `spec` (the same content under another label).
+fn retire_as(
+    history: &mut History,
+    old: &Submodel,
+    spec: Arc<SubmodelSpec>,
+    until: SystemTime,
+    left_by_rollback: bool,
+    keep: usize,
+) {
+    history.label(&spec, &old.stamps);
     let past = history.past.entry(old.spec.name.to_string()).or_default();
-    past.push(PastVersion {
-        spec: old.spec.clone(),
-        since: old.since,
-        until,
-        stamps: old.stamps.clone(),
-        left_by_rollback,
-    });
+    past.push(PastVersion { spec, since: old.since, until, stamps: old.stamps.clone(), left_by_rollback });
     let excess = past.len().saturating_sub(keep);
     past.drain(..excess);
 }
