@@ -178,15 +178,17 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// Answers a connection over the cap with a 503 and closes it, without reading the request.
-async fn refuse(stream: TcpStream) {
+/// Answers a connection over the cap with a 503 and closes it, without parsing the request.
+/// Whatever the client sent is read and dropped (up to 64 KiB, within a second) after the
+/// answer: closing a socket with unread input resets it, and the client might never see the 503.
+async fn refuse(mut stream: TcpStream) {
     const BODY: &str = r#"{"error":{"kind":"overloaded","message":"too many open connections; retry later"}}"#;
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
-    let mut left = response.as_bytes();
-    let written = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut left = response.as_bytes();
         while !left.is_empty() {
             stream.writable().await?;
             match stream.try_write(left) {
@@ -195,15 +197,22 @@ async fn refuse(stream: TcpStream) {
                 Err(e) => return Err(e),
             }
         }
+        // Half-close, then drain what the client sends until it closes too.
+        std::future::poll_fn(|cx| Pin::new(&mut stream).poll_shutdown(cx)).await?;
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < 64 << 10 {
+            stream.readable().await?;
+            match stream.try_read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => drained += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok::<_, std::io::Error>(())
     })
     .await;
-    if matches!(written, Ok(Ok(()))) {
-        // Half-close, so the client reads the answer before the connection goes.
-        if let Ok(s) = stream.into_std() {
-            let _ = s.shutdown(std::net::Shutdown::Write);
-        }
-    }
 }
 
 /// What a connection is doing, as its watchdog sees it.

@@ -555,3 +555,28 @@ async fn a_recomposition_that_keeps_a_label_for_new_content_keeps_the_old_one_un
     assert_ne!(y(&after), y(&before), "seed 2 computes something else");
     engine.shutdown().await;
 }
+
+#[test]
+fn a_connection_over_the_cap_is_told_503_overloaded() {
+    let tmp = TempDir::new("cap");
+    let server = Serve::start(&["--max-connections", "1", "--header-timeout", "30"], None, &tmp.0);
+    let addr = server.addr.as_str();
+    let (status, _) = request(addr, "GET", "/healthz", &[], b"").unwrap();
+    assert_eq!(status, 200, "one connection at a time is served");
+    // The one slot is held by a connection that is still sending its header.
+    let mut held = TcpStream::connect(addr).unwrap();
+    held.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    let refused = (0..50).find_map(|_| {
+        let answer = request(addr, "POST", "/v1/pipelines/classify/infer", &[], br#"{"inputs": {}}"#);
+        match answer {
+            Ok((503, body)) => Some(body),
+            _ => {
+                std::thread::sleep(Duration::from_millis(20)); // until the held one has its slot
+                None
+            }
+        }
+    });
+    let body = refused.expect("a client over the cap gets an answer, not a reset");
+    assert_eq!(body["error"]["kind"], "overloaded", "{body}");
+    drop(held);
+}
