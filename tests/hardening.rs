@@ -495,10 +495,7 @@ t = { submodel = "top", inputs = { x = "h.out" } }
     )
     .unwrap();
     let engine = Engine::from_files(&[graph]).await.unwrap();
-    let x = maas_kernels::Value::Tensor(
-        candle_core::Tensor::new(&[[1f32, 2., 3., 4.]], &candle_core::Device::Cpu).unwrap(),
-    );
-    let err = engine.infer("p", maas_kernels::Values::from([("x".to_string(), x)])).await.unwrap_err();
+    let err = engine.infer("p", one_row_x()).await.unwrap_err();
     assert_eq!(err.kind(), "submodel_failed", "{err}");
     assert!(err.to_string().contains("node `t`"), "{err}");
     engine.shutdown().await;
@@ -528,27 +525,19 @@ async fn a_recomposition_that_keeps_a_label_for_new_content_keeps_the_old_one_un
     let file = dir.0.join("g.toml");
     std::fs::write(&file, graph(1)).unwrap();
     let engine = Engine::from_files(&[&file]).await.unwrap();
-    let x = || {
-        maas_kernels::Values::from([(
-            "x".to_string(),
-            maas_kernels::Value::Tensor(
-                candle_core::Tensor::new(&[[1f32, 2., 3., 4.]], &candle_core::Device::Cpu).unwrap(),
-            ),
-        )])
-    };
-    let before = engine.infer("p", x()).await.unwrap();
+    let before = engine.infer("p", one_row_x()).await.unwrap();
     let source = maas_graphs::SourceFile::new("g.toml", graph(2), dir.0.clone());
     let r = engine.recompose(vec![source], false).await.unwrap();
     assert!(r.applied);
     assert!(r.warnings.iter().any(|w| w.contains("kept as `v1~r")), "{:?}", r.warnings);
-    let after = engine.infer("p", x()).await.unwrap();
+    let after = engine.infer("p", one_row_x()).await.unwrap();
     assert_eq!(after.versions["head"], "v1");
     let kept = engine.versions("head").unwrap().previous[0].version.clone();
     assert!(kept.starts_with("v1~r"), "{kept}");
     // Back to the first weights: reported under their own label, not the new content's.
     let back = engine.rollback("head").await.unwrap();
     assert_eq!(back.version, kept);
-    let again = engine.infer("p", x()).await.unwrap();
+    let again = engine.infer("p", one_row_x()).await.unwrap();
     assert_eq!(again.versions["head"], kept);
     let y = |r: &maas_engine::Response| r.outputs["y"].as_tensor().unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(y(&again), y(&before), "the kept version computes what v1 computed before");
@@ -579,4 +568,10 @@ fn a_connection_over_the_cap_is_told_503_overloaded() {
     let body = refused.expect("a client over the cap gets an answer, not a reset");
     assert_eq!(body["error"]["kind"], "overloaded", "{body}");
     drop(held);
+}
+
+/// Input `x` with one row, `[1, 2, 3, 4]`.
+fn one_row_x() -> maas_kernels::Values {
+    let t = candle_core::Tensor::new(&[[1f32, 2., 3., 4.]], &candle_core::Device::Cpu).unwrap();
+    maas_kernels::Values::from([("x".to_string(), maas_kernels::Value::Tensor(t))])
 }
