@@ -205,6 +205,7 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig, changes: Op
     let mut report = drive_changing(cfg, call, changes).await;
     let after = engine.metrics();
     let mut batches = serde_json::Map::new();
+    let mut dispatch = serde_json::Map::new();
     for (name, m) in &after.submodels {
         let b = before.submodels.get(name);
         let count = m.batch_rows.count - b.map_or(0, |b| b.batch_rows.count);
@@ -212,8 +213,19 @@ pub async fn run(engine: &Engine, inputs: Values, cfg: &BenchConfig, changes: Op
         if count > 0 {
             batches.insert(name.clone(), json!((rows / count as f64 * 100.0).round() / 100.0));
         }
+        let at_once = m.batches_at_once - b.map_or(0, |b| b.batches_at_once);
+        let waited = m.batches_waited - b.map_or(0, |b| b.batches_waited);
+        if at_once + waited > 0 {
+            let wait = m.wait_seconds.sum - b.map_or(0.0, |b| b.wait_seconds.sum);
+            let mean_wait_ms = if waited > 0 { wait / waited as f64 * 1e3 } else { 0.0 };
+            dispatch.insert(
+                name.clone(),
+                json!({"at_once": at_once, "after_wait": waited, "mean_wait_ms": (mean_wait_ms * 1e3).round() / 1e3}),
+            );
+        }
     }
     report["mean_batch_rows"] = Json::Object(batches);
+    report["batches"] = Json::Object(dispatch);
     report
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use maas_graphs::{BATCH, Dim, PortType, Ragged, Signature};
 use maas_kernels::{CandleContext, KernelError, Result, Value, Values};
 
@@ -44,8 +44,10 @@ fn full(value: f64, dtype: DType, shape: &[usize], dev: &candle_core::Device) ->
     }
 }
 
-/// Joins the inputs of several jobs into one batch (rows in job order).
-pub fn assemble(sig: &Signature, jobs: &[&Values]) -> Result<Values> {
+/// Joins the inputs of several jobs into one batch (rows in job order), on `device`: a tensor
+/// that lives elsewhere (the CPU, another GPU stream) is moved there first, then the parts are
+/// concatenated where the kernel runs. A lone job is passed as it is (the kernel moves it).
+pub fn assemble(sig: &Signature, jobs: &[&Values], device: &Device) -> Result<Values> {
     if let [one] = jobs {
         return Ok((*one).clone());
     }
@@ -72,7 +74,12 @@ pub fn assemble(sig: &Signature, jobs: &[&Values]) -> Result<Values> {
             Value::Tensor(_) => {
                 let mut tensors: Vec<Tensor> = Vec::with_capacity(parts.len());
                 for p in &parts {
-                    tensors.push(p.as_tensor().ok_or_else(|| mixed(&port.name))?.clone());
+                    let t = p.as_tensor().ok_or_else(|| mixed(&port.name))?;
+                    tensors.push(if t.device().same_device(device) {
+                        t.clone()
+                    } else {
+                        t.to_device(device).ctx("move a batch input to the submodel's device")?
+                    });
                 }
                 Value::Tensor(cat_padded(tensors, port.ragged)?)
             }
@@ -147,7 +154,6 @@ fn trim(sig: &Signature, values: &mut Values, job: &JobShape) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
     use maas_graphs::{PortSpec, ty};
 
     fn sig() -> Signature {
@@ -172,7 +178,7 @@ mod tests {
         let sig = sig();
         let a = job(&[&[1, 2, 3]]);
         let b = job(&[&[4], &[5]]);
-        let batch = assemble(&sig, &[&a, &b]).unwrap();
+        let batch = assemble(&sig, &[&a, &b], &Device::Cpu).unwrap();
         let ids: Vec<Vec<u32>> = batch["ids"].as_tensor().unwrap().to_vec2().unwrap();
         assert_eq!(ids, vec![vec![1, 2, 3], vec![4, 7, 7], vec![5, 7, 7]]);
         assert_eq!(batch["t"].as_text().unwrap(), ["r0", "r0", "r1"]);
@@ -193,7 +199,7 @@ mod tests {
         let a = job(&[&[1]]);
         let mut b = job(&[&[2]]);
         b.remove("t");
-        let e = assemble(&sig, &[&a, &b]).unwrap_err();
+        let e = assemble(&sig, &[&a, &b], &Device::Cpu).unwrap_err();
         assert!(e.to_string().contains("input port `t`"), "{e}");
     }
 }

@@ -1,10 +1,13 @@
 //! The maas runtime: supervised submodel actors with their own execution streams and dynamic
 //! batching.
 //!
-//! - A [`SubmodelActor`] (ractor) per submodel owns the submodel's queue, batches jobs across
-//!   every request of every pipeline, and dispatches each batch to an idle replica.
+//! - A [`SubmodelQueue`] per submodel is the data path: requests push jobs into it and the
+//!   replicas' streams take batches out of it, across every request of every pipeline, waiting
+//!   for a fuller batch only when more rows are expected soon (see [`queue`]).
+//! - A [`SubmodelActor`] (ractor) per submodel supervises its replicas and closes its queue
+//!   when it stops.
 //! - A [`ReplicaActor`] per replica owns one execution stream: an OS thread that holds the
-//!   replica's kernel and device and runs batches one at a time (so `forward` never blocks the
+//!   replica's kernel and device, takes batches from the queue and runs them one at a time (so `forward` never blocks the
 //!   async runtime). A kernel panic is caught on the stream; the replica fails and the submodel
 //!   actor restarts it with backoff, within a restart budget.
 //! - [`batch`] pads ragged ports so rows of different lengths share a batch, and trims outputs
@@ -16,12 +19,14 @@
 pub mod batch;
 pub mod metrics;
 mod protocol;
+pub mod queue;
 mod replica;
 mod status;
 mod stream;
 mod submodel;
 
 pub use protocol::{Job, JobError, JobOutput, SubmodelMessage};
+pub use queue::{BatchPolicy, Demand, SubmodelQueue};
 pub use replica::{ReplicaActor, ReplicaArgs, ReplicaMessage, Started};
 pub use status::{SubmodelState, SubmodelStatus};
 pub use submodel::{RestartPolicy, SubmodelActor, SubmodelActorState, SubmodelArgs};

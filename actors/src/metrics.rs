@@ -94,6 +94,12 @@ pub struct SubmodelMetrics {
     pub jobs_rejected: AtomicU64,
     /// Jobs dropped before compute (cancelled or expired).
     pub jobs_dropped: AtomicU64,
+    /// Batches dispatched as soon as a stream was free (nothing expected soon, or full).
+    pub batches_at_once: AtomicU64,
+    /// Batches held back for rows expected soon, then dispatched.
+    pub batches_waited: AtomicU64,
+    /// How long each held-back batch waited.
+    pub wait_seconds: Histogram,
 }
 
 impl Default for SubmodelMetrics {
@@ -107,6 +113,9 @@ impl Default for SubmodelMetrics {
             jobs_failed: AtomicU64::new(0),
             jobs_rejected: AtomicU64::new(0),
             jobs_dropped: AtomicU64::new(0),
+            batches_at_once: AtomicU64::new(0),
+            batches_waited: AtomicU64::new(0),
+            wait_seconds: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }

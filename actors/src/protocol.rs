@@ -1,10 +1,9 @@
-//! The messages between the engine, submodel actors, replicas and streams.
+//! Jobs (what the engine queues and streams answer) and the submodel actor's messages.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use maas_kernels::Values;
-use ractor::RpcReplyPort;
 use tokio::sync::oneshot;
 
 /// What a submodel answers for one job.
@@ -82,31 +81,11 @@ impl Job {
     }
 }
 
-/// Messages of a submodel actor (the protocol the engine speaks).
+/// Messages of a submodel actor (its supervision; jobs go through its [`SubmodelQueue`]).
+///
+/// [`SubmodelQueue`]: crate::SubmodelQueue
 #[derive(Debug)]
 pub enum SubmodelMessage {
-    /// Queue a job (the engine has already counted it against the submodel's queue bound).
-    Infer(Job),
-    /// A stream finished a batch; `failed` are jobs handed back for a retry.
-    BatchDone {
-        /// Which replica.
-        replica: usize,
-        /// The replica's incarnation (stale reports of a replaced replica are ignored).
-        generation: u64,
-        /// Jobs to retry or fail.
-        failed: Vec<Job>,
-        /// Why they failed.
-        error: Option<String>,
-        /// The kernel panicked (the stream is gone; the replica will be restarted).
-        panicked: bool,
-        /// The batch's inputs were refused before the kernel ran ([`KernelError::is_input`]):
-        /// one job of a batch is at fault, found by running them one by one.
-        ///
-        /// [`KernelError::is_input`]: maas_kernels::KernelError::is_input
-        invalid: bool,
-    },
-    /// The batching delay ran out: dispatch what is queued.
-    Flush,
     /// Time to start replica `usize` again.
     Restart(usize),
     /// A replica finished starting (or failed to).
@@ -115,9 +94,7 @@ pub enum SubmodelMessage {
         replica: usize,
         /// Its incarnation.
         generation: u64,
-        /// Its actor and stream, or why it failed to start.
+        /// Its actor, or why it failed to start.
         result: Result<crate::replica::Started, String>,
     },
-    /// Answer once nothing is queued or running (for a graceful shutdown).
-    Drain(RpcReplyPort<()>),
 }

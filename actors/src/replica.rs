@@ -1,6 +1,6 @@
 //! A replica: a supervised actor that owns one execution stream (an OS thread holding the
-//! kernel and its device). It is not on the data path — batches go from the submodel actor
-//! straight to the stream — but it ties the stream's life to ractor's supervision: when the
+//! kernel and its device). It is not on the data path — the stream takes batches from the
+//! submodel's queue itself — but it ties the stream's life to ractor's supervision: when the
 //! stream ends because a kernel panicked, the replica fails, and its supervisor (the submodel
 //! actor) restarts it.
 
@@ -12,7 +12,7 @@ use maas_kernels::Registry;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::metrics::SubmodelMetrics;
-use crate::protocol::{Job, SubmodelMessage};
+use crate::queue::SubmodelQueue;
 use crate::stream::Stream;
 
 /// The replica actor (configuration only; state is built in `pre_start`).
@@ -26,12 +26,8 @@ pub struct ReplicaArgs {
     pub registry: Registry,
     /// Which replica of the submodel.
     pub replica: usize,
-    /// Its incarnation.
-    pub generation: u64,
-    /// Its supervisor, which also receives batch reports.
-    pub submodel: ActorRef<SubmodelMessage>,
-    /// Where batches arrive.
-    pub batches: flume::Receiver<Vec<Job>>,
+    /// The submodel's queue, where the stream takes its batches.
+    pub queue: Arc<SubmodelQueue>,
     /// The submodel's metrics.
     pub metrics: Arc<SubmodelMetrics>,
 }
@@ -49,8 +45,6 @@ pub enum ReplicaMessage {
 pub struct Started {
     /// The replica actor.
     pub actor: ActorRef<ReplicaMessage>,
-    /// The stream's batch channel.
-    pub batches: flume::Sender<Vec<Job>>,
 }
 
 impl Actor for ReplicaActor {
@@ -88,12 +82,10 @@ impl Actor for ReplicaActor {
             let stream = Stream {
                 kernel,
                 version: Arc::from(args.spec.version.as_str()),
-                replica: args.replica,
-                generation: args.generation,
-                submodel: args.submodel,
+                queue: args.queue,
                 metrics: args.metrics,
             };
-            let panic = stream.run(args.batches);
+            let panic = stream.run();
             let _ = myself.cast(ReplicaMessage::StreamEnded(panic));
         })?;
         match ready_rx.await {

@@ -696,7 +696,7 @@ impl Engine {
         let version = spec.version.clone();
         let options = &self.inner.options;
         crate::memory::check(&self.inner.registry, [&spec], options.max_load_bytes)?;
-        let new = start_submodel(Arc::new(spec), &self.inner.registry, options.restart, current.metrics.clone())
+        let new = start_submodel(Arc::new(spec), &self.inner.registry, options, current.metrics.clone())
             .await
             .map_err(|e| invalid(load_error(e)))?;
         let mut history = served.history.clone();
@@ -801,9 +801,9 @@ impl Engine {
                 _ => {
                     let metrics = running.map(|s| s.metrics.clone()).unwrap_or_default();
                     // A failure drops (and so stops) what this change started so far.
-                    let restart = self.inner.options.restart;
+                    let options = &self.inner.options;
                     let s =
-                        start_submodel(Arc::new(spec.clone()), &self.inner.registry, restart, metrics).await.map_err(
+                        start_submodel(Arc::new(spec.clone()), &self.inner.registry, options, metrics).await.map_err(
                             |e| ChangeError::InvalidWeights { submodel: name.to_string(), message: load_error(e) },
                         )?;
                     Arc::new(s)

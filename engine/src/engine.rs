@@ -12,7 +12,8 @@ use candle_core::Tensor;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use maas_actors::metrics::SubmodelMetrics;
 use maas_actors::{
-    Job, JobError, RestartPolicy, SubmodelActor, SubmodelArgs, SubmodelMessage, SubmodelState, SubmodelStatus,
+    BatchPolicy, Job, JobError, RestartPolicy, SubmodelActor, SubmodelArgs, SubmodelMessage, SubmodelQueue,
+    SubmodelState, SubmodelStatus,
 };
 use maas_graphs::{Graph, Pipeline, PortType, Signature, Source, SourceFile, SubmodelSpec};
 use maas_kernels::{Kind, Loaded, Registry, Value, Values};
@@ -69,6 +70,10 @@ pub struct EngineOptions {
     /// ([`default_max_load_bytes`](crate::default_max_load_bytes)); `None`: only the available
     /// memory bounds loads.
     pub max_load_bytes: Option<u64>,
+    /// How long an idle execution stream polls its queue before it parks (default 50 us): a
+    /// job that arrives meanwhile starts without a thread wake-up. Zero parks at once (no CPU
+    /// spent waiting).
+    pub stream_spin: Duration,
 }
 
 impl Default for EngineOptions {
@@ -81,6 +86,7 @@ impl Default for EngineOptions {
             file_roots: None,
             state_dir: None,
             max_load_bytes: crate::memory::default_max_load_bytes(),
+            stream_spin: Duration::from_micros(50),
         }
     }
 }
@@ -148,7 +154,7 @@ impl EngineBuilder {
         let mut submodels: BTreeMap<String, Arc<Submodel>> = BTreeMap::new();
         for (name, spec) in &graph.submodels {
             let metrics = Arc::new(SubmodelMetrics::default());
-            match start_submodel(Arc::new(spec.clone()), &self.registry, options.restart, metrics).await {
+            match start_submodel(Arc::new(spec.clone()), &self.registry, &options, metrics).await {
                 Ok(sub) => {
                     submodels.insert(name.to_string(), Arc::new(sub));
                 }
@@ -197,8 +203,8 @@ impl EngineBuilder {
 enum Exec {
     /// A trivial kind, run on the request's own task.
     Inline(Loaded),
-    /// A supervised actor with replicas and batching.
-    Actor(ActorRef<SubmodelMessage>),
+    /// A supervised actor with replicas; jobs go into its queue, which its streams batch.
+    Actor(ActorRef<SubmodelMessage>, Arc<SubmodelQueue>),
 }
 
 /// A running submodel: one version of it. A swap starts a new one beside it; the old one stops
@@ -221,7 +227,7 @@ impl Drop for Submodel {
         // Nothing can reach this version any more (plans and requests hold it): drain its actor
         // (jobs of cancelled requests still in its mailbox are counted out of the shared queue
         // gauge), which then stops its replicas and their streams.
-        if let Exec::Actor(a) = &self.exec {
+        if let Exec::Actor(a, _) = &self.exec {
             let _ = a.drain();
         }
     }
@@ -230,7 +236,7 @@ impl Drop for Submodel {
 impl Submodel {
     async fn stop(&self) {
         match &self.exec {
-            Exec::Actor(a) => {
+            Exec::Actor(a, _) => {
                 let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
             }
             Exec::Inline(_) => self.status.set_stopped(),
@@ -242,7 +248,7 @@ impl Submodel {
 pub(crate) async fn start_submodel(
     spec: Arc<SubmodelSpec>,
     registry: &Registry,
-    restart: RestartPolicy,
+    options: &EngineOptions,
     metrics: Arc<SubmodelMetrics>,
 ) -> Result<Submodel> {
     let name = spec.name.to_string();
@@ -272,17 +278,25 @@ pub(crate) async fn start_submodel(
     }
     let signature = maas_graphs::Catalog::signature(registry, &spec)
         .map_err(|e| EngineError::Start { submodel: name.clone(), message: format!("{e:?}") })?;
+    let policy = BatchPolicy {
+        max_size: spec.batch.map_or(usize::MAX, |b| b.max_size.max(1)),
+        max_delay: spec.batch.map_or(Duration::ZERO, |b| b.max_delay),
+        spin: options.stream_spin,
+    };
+    let queue = Arc::new(SubmodelQueue::new(policy, metrics.clone()));
     let args = SubmodelArgs {
         spec: spec.clone(),
         registry: registry.clone(),
+        queue: queue.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
-        policy: restart,
+        policy: options.restart,
     };
     let (actor, _) = Actor::spawn(None, SubmodelActor, args)
         .await
         .map_err(|e| EngineError::Start { submodel: name, message: e.to_string() })?;
-    Ok(Submodel { spec, signature: Arc::new(signature), exec: Exec::Actor(actor), metrics, status, since, stamps })
+    let exec = Exec::Actor(actor, queue);
+    Ok(Submodel { spec, signature: Arc::new(signature), exec, metrics, status, since, stamps })
 }
 
 /// Where a node input comes from, compiled.
@@ -309,6 +323,123 @@ struct Plan {
     outputs: Vec<(String, usize, String)>,
     /// Shared by every plan of the pipeline (counters keep counting across changes).
     metrics: Arc<PipelineMetrics>,
+    /// What a request of this plan tells the submodels' queues about the jobs it will send.
+    demand: DemandPlan,
+}
+
+/// How a request announces its jobs to the queues of actor-backed submodels, so that a batch
+/// waits for rows that are on their way (see `maas_actors::queue`).
+struct DemandPlan {
+    /// One queue per distinct actor-backed submodel of the plan: the request is one of its users.
+    users: Vec<Arc<SubmodelQueue>>,
+    /// Per node: how many of its ancestors use the same submodel. A node is on its way to its
+    /// submodel once all of those are done (before, it waits on that very submodel).
+    gates: Vec<u16>,
+    /// Per node: the descendants that use the same submodel as it (their gates).
+    same_after: Vec<Vec<usize>>,
+}
+
+impl DemandPlan {
+    fn of(nodes: &[PlanNode]) -> Self {
+        let queue = |i: usize| match &nodes[i].submodel.exec {
+            Exec::Actor(_, q) => Some(q.clone()),
+            Exec::Inline(_) => None,
+        };
+        let mut users: Vec<Arc<SubmodelQueue>> = Vec::new();
+        for i in 0..nodes.len() {
+            if let Some(q) = queue(i)
+                && !users.iter().any(|u| Arc::ptr_eq(u, &q))
+            {
+                users.push(q);
+            }
+        }
+        // Ancestors by walking inputs (nodes are in topological order, so each node's
+        // ancestors are known when it is reached).
+        let mut ancestors: Vec<Vec<usize>> = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let mut set: Vec<usize> = Vec::new();
+            for (_, src) in &node.inputs {
+                if let Src::Node(j, _) = src {
+                    set.push(*j);
+                    set.extend(ancestors[*j].iter().copied());
+                }
+            }
+            set.sort_unstable();
+            set.dedup();
+            ancestors.push(set);
+        }
+        let mut gates = vec![0u16; nodes.len()];
+        let mut same_after = vec![Vec::new(); nodes.len()];
+        for i in 0..nodes.len() {
+            let Some(q) = queue(i) else { continue };
+            for &j in &ancestors[i] {
+                if queue(j).is_some_and(|a| Arc::ptr_eq(&a, &q)) {
+                    gates[i] = gates[i].saturating_add(1);
+                    same_after[j].push(i);
+                }
+            }
+        }
+        Self { users, gates, same_after }
+    }
+}
+
+/// One request's announcements (undone when it ends, however it ends).
+struct Announced<'a> {
+    plan: &'a Plan,
+    /// Nodes announced to their submodel's queue and not yet sent.
+    on_way: Vec<bool>,
+    gates: Vec<u16>,
+}
+
+impl<'a> Announced<'a> {
+    fn start(plan: &'a Plan) -> Self {
+        for q in &plan.demand.users {
+            q.demand().enter();
+        }
+        let mut on_way = vec![false; plan.nodes.len()];
+        for (i, node) in plan.nodes.iter().enumerate() {
+            if let Exec::Actor(_, q) = &node.submodel.exec
+                && plan.demand.gates[i] == 0
+            {
+                q.demand().expect();
+                on_way[i] = true;
+            }
+        }
+        Self { plan, on_way, gates: plan.demand.gates.clone() }
+    }
+
+    /// Node `i`'s job is about to be queued.
+    fn sending(&mut self, i: usize) {
+        if std::mem::take(&mut self.on_way[i])
+            && let Exec::Actor(_, q) = &self.plan.nodes[i].submodel.exec
+        {
+            q.demand().arrived();
+        }
+    }
+
+    /// Node `j` is done: later nodes on the same submodel may now be on their way.
+    fn done(&mut self, j: usize) {
+        for &i in &self.plan.demand.same_after[j] {
+            self.gates[i] = self.gates[i].saturating_sub(1);
+            if self.gates[i] == 0
+                && let Exec::Actor(_, q) = &self.plan.nodes[i].submodel.exec
+            {
+                q.demand().expect();
+                self.on_way[i] = true;
+            }
+        }
+    }
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        for i in 0..self.on_way.len() {
+            self.sending(i);
+        }
+        for q in &self.plan.demand.users {
+            q.demand().leave();
+        }
+    }
 }
 
 /// What an engine serves: the graph, its plans, its submodels and their previous versions,
@@ -368,7 +499,8 @@ impl Served {
                 p.outputs.iter().map(|o| (o.name.to_string(), index[o.node.as_str()], o.port.to_string())).collect();
             let metrics =
                 previous.and_then(|s| s.plans.get(name.as_str())).map(|p| p.metrics.clone()).unwrap_or_default();
-            plans.insert(name.to_string(), Arc::new(Plan { pipeline: p.clone(), nodes, outputs, metrics }));
+            let demand = DemandPlan::of(&nodes);
+            plans.insert(name.to_string(), Arc::new(Plan { pipeline: p.clone(), nodes, outputs, metrics, demand }));
         }
         Ok(Self { graph, plans, submodels, history })
     }
@@ -613,6 +745,7 @@ async fn run_plan(plan: &Plan, inputs: Values, deadline: Option<Instant>) -> Res
     let mut ready: VecDeque<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
     let mut running = FuturesUnordered::new();
     let mut done = 0;
+    let mut announced = Announced::start(plan);
     while done < n {
         while let Some(i) = ready.pop_front() {
             let node = &plan.nodes[i];
@@ -635,9 +768,10 @@ async fn run_plan(plan: &Plan, inputs: Values, deadline: Option<Instant>) -> Res
                     let out = run_inline(node, kernel, &args)?;
                     running.push(futures_util::future::Either::Left(std::future::ready((i, Ok(out)))));
                 }
-                Exec::Actor(actor) => {
+                Exec::Actor(_, queue) => {
                     let span = tracing::debug_span!("node", node = %node.name, submodel = %node.submodel.spec.name);
-                    let fut = async move { (i, call_actor(node, actor, args, deadline).await) }.instrument(span);
+                    let answers = send_jobs(node, queue, args, deadline, || announced.sending(i))?;
+                    let fut = async move { (i, receive_jobs(node, answers, deadline).await) }.instrument(span);
                     running.push(futures_util::future::Either::Right(fut));
                 }
             }
@@ -647,6 +781,7 @@ async fn run_plan(plan: &Plan, inputs: Values, deadline: Option<Instant>) -> Res
         versions.insert(plan.nodes[i].submodel.spec.name.to_string(), version);
         outputs[i] = Some(values);
         done += 1;
+        announced.done(i);
         for &c in &plan.nodes[i].consumers {
             waiting[c] -= 1;
             if waiting[c] == 0 {
@@ -710,21 +845,24 @@ fn run_inline(node: &PlanNode, kernel: &Loaded, args: &Values) -> Result<(Values
     }
 }
 
-/// Sends a node's rows to its submodel actor (split into chunks of at most `max_size` rows)
-/// and joins the answers.
-async fn call_actor(
+type Answer = tokio::sync::oneshot::Receiver<Result<maas_actors::JobOutput, JobError>>;
+
+/// Queues a node's rows at its submodel (split into chunks of at most `max_size` rows), or
+/// refuses at once. `sending` runs just before the jobs enter the queue.
+fn send_jobs(
     node: &PlanNode,
-    actor: &ActorRef<SubmodelMessage>,
+    queue: &SubmodelQueue,
     args: Values,
     deadline: Option<Instant>,
-) -> Result<(Values, String), InferError> {
+    sending: impl FnOnce(),
+) -> Result<Vec<Answer>, InferError> {
     let sub = &node.submodel;
     if sub.status.state() == SubmodelState::Failed {
         let why = sub.status.last_error().unwrap_or_default();
         return Err(failed(node, format!("submodel is not serving: {why}")));
     }
     let rows = args.values().next().and_then(Value::rows).unwrap_or(0);
-    let max = sub.spec.batch.map_or(usize::MAX, |b| b.max_size).max(1);
+    let max = queue.policy().max_size;
     let chunks = if rows <= max { vec![args] } else { split_rows(&args, rows, max).map_err(|e| failed(node, e))? };
     // The submodel's queue bound: reserve a slot for every chunk at once, or refuse at once.
     let n = chunks.len() as u64;
@@ -743,21 +881,26 @@ async fn call_actor(
             sub.spec.name, before, sub.spec.queue
         )));
     }
-    let mut receivers = Vec::with_capacity(chunks.len());
-    let mut unsent = n;
+    sending();
+    let mut answers = Vec::with_capacity(chunks.len());
     for chunk in chunks {
         let chunk_rows = chunk.values().next().and_then(Value::rows).unwrap_or(0);
         let (job, rx) = Job::new(chunk, chunk_rows, deadline);
-        if actor.cast(SubmodelMessage::Infer(job)).is_err() {
-            sub.metrics.queued.fetch_sub(unsent, Relaxed);
-            return Err(failed(node, "submodel is not running"));
-        }
-        unsent -= 1;
-        receivers.push(rx);
+        queue.push(job);
+        answers.push(rx);
     }
-    let mut parts = Vec::with_capacity(receivers.len());
+    Ok(answers)
+}
+
+/// Waits for a node's answers and joins them.
+async fn receive_jobs(
+    node: &PlanNode,
+    answers: Vec<Answer>,
+    deadline: Option<Instant>,
+) -> Result<(Values, String), InferError> {
+    let mut parts = Vec::with_capacity(answers.len());
     let mut version = String::new();
-    for rx in receivers {
+    for rx in answers {
         match rx.await {
             Ok(Ok(out)) => {
                 version = out.version.to_string();
@@ -776,7 +919,7 @@ async fn call_actor(
     let values = if parts.len() == 1 {
         parts.pop().expect("one part")
     } else {
-        join_rows(&sub.signature, parts).map_err(|e| failed(node, e))?
+        join_rows(&node.submodel.signature, parts).map_err(|e| failed(node, e))?
     };
     Ok((values, version))
 }

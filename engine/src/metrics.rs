@@ -79,6 +79,12 @@ pub struct SubmodelSnapshot {
     pub jobs_rejected: u64,
     /// Jobs dropped before compute (cancelled or expired).
     pub jobs_dropped: u64,
+    /// Batches dispatched as soon as a stream was free.
+    pub batches_at_once: u64,
+    /// Batches held back for rows expected soon, then dispatched.
+    pub batches_waited: u64,
+    /// How long each held-back batch waited (seconds).
+    pub wait_seconds: HistogramSnapshot,
 }
 
 impl SubmodelSnapshot {
@@ -92,6 +98,9 @@ impl SubmodelSnapshot {
             jobs_failed: m.jobs_failed.load(Relaxed),
             jobs_rejected: m.jobs_rejected.load(Relaxed),
             jobs_dropped: m.jobs_dropped.load(Relaxed),
+            batches_at_once: m.batches_at_once.load(Relaxed),
+            batches_waited: m.batches_waited.load(Relaxed),
+            wait_seconds: m.wait_seconds.snapshot(),
         }
     }
 }
