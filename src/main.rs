@@ -457,7 +457,11 @@ fn parse_inputs(p: &Pipeline, inputs: &[String]) -> anyhow::Result<Values> {
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
-    let registry = Registry::builtin();
+    let mut registry = Registry::builtin();
+    if matches!(command, Command::Bench { .. }) {
+        // The stand-in for a device of a given speed is offered to benchmarks only.
+        registry.register(maas_kernels::FixedCost);
+    }
     match command {
         Command::Validate { files } => match maas_engine::load_files(&files, &registry) {
             Ok(checked) => {
@@ -582,7 +586,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let base = if baseline { Some(measure_baseline(&checked.graph, &registry, &values, &cfg)?) } else { None };
             let rt = runtime()?;
             rt.block_on(async {
-                let engine = Engine::builder().from_graph(checked.graph.clone()).await?;
+                let engine =
+                    Engine::builder().register(maas_kernels::FixedCost).from_graph(checked.graph.clone()).await?;
                 // Warm up every submodel once before measuring.
                 let _ = engine.infer(&pipeline, values.clone()).await;
                 let changes = swap.map(|swap| bench::Changes {

@@ -5,6 +5,7 @@ pub(crate) mod bert;
 pub(crate) mod concat;
 pub(crate) mod cosine;
 pub mod digits_cnn;
+pub mod fixed_cost;
 pub(crate) mod identity;
 pub(crate) mod l2_normalize;
 pub mod linear;

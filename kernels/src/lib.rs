@@ -38,6 +38,7 @@ pub mod weights;
 pub use device::open_device;
 pub use error::{CandleContext, KernelError, Result};
 pub use kernel::{Kernel, Kind, Loaded, candle_dtype, check_inputs};
+pub use kinds::fixed_cost::FixedCost;
 pub use kinds::linear::{Linear, Quantize};
 pub use registry::Registry;
 pub use value::{Value, Values};
