@@ -88,6 +88,21 @@ pub fn render(engine: &Engine) -> String {
     for (n, s) in &m.submodels {
         histogram(&mut out, "maas_submodel_batch_rows", &format!("submodel=\"{}\"", escape(n)), &s.batch_rows);
     }
+    header(
+        &mut out,
+        "maas_submodel_batches_total",
+        "counter",
+        "Batches dispatched, by decision: at_once (a stream was free and nothing more was expected soon, or the batch was full) or after_wait (held for rows expected soon).",
+    );
+    for (n, s) in &m.submodels {
+        for (dispatch, v) in [("at_once", s.batches_at_once), ("after_wait", s.batches_waited)] {
+            let _ = writeln!(out, "maas_submodel_batches_total{{submodel=\"{}\",dispatch=\"{dispatch}\"}} {v}", escape(n));
+        }
+    }
+    header(&mut out, "maas_submodel_batch_wait_seconds", "histogram", "How long each held-back batch waited for rows expected soon.");
+    for (n, s) in &m.submodels {
+        histogram(&mut out, "maas_submodel_batch_wait_seconds", &format!("submodel=\"{}\"", escape(n)), &s.wait_seconds);
+    }
     header(&mut out, "maas_submodel_compute_seconds", "histogram", "Compute time per batch.");
     for (n, s) in &m.submodels {
         histogram(

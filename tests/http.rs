@@ -161,6 +161,10 @@ async fn listings_health_metrics_and_readiness() {
     assert_eq!(samples[r#"maas_requests_total{pipeline="lin",outcome="invalid_input"}"#], 1.0);
     assert_eq!(samples[r#"maas_request_duration_seconds_count{pipeline="lin"}"#], 2.0);
     assert_eq!(samples[r#"maas_submodel_batch_rows_count{submodel="step"}"#], 1.0);
+    // A lone request's batch went at once.
+    assert_eq!(samples[r#"maas_submodel_batches_total{submodel="step",dispatch="at_once"}"#], 1.0);
+    assert_eq!(samples[r#"maas_submodel_batches_total{submodel="step",dispatch="after_wait"}"#], 0.0);
+    assert_eq!(samples[r#"maas_submodel_batch_wait_seconds_count{submodel="step"}"#], 0.0);
     assert_eq!(samples[r#"maas_submodel_up{submodel="step",state="ready"}"#], 1.0);
     // Readiness flips once the engine is shutting down.
     s.engine.shutdown().await;

@@ -44,9 +44,10 @@ fn full(value: f64, dtype: DType, shape: &[usize], dev: &candle_core::Device) ->
     }
 }
 
-/// Joins the inputs of several jobs into one batch (rows in job order), on `device`: a tensor
-/// that lives elsewhere (the CPU, another GPU stream) is moved there first, then the parts are
-/// concatenated where the kernel runs. A lone job is passed as it is (the kernel moves it).
+/// Joins the inputs of several jobs into one batch (rows in job order). Parts of a port that
+/// come from different devices (the CPU and a GPU stream, or two GPU streams) are moved to
+/// `device`, the submodel's, and concatenated there; parts that share a device are joined where
+/// they are (the kernel moves the whole batch once). A lone job is passed as it is.
 pub fn assemble(sig: &Signature, jobs: &[&Values], device: &Device) -> Result<Values> {
     if let [one] = jobs {
         return Ok((*one).clone());
@@ -74,12 +75,18 @@ pub fn assemble(sig: &Signature, jobs: &[&Values], device: &Device) -> Result<Va
             Value::Tensor(_) => {
                 let mut tensors: Vec<Tensor> = Vec::with_capacity(parts.len());
                 for p in &parts {
-                    let t = p.as_tensor().ok_or_else(|| mixed(&port.name))?;
-                    tensors.push(if t.device().same_device(device) {
-                        t.clone()
-                    } else {
-                        t.to_device(device).ctx("move a batch input to the submodel's device")?
-                    });
+                    tensors.push(p.as_tensor().ok_or_else(|| mixed(&port.name))?.clone());
+                }
+                // Parts that all live on one device are joined there (CPU rows from a tokenizer
+                // stay on the CPU for the kernel's input checks, then move once, whole); parts
+                // on different devices are first moved to the submodel's own.
+                let home = tensors[0].device().clone();
+                if tensors.iter().any(|t| !t.device().same_device(&home)) {
+                    for t in &mut tensors {
+                        if !t.device().same_device(device) {
+                            *t = t.to_device(device).ctx("move a batch input to the submodel's device")?;
+                        }
+                    }
                 }
                 Value::Tensor(cat_padded(tensors, port.ragged)?)
             }
@@ -201,5 +208,34 @@ mod tests {
         b.remove("t");
         let e = assemble(&sig, &[&a, &b], &Device::Cpu).unwrap_err();
         assert!(e.to_string().contains("input port `t`"), "{e}");
+    }
+
+    /// Rows for one CUDA submodel that arrive from two devices are batched together, on the
+    /// submodel's device. With a GPU: one input from the CPU and one from another CUDA stream
+    /// (a device-to-device copy), batched on a third stream. Without one (every CI run): the
+    /// same path with two CPU inputs, one of which is a view into another batch's output (what
+    /// an upstream submodel's split hands on), so it is copied into the batch rather than moved.
+    #[test]
+    fn inputs_from_two_devices_are_batched_on_the_submodels_device() {
+        let sig = Signature {
+            inputs: vec![PortSpec::new("x", ty("f32[B,2]"))],
+            outputs: vec![PortSpec::new("out", ty("f32[B,2]"))],
+        };
+        let cuda = (Device::new_cuda_with_stream(0), Device::new_cuda_with_stream(0));
+        let (target, other) = match cuda {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => (Device::Cpu, Device::Cpu),
+        };
+        let from_cpu = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
+        // With a GPU, `other` is a CUDA stream: the parts differ, so both move to `target`.
+        let upstream = Tensor::new(&[[0f32, 0.0], [3.0, 4.0], [5.0, 6.0]], &other).unwrap();
+        let from_other = upstream.narrow(0, 1, 2).unwrap(); // rows 1..3 of another batch
+        let a = Values::from([("x".to_string(), Value::Tensor(from_cpu))]);
+        let b = Values::from([("x".to_string(), Value::Tensor(from_other))]);
+        let batch = assemble(&sig, &[&a, &b], &target).unwrap();
+        let x = batch["x"].as_tensor().unwrap();
+        assert!(x.device().same_device(&target), "the batch is on the submodel's device");
+        let rows: Vec<Vec<f32>> = x.to_device(&Device::Cpu).unwrap().to_vec2().unwrap();
+        assert_eq!(rows, vec![vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 6.0]]);
     }
 }
