@@ -96,12 +96,23 @@ pub fn render(engine: &Engine) -> String {
     );
     for (n, s) in &m.submodels {
         for (dispatch, v) in [("at_once", s.batches_at_once), ("after_wait", s.batches_waited)] {
-            let _ = writeln!(out, "maas_submodel_batches_total{{submodel=\"{}\",dispatch=\"{dispatch}\"}} {v}", escape(n));
+            let _ =
+                writeln!(out, "maas_submodel_batches_total{{submodel=\"{}\",dispatch=\"{dispatch}\"}} {v}", escape(n));
         }
     }
-    header(&mut out, "maas_submodel_batch_wait_seconds", "histogram", "How long each held-back batch waited for rows expected soon.");
+    header(
+        &mut out,
+        "maas_submodel_batch_wait_seconds",
+        "histogram",
+        "How long each held-back batch waited for rows expected soon.",
+    );
     for (n, s) in &m.submodels {
-        histogram(&mut out, "maas_submodel_batch_wait_seconds", &format!("submodel=\"{}\"", escape(n)), &s.wait_seconds);
+        histogram(
+            &mut out,
+            "maas_submodel_batch_wait_seconds",
+            &format!("submodel=\"{}\"", escape(n)),
+            &s.wait_seconds,
+        );
     }
     header(&mut out, "maas_submodel_compute_seconds", "histogram", "Compute time per batch.");
     for (n, s) in &m.submodels {
