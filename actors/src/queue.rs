@@ -214,7 +214,7 @@ impl SubmodelQueue {
                     let mut polls = 0u32;
                     while self.len.load(Acquire) == 0 && Instant::now() < until {
                         polls = polls.wrapping_add(1);
-                        if polls % 64 == 0 {
+                        if polls.is_multiple_of(64) {
                             std::thread::yield_now();
                         } else {
                             std::hint::spin_loop();

@@ -1,7 +1,7 @@
 //! `fixed_cost`: a stand-in for a device of a given speed, for benchmarks and tests. Not a
 //! built-in kind: register it ([`FixedCost`]) where you want it (`maas bench` does).
 //!
-//! `x` f32[B,N] -> `out` = x, after a cost of `per_batch_us + rows * per_row_us` microseconds
+//! `x` (`f32[B,N]`) -> `out` = x, after a cost of `per_batch_us + rows * per_row_us` microseconds
 //! during which the stream thread waits as it would for a GPU: it sleeps (leaving the CPU to
 //! others) and only polls the last `POLL` of the cost, with yields, so the cost is met to within
 //! a few microseconds. A batch of up to `max_size` rows every `per_batch_us` is then the ideal
