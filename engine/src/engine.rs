@@ -224,9 +224,9 @@ pub(crate) struct Submodel {
 
 impl Drop for Submodel {
     fn drop(&mut self) {
-        // Nothing can reach this version any more (plans and requests hold it): drain its actor
-        // (jobs of cancelled requests still in its mailbox are counted out of the shared queue
-        // gauge), which then stops its replicas and their streams.
+        // Nothing can reach this version any more (plans and requests hold it): drain its actor,
+        // which then closes its queue (jobs of cancelled requests still queued are counted out
+        // of the shared queue gauge) and stops its replicas and their streams.
         if let Exec::Actor(a, _) = &self.exec {
             let _ = a.drain();
         }
