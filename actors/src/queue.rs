@@ -120,6 +120,8 @@ pub struct SubmodelQueue {
     metrics: Arc<SubmodelMetrics>,
     /// Batches taken (a cheap progress counter for tests and drains).
     taken: AtomicU64,
+    /// Moving average of a batch's compute time, in nanoseconds (0 until one ran).
+    compute_ns: AtomicU64,
 }
 
 impl SubmodelQueue {
@@ -141,6 +143,7 @@ impl SubmodelQueue {
             policy,
             metrics,
             taken: AtomicU64::new(0),
+            compute_ns: AtomicU64::new(0),
         }
     }
 
@@ -161,8 +164,10 @@ impl SubmodelQueue {
     }
 
     /// Queues a job (the engine has already counted it in the `queued` gauge). A queue that
-    /// cannot serve answers the job at once.
-    pub fn push(&self, job: Job) {
+    /// cannot serve answers the job at once. Returns how soon the answer is expected when the
+    /// job went into an empty queue with no batch running (the recent compute time of a
+    /// batch), so that a caller may poll briefly for a very quick answer instead of parking.
+    pub fn push(&self, job: Job) -> Option<Duration> {
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(refusal) = &st.refusal {
@@ -173,7 +178,7 @@ impl SubmodelQueue {
             self.metrics.queued.fetch_sub(1, Relaxed);
             self.metrics.jobs_failed.fetch_add(1, Relaxed);
             job.answer(Err(error));
-            return;
+            return None;
         }
         if let Some(last) = st.last_arrival {
             let gap = now.saturating_duration_since(last).min(self.policy.max_delay).as_secs_f64();
@@ -185,10 +190,21 @@ impl SubmodelQueue {
         st.jobs.push_back(job);
         self.len.store(st.jobs.len(), Release);
         let wake = st.parked > 0;
+        let alone = st.here == 1;
         drop(st);
         if wake {
             self.work.notify_one();
         }
+        let compute = self.compute_ns.load(Relaxed);
+        (alone && compute > 0).then(|| Duration::from_nanos(compute))
+    }
+
+    /// A batch computed in `took` (a moving average for [`push`](Self::push)'s estimate).
+    pub(crate) fn computed(&self, took: Duration) {
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.compute_ns.load(Relaxed);
+        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+        self.compute_ns.store(new, Relaxed);
     }
 
     /// Takes the next batch, waiting for work (and, per the policy, for a fuller batch).
