@@ -346,3 +346,58 @@ async fn ids_past_the_vocabulary_or_the_positions_are_invalid_input_not_a_failur
     assert_eq!((m.submodels["encoder"].jobs_failed, m.submodels["encoder"].restarts), (0, 0), "{m:?}");
     e.shutdown().await;
 }
+
+/// The minilm graph with the encoder computing in `dtype`.
+fn engine_in(dtype: &str) -> Sequential {
+    require_model();
+    let registry = Registry::builtin();
+    let path = root().join("examples/pipelines/minilm.toml");
+    let text = std::fs::read_to_string(&path).expect("minilm.toml");
+    let config = r#"params = { config = "../../models/all-MiniLM-L6-v2/config.json" }"#;
+    assert!(text.contains(config), "minilm.toml's encoder params changed");
+    let text = text.replace(config, &config.replace(" }", &format!(", dtype = \"{dtype}\" }}")));
+    let dir = path.parent().expect("examples/pipelines");
+    let checked = maas_engine::load_sources(vec![SourceFile::new("minilm.toml", text, dir)], &registry)
+        .unwrap_or_else(|d| panic!("minilm.toml with dtype {dtype} does not check:\n{d}"));
+    Sequential::new(&checked.graph, &registry).expect("loads")
+}
+
+#[test]
+fn the_encoder_in_f16_and_bf16_matches_f32_padded_rows_included() {
+    let r = reference();
+    // Two rows of different lengths in one batch: the shorter is padded, so the attention mask
+    // is exercised (a mask built from -inf would make every value NaN).
+    let rows: Vec<&str> = r.texts.iter().map(String::as_str).collect();
+    let lens: Vec<usize> = r.token_ids.iter().map(Vec::len).collect();
+    assert_ne!(lens[0], lens[1], "the reference texts have different lengths");
+    for (dtype, tol) in [("f16", 5e-3), ("bf16", 3e-2)] {
+        let e = engine_in(dtype);
+        let out = e.run("embed", Values::from([("text".to_string(), text(&rows))])).expect("embed runs");
+        let got: Vec<Vec<f32>> = tensor_of(&out, "embedding").to_vec2().expect("f32[B,384]");
+        for (i, g) in got.iter().enumerate() {
+            assert!(g.iter().all(|x| x.is_finite()), "{dtype} row {i} has non-finite values");
+            let cos = dot(g, &r.embeddings[i]) / (norm(g) * norm(&r.embeddings[i]));
+            let d = max_abs_diff(g, &r.embeddings[i]);
+            eprintln!("{dtype} row {i}: cosine to reference {cos:.6}, max abs diff {d:.3e}");
+            assert!(d < tol, "{dtype} row {i}: max abs diff {d:e} >= {tol:e}");
+            assert!(cos > 0.999, "{dtype} row {i}: cosine {cos}");
+        }
+    }
+}
+
+#[test]
+fn an_unknown_encoder_dtype_is_named() {
+    require_model();
+    let registry = Registry::builtin();
+    let path = root().join("examples/pipelines/minilm.toml");
+    let text = std::fs::read_to_string(&path)
+        .expect("minilm.toml")
+        .replace(r#"config.json" }"#, r#"config.json", dtype = "f8" }"#);
+    let dir = path.parent().expect("examples/pipelines");
+    let err = maas_engine::load_sources(vec![SourceFile::new("minilm.toml", text, dir)], &registry)
+        .err()
+        .expect("refused")
+        .to_string();
+    // Located at the key in the file, and naming the choices.
+    assert!(err.starts_with("minilm.toml:") && err.contains("unknown dtype `f8`; expected"), "{err}");
+}

@@ -2,12 +2,14 @@
 //! all-MiniLM-L6-v2. `input_ids`, `attention_mask`, optional `token_type_ids` u32[B,S] ->
 //! `hidden` f32[B,S,H], with H the config's `hidden_size`.
 //!
-//! `weights` is the model's safetensors file and `params.config` its `config.json`.
+//! `weights` is the model's safetensors file and `params.config` its `config.json`;
+//! `params.dtype` (`f32`, default, `f16` or `bf16`) is the precision it computes in (its output
+//! stays f32).
 
 use std::sync::Arc;
 
-use candle_core::Device;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 use maas_graphs::{DType, Dim, KindError, PortSpec, PortType, Signature, SubmodelSpec, ty};
 
 use super::{out, tensor};
@@ -23,10 +25,27 @@ pub(crate) struct Bert;
 #[serde(deny_unknown_fields)]
 struct Params {
     config: String,
+    dtype: Option<String>,
+}
+
+/// The precision the encoder computes in (`params.dtype`): `f32` (default), or `f16` / `bf16`
+/// (half the weights' memory, and tensor cores on a GPU; slow on most CPUs).
+fn compute_dtype(spec: &SubmodelSpec) -> Result<candle_core::DType, KindError> {
+    let p: Params = parse_params(&spec.params)?;
+    match p.dtype.as_deref() {
+        None | Some("f32") => Ok(candle_core::DType::F32),
+        Some("f16") => Ok(candle_core::DType::F16),
+        Some("bf16") => Ok(candle_core::DType::BF16),
+        Some(other) => Err(KindError::at(
+            "params.dtype",
+            format!("unknown dtype `{other}`; expected \"f32\", \"f16\" or \"bf16\""),
+        )),
+    }
 }
 
 fn settings(spec: &SubmodelSpec) -> Result<(Config, std::path::PathBuf), Vec<KindError>> {
     let p: Params = parse_params(&spec.params).map_err(|e| vec![e])?;
+    compute_dtype(spec).map_err(|e| vec![e])?;
     let config_path = super::existing_file(spec, "config", &p.config).map_err(|e| vec![e])?;
     let config: Config = read_json(&config_path).map_err(|e| vec![KindError::at("params.config", e.to_string())])?;
     let weights = super::required_weights(spec).map_err(|e| vec![e])?;
@@ -65,9 +84,14 @@ impl Kind for Bert {
 
     fn load(&self, spec: &SubmodelSpec, device: &Device) -> Result<Arc<dyn Kernel>> {
         let (config, path) = settings(spec).map_err(super::settings_error)?;
+        let dtype = compute_dtype(spec).map_err(|e| super::settings_error(vec![e]))?;
         let weights = Weights::load(&path, device)?;
-        let vb = weights.var_builder(candle_core::DType::F32, device);
-        let model = BertModel::load(vb, &config).map_err(|e| KernelError::Corrupt { path, reason: e.to_string() })?;
+        let vb = weights.var_builder(dtype, device);
+        let corrupt = |e: candle_core::Error| KernelError::Corrupt { path: path.clone(), reason: e.to_string() };
+        let model = match dtype {
+            candle_core::DType::F32 => Model::Full(BertModel::load(vb, &config).map_err(corrupt)?),
+            _ => Model::Half(HalfBert::load(vb, &config, dtype).map_err(corrupt)?),
+        };
         Ok(Arc::new(BertKernel {
             model,
             max_positions: config.max_position_embeddings,
@@ -86,8 +110,14 @@ impl Kind for Bert {
     }
 }
 
+/// candle-transformers' model in f32; [`HalfBert`] in f16 and bf16.
+enum Model {
+    Full(BertModel),
+    Half(HalfBert),
+}
+
 struct BertKernel {
-    model: BertModel,
+    model: Model,
     max_positions: usize,
     vocab_size: usize,
     type_vocab_size: usize,
@@ -135,7 +165,59 @@ impl Kernel for BertKernel {
             Some(t) => t.clone(),
             None => ids.zeros_like().ctx("bert token types")?,
         };
-        let hidden = self.model.forward(ids, &types, Some(mask)).ctx("bert forward")?;
+        let hidden = match &self.model {
+            Model::Full(m) => m.forward(ids, &types, Some(mask)).ctx("bert forward")?,
+            Model::Half(m) => {
+                m.forward(ids, &types, mask).and_then(|h| h.to_dtype(candle_core::DType::F32)).ctx("bert forward")?
+            }
+        };
         Ok(out("hidden", hidden))
+    }
+}
+
+/// BERT in f16 or bf16. candle-transformers' `BertModel` builds its attention mask from
+/// `f32::MIN`, which is `-inf` in these dtypes, and multiplies it by zero for the tokens kept
+/// (NaN everywhere). This runs its public `BertEncoder` with embeddings and a mask built here,
+/// using the dtype's own finite minimum. Same weights, same names, same layout.
+struct HalfBert {
+    word: candle_nn::Embedding,
+    position: candle_nn::Embedding,
+    token_type: candle_nn::Embedding,
+    norm: candle_nn::LayerNorm,
+    encoder: BertEncoder,
+    dtype: candle_core::DType,
+}
+
+impl HalfBert {
+    fn load(vb: candle_nn::VarBuilder, config: &Config, dtype: candle_core::DType) -> candle_core::Result<Self> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
+        let e = vb.pp("embeddings");
+        let h = config.hidden_size;
+        Ok(Self {
+            word: candle_nn::embedding(config.vocab_size, h, e.pp("word_embeddings"))?,
+            position: candle_nn::embedding(config.max_position_embeddings, h, e.pp("position_embeddings"))?,
+            token_type: candle_nn::embedding(config.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            norm: candle_nn::layer_norm(h, config.layer_norm_eps, e.pp("LayerNorm"))?,
+            encoder: BertEncoder::load(vb.pp("encoder"), config)?,
+            dtype,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        use candle_core::Module;
+        let (_, seq) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let x = (self.word.forward(ids)? + self.token_type.forward(types)?)?
+            .broadcast_add(&self.position.forward(&positions)?)?;
+        let x = self.norm.forward(&x)?;
+        // [B, S] -> [B, 1, 1, S]: 0 where a token is kept, the dtype's minimum where it is padding.
+        let min = match self.dtype {
+            candle_core::DType::F16 => -65504.0,
+            candle_core::DType::BF16 => -3.389_531_389_251_535_5e38,
+            _ => f64::from(f32::MIN),
+        };
+        let keep = mask.to_dtype(self.dtype)?.unsqueeze(1)?.unsqueeze(1)?;
+        let extended = ((keep.ones_like()? - &keep)? * min)?;
+        self.encoder.forward(&x, &extended)
     }
 }
