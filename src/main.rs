@@ -168,6 +168,7 @@ fn main() -> ExitCode {
 ///   for the next one, taking a core from the streams and tasks that have work. On 2 cores
 ///   this made the digits batch 2.0 ms instead of 2.6 ms and MiniLM's batch of 32 sentences
 ///   86 ms instead of 117 ms.
+#[cfg(unix)]
 fn fix_thread_count() {
     use std::os::unix::process::CommandExt;
     let cores = num_cpus::get_physical().max(1);
@@ -189,6 +190,10 @@ fn fix_thread_count() {
         .exec();
     eprintln!("warning: could not restart with candle's threading set ({error}); CPU kernels run slower");
 }
+
+/// Elsewhere the environment is left as it is (set `RAYON_NUM_THREADS` yourself).
+#[cfg(not(unix))]
+fn fix_thread_count() {}
 
 /// Loads graph files; on rejection prints every diagnostic and fails.
 fn load(files: &[PathBuf], registry: &Registry) -> anyhow::Result<maas_graphs::Checked> {
