@@ -229,3 +229,57 @@ async fn a_row_on_its_way_is_waited_for_no_longer_than_max_delay() {
     assert_eq!(t.batches(), vec![1, 1]);
     e.shutdown().await;
 }
+
+const CHAIN: &str = r#"
+[submodels.s1]
+kind = "first"
+batch = { max_size = 64, max_delay_ms = 2000 }
+
+[submodels.s2]
+kind = "second"
+batch = { max_size = 64, max_delay_ms = 2000 }
+
+[pipelines.p]
+inputs = { x = "f32[B,2]" }
+outputs = { y = "b.out" }
+
+[pipelines.p.nodes]
+a = { submodel = "s1", inputs = { x = "$x" } }
+b = { submodel = "s2", inputs = { x = "a.out" } }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_batched_stages_in_a_row_do_not_hold_for_each_other() {
+    const CALLERS: usize = 4;
+    const ROUNDS: usize = 15;
+    let (s1, s2) = (Recorder::new("first", None), Recorder::new("second", None));
+    let e = engine(vec![s1.clone(), s2.clone()], CHAIN).await;
+    // Each stage could wait for the callers whose requests sit in the other stage's queue,
+    // held there: the first rounds split the callers between the stages, and if both stages
+    // waited for each other's held rows, those rounds would wait out much of their 2 s (over a
+    // second in all) before the callers fall into step.
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|c| {
+            let e = e.clone();
+            tokio::spawn(async move {
+                for i in 0..ROUNDS {
+                    e.infer("p", row((c * 1000 + i) as f32)).await.expect("ok");
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        tokio::time::timeout(Duration::from_secs(30), c).await.expect("the callers finish").unwrap();
+    }
+    let m = e.metrics();
+    let waited: f64 = ["s1", "s2"].iter().map(|s| m.submodels[*s].wait_seconds.sum).sum();
+    assert!(waited < 0.5, "the stages waited {waited:.2} s in all (max_delay_ms = 2000 each)");
+    for (name, rec) in [("s1", &s1), ("s2", &s2)] {
+        let batches = rec.batches();
+        assert_eq!(batches.iter().sum::<usize>(), CALLERS * ROUNDS, "{name}");
+        let mut settled = batches[batches.len() / 2..].to_vec();
+        settled.sort_unstable();
+        assert_eq!(settled[settled.len() / 2], CALLERS, "{name} batches: {batches:?}");
+    }
+    e.shutdown().await;
+}

@@ -22,6 +22,10 @@
 //!
 //! Otherwise the batch goes at once: a lone caller, or callers that all already wait here,
 //! can send nothing more, so waiting would only add latency.
+//!
+//! Jobs that another queue of the engine is holding back (its stream waits for a fuller
+//! batch) do not count as coming in either rule: they move only when that queue dispatches, and
+//! two queues waiting for each other's jobs would each wait out `max_delay`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -106,6 +110,11 @@ struct State {
     last_arrival: Option<Instant>,
     /// Moving average of the time between arrivals (seconds, each gap capped at `max_delay`).
     gap: f64,
+    /// Streams holding a batch back now.
+    holding: usize,
+    /// What this queue adds to the engine's count of held jobs (its queued jobs while a stream
+    /// holds, else 0).
+    held: usize,
 }
 
 /// A submodel's queue (see the module documentation).
@@ -122,11 +131,16 @@ pub struct SubmodelQueue {
     taken: AtomicU64,
     /// Moving average of a batch's compute time, in nanoseconds (0 until one ran).
     compute_ns: AtomicU64,
+    /// Jobs held back in every queue of the engine (shared by its queues): rows that wait in a
+    /// queue whose stream holds them will not move until it dispatches, so no other queue
+    /// waits for them.
+    held_everywhere: Arc<AtomicUsize>,
 }
 
 impl SubmodelQueue {
-    /// An empty, serving queue.
-    pub fn new(policy: BatchPolicy, metrics: Arc<SubmodelMetrics>) -> Self {
+    /// An empty, serving queue. `held` is shared by every queue of one engine (see
+    /// [`hold_until`](Self::hold_until)'s rules): give each engine its own.
+    pub fn new(policy: BatchPolicy, metrics: Arc<SubmodelMetrics>, held: Arc<AtomicUsize>) -> Self {
         Self {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
@@ -136,6 +150,8 @@ impl SubmodelQueue {
                 refusal: None,
                 last_arrival: None,
                 gap: policy.max_delay.as_secs_f64(),
+                holding: 0,
+                held: 0,
             }),
             work: Condvar::new(),
             len: AtomicUsize::new(0),
@@ -144,6 +160,7 @@ impl SubmodelQueue {
             metrics,
             taken: AtomicU64::new(0),
             compute_ns: AtomicU64::new(0),
+            held_everywhere: held,
         }
     }
 
@@ -161,6 +178,18 @@ impl SubmodelQueue {
         // A panic while holding this lock cannot leave the state inconsistent (every update is
         // a few plain assignments), so a poisoned lock is used as it is.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings this queue's share of the engine's held jobs up to date (after any change of its
+    /// jobs or of its holding streams).
+    fn sync_held(&self, st: &mut State) {
+        let now = if st.holding > 0 { st.jobs.len() } else { 0 };
+        if now > st.held {
+            self.held_everywhere.fetch_add(now - st.held, Release);
+        } else if now < st.held {
+            self.held_everywhere.fetch_sub(st.held - now, Release);
+        }
+        st.held = now;
     }
 
     /// Queues a job (the engine has already counted it in the `queued` gauge). A queue that
@@ -189,6 +218,7 @@ impl SubmodelQueue {
         st.here += 1;
         st.jobs.push_back(job);
         self.len.store(st.jobs.len(), Release);
+        self.sync_held(&mut st);
         let wake = st.parked > 0;
         let alone = st.here == 1;
         drop(st);
@@ -220,6 +250,7 @@ impl SubmodelQueue {
             }
             let now = Instant::now();
             self.prune(&mut st, now);
+            self.sync_held(&mut st);
             if st.jobs.is_empty() {
                 if !spun && !self.policy.spin.is_zero() {
                     // Poll briefly: under a steady trickle the next job comes within
@@ -248,11 +279,16 @@ impl SubmodelQueue {
             if let Some(until) = self.hold_until(&st, now, free_since) {
                 waited_since.get_or_insert(now);
                 st.parked += 1;
+                st.holding += 1;
+                self.sync_held(&mut st);
                 st = self.work.wait_timeout(st, until - now).unwrap_or_else(|p| p.into_inner()).0;
                 st.parked -= 1;
+                st.holding -= 1;
+                self.sync_held(&mut st);
                 continue;
             }
             let batch = self.pop_batch(&mut st);
+            self.sync_held(&mut st);
             let more = !st.jobs.is_empty() && st.parked > 0;
             drop(st);
             if more {
@@ -287,10 +323,13 @@ impl SubmodelQueue {
         if now >= limit {
             return None;
         }
-        if self.demand.upstream() > 0 {
+        // Jobs that other queues hold back will not move until those dispatch: waiting for
+        // them here could make two queues wait for each other.
+        let held_elsewhere = self.held_everywhere.load(Acquire).saturating_sub(st.held);
+        if self.demand.upstream() > held_elsewhere {
             return Some(limit);
         }
-        if self.demand.users() <= st.here {
+        if self.demand.users() <= st.here.saturating_add(held_elsewhere) {
             return None;
         }
         // Another row is likely within the wait when arrivals have recently come closer
@@ -370,6 +409,7 @@ impl SubmodelQueue {
             st.jobs.push_front(job);
         }
         self.len.store(st.jobs.len(), Release);
+        self.sync_held(&mut st);
         let wake = st.parked > 0;
         drop(st);
         if wake {
@@ -383,6 +423,7 @@ impl SubmodelQueue {
             out.push(self.remove_front(st));
             st.here -= 1;
         }
+        self.sync_held(st);
         out
     }
 
@@ -432,5 +473,14 @@ impl SubmodelQueue {
     /// Batches taken so far.
     pub fn batches_taken(&self) -> u64 {
         self.taken.load(Relaxed)
+    }
+}
+
+impl Drop for SubmodelQueue {
+    fn drop(&mut self) {
+        let held = self.state.get_mut().map_or(0, |st| st.held);
+        if held > 0 {
+            self.held_everywhere.fetch_sub(held, Release);
+        }
     }
 }

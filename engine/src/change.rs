@@ -696,9 +696,15 @@ impl Engine {
         let version = spec.version.clone();
         let options = &self.inner.options;
         crate::memory::check(&self.inner.registry, [&spec], options.max_load_bytes)?;
-        let new = start_submodel(Arc::new(spec), &self.inner.registry, options, current.metrics.clone())
-            .await
-            .map_err(|e| invalid(load_error(e)))?;
+        let new = start_submodel(
+            Arc::new(spec),
+            &self.inner.registry,
+            options,
+            current.metrics.clone(),
+            &self.inner.held_jobs,
+        )
+        .await
+        .map_err(|e| invalid(load_error(e)))?;
         let mut history = served.history.clone();
         let now = SystemTime::now();
         match mode {
@@ -802,10 +808,15 @@ impl Engine {
                     let metrics = running.map(|s| s.metrics.clone()).unwrap_or_default();
                     // A failure drops (and so stops) what this change started so far.
                     let options = &self.inner.options;
-                    let s =
-                        start_submodel(Arc::new(spec.clone()), &self.inner.registry, options, metrics).await.map_err(
-                            |e| ChangeError::InvalidWeights { submodel: name.to_string(), message: load_error(e) },
-                        )?;
+                    let s = start_submodel(
+                        Arc::new(spec.clone()),
+                        &self.inner.registry,
+                        options,
+                        metrics,
+                        &self.inner.held_jobs,
+                    )
+                    .await
+                    .map_err(|e| ChangeError::InvalidWeights { submodel: name.to_string(), message: load_error(e) })?;
                     Arc::new(s)
                 }
             };

@@ -157,10 +157,11 @@ impl EngineBuilder {
             None => (graph, History::default(), 0),
         };
         crate::memory::check(&self.registry, graph.submodels.values(), options.max_load_bytes)?;
+        let held: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let mut submodels: BTreeMap<String, Arc<Submodel>> = BTreeMap::new();
         for (name, spec) in &graph.submodels {
             let metrics = Arc::new(SubmodelMetrics::default());
-            match start_submodel(Arc::new(spec.clone()), &self.registry, &options, metrics).await {
+            match start_submodel(Arc::new(spec.clone()), &self.registry, &options, metrics, &held).await {
                 Ok(sub) => {
                     submodels.insert(name.to_string(), Arc::new(sub));
                 }
@@ -195,6 +196,7 @@ impl EngineBuilder {
                 served: ArcSwap::from_pointee(served),
                 admission: Arc::new(Semaphore::new(options.max_in_flight)),
                 in_flight: Arc::default(),
+                held_jobs: held,
                 shutting_down: AtomicBool::new(false),
                 options,
                 change_lock: tokio::sync::Mutex::new(()),
@@ -256,6 +258,7 @@ pub(crate) async fn start_submodel(
     registry: &Registry,
     options: &EngineOptions,
     metrics: Arc<SubmodelMetrics>,
+    held: &Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<Submodel> {
     let name = spec.name.to_string();
     let kind = registry.get(&spec.kind).ok_or_else(|| EngineError::Start {
@@ -289,7 +292,7 @@ pub(crate) async fn start_submodel(
         max_delay: spec.batch.map_or(Duration::ZERO, |b| b.max_delay),
         spin: options.stream_spin,
     };
-    let queue = Arc::new(SubmodelQueue::new(policy, metrics.clone()));
+    let queue = Arc::new(SubmodelQueue::new(policy, metrics.clone(), held.clone()));
     let args = SubmodelArgs {
         spec: spec.clone(),
         registry: registry.clone(),
@@ -518,6 +521,8 @@ pub(crate) struct Inner {
     admission: Arc<Semaphore>,
     /// Requests admitted and not yet ended (the semaphore cannot say during a shutdown).
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Jobs held back for fuller batches in every queue of this engine (shared by the queues).
+    pub(crate) held_jobs: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) options: EngineOptions,
     /// Held by every change (swap, rollback, recomposition) from its first check to its switch:
