@@ -138,8 +138,8 @@ pub struct SubmodelQueue {
 }
 
 impl SubmodelQueue {
-    /// An empty, serving queue. `held` is shared by every queue of one engine (see
-    /// [`hold_until`](Self::hold_until)'s rules): give each engine its own.
+    /// An empty, serving queue. `held` is shared by every queue of one engine (jobs held back
+    /// for fuller batches; see the module documentation): give each engine its own.
     pub fn new(policy: BatchPolicy, metrics: Arc<SubmodelMetrics>, held: Arc<AtomicUsize>) -> Self {
         Self {
             state: Mutex::new(State {
