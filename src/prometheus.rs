@@ -66,6 +66,10 @@ pub fn render(engine: &Engine) -> String {
     for (n, s) in &m.submodels {
         let _ = writeln!(out, "maas_submodel_queued_jobs{{submodel=\"{}\"}} {}", escape(n), s.queued);
     }
+    header(&mut out, "maas_submodel_held_jobs", "gauge", "Queued jobs held back now for a fuller batch.");
+    for (n, s) in &m.submodels {
+        let _ = writeln!(out, "maas_submodel_held_jobs{{submodel=\"{}\"}} {}", escape(n), s.held);
+    }
     header(&mut out, "maas_submodel_restarts_total", "counter", "Replica restarts.");
     for (n, s) in &m.submodels {
         let _ = writeln!(out, "maas_submodel_restarts_total{{submodel=\"{}\"}} {}", escape(n), s.restarts);

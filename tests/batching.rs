@@ -85,6 +85,23 @@ async fn engine(kinds: Vec<Recorder>, graph: &str) -> Engine {
     b.from_sources(vec![SourceFile::new("test.toml", graph, ".")]).await.expect("engine starts")
 }
 
+/// `callers` closed-loop callers, each sending `rounds` one-row requests to `p`.
+async fn closed_loop(e: &Engine, callers: usize, rounds: usize) {
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let e = e.clone();
+            tokio::spawn(async move {
+                for i in 0..rounds {
+                    e.infer("p", row((c * 1000 + i) as f32)).await.expect("ok");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t).await.expect("the callers finish").unwrap();
+    }
+}
+
 const ONE: &str = r#"
 [submodels.t]
 kind = "recorder"
@@ -117,19 +134,7 @@ async fn closed_loop_callers_form_batches_of_their_number() {
     const ROUNDS: usize = 40;
     let t = Recorder::new("recorder", None);
     let e = engine(vec![t.clone()], &ONE.replace("5000", "200")).await;
-    let callers: Vec<_> = (0..CALLERS)
-        .map(|c| {
-            let e = e.clone();
-            tokio::spawn(async move {
-                for i in 0..ROUNDS {
-                    e.infer("p", row((c * 1000 + i) as f32)).await.expect("ok");
-                }
-            })
-        })
-        .collect();
-    for c in callers {
-        c.await.unwrap();
-    }
+    closed_loop(&e, CALLERS, ROUNDS).await;
     let batches = t.batches();
     assert_eq!(batches.iter().sum::<usize>(), CALLERS * ROUNDS);
     // The first rounds teach the queue the callers' pace; after them the callers, who all
@@ -194,9 +199,10 @@ async fn a_row_on_its_way_is_waited_for_and_joins_the_batch() {
     let (e, t, open, requests) = one_through_one_held(10_000).await;
     // The first row waits at `t` (queued, with its stream free) for the second, which is still
     // upstream: once that passes the gate, both share one batch.
-    assert!(eventually(Duration::from_secs(5), || e.metrics().submodels["t"].queued == 1).await);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(e.metrics().submodels["t"].queued, 1, "the first row is held for the second");
+    assert!(
+        eventually(Duration::from_secs(5), || e.metrics().submodels["t"].held == 1).await,
+        "the first row is held for the second"
+    );
     assert!(t.batches().is_empty());
     open.send(()).unwrap();
     for r in requests {
@@ -258,28 +264,16 @@ async fn two_batched_stages_in_a_row_do_not_hold_for_each_other() {
     // held there: the first rounds split the callers between the stages, and if both stages
     // waited for each other's held rows, those rounds would wait out much of their 2 s (over a
     // second in all) before the callers fall into step.
-    let callers: Vec<_> = (0..CALLERS)
-        .map(|c| {
-            let e = e.clone();
-            tokio::spawn(async move {
-                for i in 0..ROUNDS {
-                    e.infer("p", row((c * 1000 + i) as f32)).await.expect("ok");
-                }
-            })
-        })
-        .collect();
-    for c in callers {
-        tokio::time::timeout(Duration::from_secs(30), c).await.expect("the callers finish").unwrap();
-    }
+    closed_loop(&e, CALLERS, ROUNDS).await;
     let m = e.metrics();
     let waited: f64 = ["s1", "s2"].iter().map(|s| m.submodels[*s].wait_seconds.sum).sum();
     assert!(waited < 0.5, "the stages waited {waited:.2} s in all (max_delay_ms = 2000 each)");
+    // And they still batch: not waiting at all would pass the check above with lone rows.
     for (name, rec) in [("s1", &s1), ("s2", &s2)] {
         let batches = rec.batches();
         assert_eq!(batches.iter().sum::<usize>(), CALLERS * ROUNDS, "{name}");
-        let mut settled = batches[batches.len() / 2..].to_vec();
-        settled.sort_unstable();
-        assert_eq!(settled[settled.len() / 2], CALLERS, "{name} batches: {batches:?}");
+        let mean = (CALLERS * ROUNDS) as f64 / batches.len() as f64;
+        assert!(mean >= (CALLERS / 2) as f64, "{name} batches: {batches:?}");
     }
     e.shutdown().await;
 }

@@ -80,6 +80,8 @@ impl Histogram {
 pub struct SubmodelMetrics {
     /// Jobs waiting in the queue now.
     pub queued: AtomicU64,
+    /// Of those, jobs a stream is holding back now for a fuller batch.
+    pub held: AtomicU64,
     /// Rows per batch.
     pub batch_rows: Histogram,
     /// Seconds of compute per batch (assembly, forward, split).
@@ -106,6 +108,7 @@ impl Default for SubmodelMetrics {
     fn default() -> Self {
         Self {
             queued: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             batch_rows: Histogram::new(BATCH_BUCKETS),
             compute_seconds: Histogram::new(LATENCY_BUCKETS),
             restarts: AtomicU64::new(0),

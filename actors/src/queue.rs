@@ -36,6 +36,10 @@ use std::time::{Duration, Instant};
 use crate::metrics::SubmodelMetrics;
 use crate::protocol::{Job, JobError};
 
+/// How often a holding stream re-reads the engine's held jobs (a hold that starts in another
+/// queue can make this one's wait pointless).
+const RECHECK: Duration = Duration::from_micros(500);
+
 /// What the engine knows about the work coming to a submodel (one version of it).
 #[derive(Debug, Default)]
 pub struct Demand {
@@ -129,8 +133,6 @@ pub struct SubmodelQueue {
     metrics: Arc<SubmodelMetrics>,
     /// Batches taken (a cheap progress counter for tests and drains).
     taken: AtomicU64,
-    /// Moving average of a batch's compute time, in nanoseconds (0 until one ran).
-    compute_ns: AtomicU64,
     /// Jobs held back in every queue of the engine (shared by its queues): rows that wait in a
     /// queue whose stream holds them will not move until it dispatches, so no other queue
     /// waits for them.
@@ -159,7 +161,6 @@ impl SubmodelQueue {
             policy,
             metrics,
             taken: AtomicU64::new(0),
-            compute_ns: AtomicU64::new(0),
             held_everywhere: held,
         }
     }
@@ -190,13 +191,12 @@ impl SubmodelQueue {
             self.held_everywhere.fetch_sub(st.held - now, Release);
         }
         st.held = now;
+        self.metrics.held.store(now as u64, Relaxed);
     }
 
     /// Queues a job (the engine has already counted it in the `queued` gauge). A queue that
-    /// cannot serve answers the job at once. Returns how soon the answer is expected when the
-    /// job went into an empty queue with no batch running (the recent compute time of a
-    /// batch), so that a caller may poll briefly for a very quick answer instead of parking.
-    pub fn push(&self, job: Job) -> Option<Duration> {
+    /// cannot serve answers the job at once.
+    pub fn push(&self, job: Job) {
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(refusal) = &st.refusal {
@@ -207,7 +207,7 @@ impl SubmodelQueue {
             self.metrics.queued.fetch_sub(1, Relaxed);
             self.metrics.jobs_failed.fetch_add(1, Relaxed);
             job.answer(Err(error));
-            return None;
+            return;
         }
         if let Some(last) = st.last_arrival {
             let gap = now.saturating_duration_since(last).min(self.policy.max_delay).as_secs_f64();
@@ -220,21 +220,10 @@ impl SubmodelQueue {
         self.len.store(st.jobs.len(), Release);
         self.sync_held(&mut st);
         let wake = st.parked > 0;
-        let alone = st.here == 1;
         drop(st);
         if wake {
             self.work.notify_one();
         }
-        let compute = self.compute_ns.load(Relaxed);
-        (alone && compute > 0).then(|| Duration::from_nanos(compute))
-    }
-
-    /// A batch computed in `took` (a moving average for [`push`](Self::push)'s estimate).
-    pub(crate) fn computed(&self, took: Duration) {
-        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let old = self.compute_ns.load(Relaxed);
-        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
-        self.compute_ns.store(new, Relaxed);
     }
 
     /// Takes the next batch, waiting for work (and, per the policy, for a fuller batch).
@@ -281,7 +270,10 @@ impl SubmodelQueue {
                 st.parked += 1;
                 st.holding += 1;
                 self.sync_held(&mut st);
-                st = self.work.wait_timeout(st, until - now).unwrap_or_else(|p| p.into_inner()).0;
+                // Look again at least every `RECHECK`: other queues starting or ending holds
+                // change what counts as coming, and they do not wake this stream.
+                let nap = (until - now).min(RECHECK);
+                st = self.work.wait_timeout(st, nap).unwrap_or_else(|p| p.into_inner()).0;
                 st.parked -= 1;
                 st.holding -= 1;
                 self.sync_held(&mut st);

@@ -153,10 +153,8 @@ impl Stream {
             }
         }));
         let rows: usize = jobs.iter().map(|j| j.rows).sum();
-        let took = started.elapsed();
-        self.queue.computed(took);
         self.metrics.batch_rows.observe(rows as f64);
-        self.metrics.compute_seconds.observe(took.as_secs_f64());
+        self.metrics.compute_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(parts)) => Ok(parts),
             Ok(Err(e)) => Err(Failure::Error { message: e.to_string(), invalid: e.is_input() }),

@@ -74,11 +74,6 @@ pub struct EngineOptions {
     /// job that arrives meanwhile starts without a thread wake-up. Zero parks at once (no CPU
     /// spent waiting).
     pub stream_spin: Duration,
-    /// How long a request's task may poll for a node's answer instead of parking its worker
-    /// thread (default 40 us): only when its job went into an idle queue of a submodel whose
-    /// recent batches computed in less than that, so the answer is due within microseconds and
-    /// a thread wake-up would cost more than the wait. Zero always parks.
-    pub answer_spin: Duration,
 }
 
 impl Default for EngineOptions {
@@ -92,7 +87,6 @@ impl Default for EngineOptions {
             state_dir: None,
             max_load_bytes: crate::memory::default_max_load_bytes(),
             stream_spin: Duration::from_micros(50),
-            answer_spin: Duration::from_micros(40),
         }
     }
 }
@@ -639,18 +633,17 @@ impl Engine {
             })?;
             let _counted = InFlight::enter(&self.inner.in_flight);
             check_pipeline_inputs(&plan.pipeline, &inputs)?;
-            let spin = (self.inner.options.answer_spin, &*self.inner.in_flight);
             let limit = options.deadline.or(plan.pipeline.deadline);
             let deadline = limit.and_then(|d| started.checked_add(d));
             match (limit, deadline) {
                 (Some(limit), Some(at)) => {
-                    match tokio::time::timeout_at(at.into(), run_plan(&plan, inputs, deadline, spin)).await {
+                    match tokio::time::timeout_at(at.into(), run_plan(&plan, inputs, deadline)).await {
                         // A job that expired on its way reports the request's limit too.
                         Ok(Err(InferError::DeadlineExceeded(_))) | Err(_) => Err(InferError::DeadlineExceeded(limit)),
                         Ok(result) => result,
                     }
                 }
-                _ => run_plan(&plan, inputs, None, spin).await,
+                _ => run_plan(&plan, inputs, None).await,
             }
         }
         .instrument(span)
@@ -749,12 +742,7 @@ fn pipeline_info(p: &Pipeline) -> PipelineInfo {
 }
 
 /// Runs a plan's nodes as their inputs become ready; independent branches run concurrently.
-async fn run_plan(
-    plan: &Plan,
-    inputs: Values,
-    deadline: Option<Instant>,
-    (answer_spin, in_flight): (Duration, &std::sync::atomic::AtomicUsize),
-) -> Result<Response, InferError> {
+async fn run_plan(plan: &Plan, inputs: Values, deadline: Option<Instant>) -> Result<Response, InferError> {
     let n = plan.nodes.len();
     let mut outputs: Vec<Option<Values>> = vec![None; n];
     let mut waiting: Vec<usize> = plan.nodes.iter().map(|p| p.deps).collect();
@@ -787,12 +775,8 @@ async fn run_plan(
                 }
                 Exec::Actor(_, queue) => {
                     let span = tracing::debug_span!("node", node = %node.name, submodel = %node.submodel.spec.name);
-                    let (answers, due) = send_jobs(node, queue, args, deadline, || announced.sending(i))?;
-                    // Only a request alone in the engine polls: with others about, its worker
-                    // thread has their work to do.
-                    let alone = in_flight.load(Relaxed) <= 1;
-                    let poll = due.filter(|d| alone && *d < answer_spin).map(|d| (d * 2 + SPIN_SLACK).min(answer_spin));
-                    let fut = async move { (i, receive_jobs(node, answers, deadline, poll).await) }.instrument(span);
+                    let answers = send_jobs(node, queue, args, deadline, || announced.sending(i))?;
+                    let fut = async move { (i, receive_jobs(node, answers, deadline).await) }.instrument(span);
                     running.push(futures_util::future::Either::Right(fut));
                 }
             }
@@ -868,19 +852,15 @@ fn run_inline(node: &PlanNode, kernel: &Loaded, args: &Values) -> Result<(Values
 
 type Answer = tokio::sync::oneshot::Receiver<Result<maas_actors::JobOutput, JobError>>;
 
-/// Added to twice a quick kernel's expected compute time when a request polls for its answer.
-const SPIN_SLACK: Duration = Duration::from_micros(5);
-
 /// Queues a node's rows at its submodel (split into chunks of at most `max_size` rows), or
-/// refuses at once. `sending` runs just before the jobs enter the queue. Also returns when a
-/// lone job's answer is due, if its queue was idle ([`SubmodelQueue::push`]).
+/// refuses at once. `sending` runs just before the jobs enter the queue.
 fn send_jobs(
     node: &PlanNode,
     queue: &SubmodelQueue,
     args: Values,
     deadline: Option<Instant>,
     sending: impl FnOnce(),
-) -> Result<(Vec<Answer>, Option<Duration>), InferError> {
+) -> Result<Vec<Answer>, InferError> {
     let sub = &node.submodel;
     if sub.status.state() == SubmodelState::Failed {
         let why = sub.status.last_error().unwrap_or_default();
@@ -908,55 +888,25 @@ fn send_jobs(
     }
     sending();
     let mut answers = Vec::with_capacity(chunks.len());
-    let mut due = None;
     for chunk in chunks {
         let chunk_rows = chunk.values().next().and_then(Value::rows).unwrap_or(0);
         let (job, rx) = Job::new(chunk, chunk_rows, deadline);
-        due = queue.push(job);
+        queue.push(job);
         answers.push(rx);
     }
-    let due = if answers.len() == 1 { due } else { None };
-    Ok((answers, due))
+    Ok(answers)
 }
 
 /// Waits for a node's answers and joins them.
 async fn receive_jobs(
     node: &PlanNode,
-    mut answers: Vec<Answer>,
+    answers: Vec<Answer>,
     deadline: Option<Instant>,
-    poll: Option<Duration>,
 ) -> Result<(Values, String), InferError> {
-    // A quick kernel's answer is due within microseconds: poll for it rather than park this
-    // worker thread and pay a wake-up (bounded by `EngineOptions::answer_spin`).
-    let mut early = None;
-    if let (Some(poll), [rx]) = (poll, answers.as_mut_slice()) {
-        let until = Instant::now() + poll;
-        loop {
-            match rx.try_recv() {
-                Ok(answer) => {
-                    early = Some(Ok(answer));
-                    break;
-                }
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    early = Some(Err(()));
-                    break;
-                }
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) if Instant::now() < until => {
-                    std::hint::spin_loop();
-                }
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-            }
-        }
-    }
     let mut parts = Vec::with_capacity(answers.len());
     let mut version = String::new();
     for rx in answers {
-        let answer = match early.take() {
-            Some(Ok(answer)) => Ok(answer),
-            Some(Err(())) => Err(()),
-            None => rx.await.map_err(|_| ()),
-        };
-        match answer {
+        match rx.await.map_err(|_| ()) {
             Ok(Ok(out)) => {
                 version = out.version.to_string();
                 parts.push(out.values);

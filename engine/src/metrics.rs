@@ -65,6 +65,8 @@ pub struct PipelineSnapshot {
 pub struct SubmodelSnapshot {
     /// Jobs waiting now.
     pub queued: u64,
+    /// Of those, jobs held back now for a fuller batch.
+    pub held: u64,
     /// Rows per batch.
     pub batch_rows: HistogramSnapshot,
     /// Compute time per batch (seconds).
@@ -91,6 +93,7 @@ impl SubmodelSnapshot {
     pub(crate) fn of(m: &SubmodelMetrics) -> Self {
         Self {
             queued: m.queued.load(Relaxed),
+            held: m.held.load(Relaxed),
             batch_rows: m.batch_rows.snapshot(),
             compute_seconds: m.compute_seconds.snapshot(),
             restarts: m.restarts.load(Relaxed),
