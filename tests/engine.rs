@@ -494,6 +494,32 @@ async fn a_failed_submodel_comes_back_after_its_restart_window() {
     assert_eq!(out_first(&e.infer("p", row(1.0)).await.expect("serves again")), [2.0]);
 }
 
+/// A restarted replica's stream takes the poison job waiting for it and dies within
+/// microseconds of loading, often before its supervisor has heard that it started: that end must
+/// still be seen (restart, or the job answered), never leave the job queued with no stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_as_soon_as_it_restarts_is_still_restarted() {
+    let (kind, _) = gated(None);
+    let policy = RestartPolicy {
+        max_restarts: 1000,
+        window: Duration::from_secs(60),
+        backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(1),
+    };
+    let e = engine(kind, "", EngineOptions { restart: policy, ..EngineOptions::default() }).await;
+    // Each poison job panics on a stream, is requeued, and panics again on the restarted
+    // stream the moment it starts.
+    for i in 0..25 {
+        let r = tokio::time::timeout(Duration::from_secs(20), e.infer("p", row(13.0)))
+            .await
+            .unwrap_or_else(|_| panic!("poison request {i} never ended: {:?}", e.submodels()));
+        assert!(matches!(r, Err(InferError::SubmodelFailed { .. })), "{r:?}");
+    }
+    let r = tokio::time::timeout(Duration::from_secs(20), e.infer("p", row(1.0))).await.expect("ends");
+    assert_eq!(out_first(&r.expect("serves after the restarts")), [2.0]);
+    assert_eq!(e.metrics().submodels["g"].restarts, 50);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_needing_more_batches_than_the_queue_holds_is_invalid() {
     let (kind, log) = gated(None);

@@ -4,14 +4,14 @@
 //! [`SubmodelQueue`] and the replicas' streams take batches from it (see [`crate::queue`] for
 //! the batching policy).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use maas_graphs::SubmodelSpec;
 use maas_kernels::Registry;
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::metrics::SubmodelMetrics;
 use crate::protocol::SubmodelMessage;
@@ -78,6 +78,10 @@ pub struct SubmodelActorState {
     status: Arc<SubmodelStatus>,
     policy: RestartPolicy,
     replicas: Vec<Replica>,
+    /// Replicas that ended before their `Started` message arrived (a restarted stream can take
+    /// a poison job and die within microseconds of loading, before the task that spawned it
+    /// reports back): their end is applied when `Started` comes.
+    ended_early: HashMap<ActorId, String>,
 }
 
 impl SubmodelActorState {
@@ -159,6 +163,7 @@ impl Actor for SubmodelActor {
             metrics: args.metrics,
             status: args.status,
             policy: args.policy,
+            ended_early: HashMap::new(),
         };
         state.publish();
         // Load every replica before the submodel counts as started: a bad weights file fails
@@ -215,14 +220,21 @@ impl Actor for SubmodelActor {
                 });
             }
             SubmodelMessage::Started { replica, generation, result } => {
+                let ended = result.as_ref().ok().and_then(|s| state.ended_early.remove(&s.actor.get_id()));
                 if state.replicas[replica].generation != generation {
                     if let Ok(s) = result {
                         s.actor.stop(None);
                     }
                     return Ok(());
                 }
-                match result {
-                    Ok(s) => {
+                match (result, ended) {
+                    (Ok(_), Some(reason)) => {
+                        // It started and already died: a failure like any other.
+                        state.replicas[replica].failed = false;
+                        state.queue.serve_again();
+                        state.replica_down(&myself, replica, reason);
+                    }
+                    (Ok(s), None) => {
                         let r = &mut state.replicas[replica];
                         r.failed = false;
                         r.actor = Some(s.actor);
@@ -230,7 +242,7 @@ impl Actor for SubmodelActor {
                         tracing::info!(submodel = %state.spec.name, replica, "replica restarted");
                         state.publish();
                     }
-                    Err(e) => state.replica_down(&myself, replica, format!("restart failed: {e}")),
+                    (Err(e), _) => state.replica_down(&myself, replica, format!("restart failed: {e}")),
                 }
             }
         }
@@ -253,6 +265,14 @@ impl Actor for SubmodelActor {
         let id = cell.get_id();
         if let Some(i) = state.replicas.iter().position(|r| r.actor.as_ref().is_some_and(|a| a.get_id() == id)) {
             state.replica_down(&myself, i, reason);
+        } else {
+            // Not known yet: its `Started` message is still on its way (see `ended_early`).
+            // Bounded: an entry whose `Started` never comes (a stale generation) is dropped by
+            // the next one that does.
+            if state.ended_early.len() >= 64 {
+                state.ended_early.clear();
+            }
+            state.ended_early.insert(id, reason);
         }
         Ok(())
     }
