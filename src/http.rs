@@ -50,7 +50,7 @@ pub const MAX_HEADERS: usize = 100;
 /// Most bytes of header fields (names and values) in one request; more -> 431.
 pub const MAX_HEADER_BYTES: usize = 32 << 10;
 /// Bodies at least this large are decoded off the async workers.
-const BLOCKING_DECODE_BYTES: usize = 256 << 10;
+pub(crate) const BLOCKING_DECODE_BYTES: usize = 256 << 10;
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -92,9 +92,43 @@ pub struct HttpMetrics {
     header_timeouts: AtomicU64,
     idle_timeouts: AtomicU64,
     write_timeouts: AtomicU64,
+    requests: [AtomicU64; 3],
+}
+
+/// The protocols inference requests come in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// maas's own JSON API (`/v1/pipelines/{name}/infer`).
+    Json,
+    /// The Open Inference Protocol over HTTP (`/v2/models/{m}/infer`, JSON or binary).
+    V2,
+    /// The Open Inference Protocol over gRPC (`ModelInfer`).
+    Grpc,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 3] = [Protocol::Json, Protocol::V2, Protocol::Grpc];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Json => "json",
+            Protocol::V2 => "v2",
+            Protocol::Grpc => "grpc",
+        }
+    }
 }
 
 impl HttpMetrics {
+    /// Counts an inference request that came in by `protocol`.
+    pub fn request(&self, protocol: Protocol) {
+        self.requests[protocol as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Inference requests so far by `protocol`.
+    pub fn requests(&self, protocol: Protocol) -> u64 {
+        self.requests[protocol as usize].load(Relaxed)
+    }
+
     fn error(&self, kind: &'static str, status: StatusCode) {
         let mut errors = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *errors.entry((kind, status.as_u16())).or_default() += 1;
@@ -174,6 +208,13 @@ impl HttpMetrics {
         for (kind, status, n) in self.errors() {
             let _ = writeln!(out, "maas_http_errors_total{{kind=\"{kind}\",status=\"{status}\"}} {n}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP maas_protocol_requests_total Inference requests received, by protocol.\n# TYPE maas_protocol_requests_total counter"
+        );
+        for p in Protocol::ALL {
+            let _ = writeln!(out, "maas_protocol_requests_total{{protocol=\"{}\"}} {}", p.as_str(), self.requests(p));
+        }
     }
 }
 
@@ -186,11 +227,11 @@ impl HttpConfig {
 }
 
 #[derive(Clone)]
-struct AppState {
-    engine: Engine,
-    config: Arc<HttpConfig>,
+pub(crate) struct AppState {
+    pub(crate) engine: Engine,
+    pub(crate) config: Arc<HttpConfig>,
     /// Bounds how many large bodies are decoded at once (off the async workers).
-    decoding: Arc<tokio::sync::Semaphore>,
+    pub(crate) decoding: Arc<tokio::sync::Semaphore>,
 }
 
 /// The API over `engine`, configured from the environment ([`HttpConfig::from_env`]).
@@ -201,6 +242,7 @@ pub fn router(engine: Engine) -> Router {
 /// The API over `engine` with explicit settings.
 pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
     let decoders = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let grpc = crate::v2::grpc::router(engine.clone(), config.clone());
     let state = AppState {
         engine,
         config: Arc::new(config.clone()),
@@ -221,6 +263,7 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
         .route("/healthz", get(|| async { json_response(StatusCode::OK, json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::v2::http::routes())
         // Only routes read bodies: an unknown route or method is answered without reading one.
         .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .merge(admin)
@@ -230,7 +273,25 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
         })
         .layer(DefaultBodyLimit::max(config.max_body))
         .layer(middleware::from_fn_with_state(state.clone(), request_id))
+        .layer(middleware::from_fn_with_state(grpc, route_grpc))
         .with_state(state)
+}
+
+/// Hands gRPC requests (`content-type: application/grpc...`) to the gRPC service, before any
+/// HTTP layer: they have their own limits, deadlines and error codes.
+async fn route_grpc(State(mut grpc): State<Router>, req: Request, next: Next) -> Response {
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !is_grpc {
+        return next.run(req).await;
+    }
+    match tower_service::Service::call(&mut grpc, req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
 }
 
 /// An error as the API answers it.
@@ -244,7 +305,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self { status, kind, message: message.into(), diagnostics: None }
     }
 }
@@ -258,6 +319,7 @@ impl IntoResponse for ApiError {
         let body = json!({ "error": error }).to_string();
         let mut r = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
         r.extensions_mut().insert(ErrorKind(self.kind));
+        r.extensions_mut().insert(ErrorMessage(self.message));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -315,6 +377,22 @@ impl From<BytesRejection> for ApiError {
 /// The kind of an error answer, for the counters (set by [`ApiError`]'s response).
 #[derive(Debug, Clone, Copy)]
 struct ErrorKind(&'static str);
+
+/// The message of an error answer (set by [`ApiError`]'s response), for the Open Inference
+/// Protocol's error shape.
+#[derive(Debug, Clone)]
+struct ErrorMessage(String);
+
+/// An error answer on a `/v2` route in the Open Inference Protocol's shape,
+/// `{"error": "message"}` (a string: its clients read it so), same status and headers.
+fn v2_error_shape(response: Response) -> Response {
+    let Some(ErrorMessage(message)) = response.extensions().get::<ErrorMessage>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(json!({ "error": message }).to_string()))
+}
 
 /// Reads the whole body within the body timeout and the size limit before a route's handler
 /// runs (after the admin gate on admin routes): a slow body is a 408 and a large one a 413, each
@@ -376,7 +454,7 @@ async fn read_body(State(st): State<AppState>, req: Request, next: Next) -> Resp
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
-fn json_response(status: StatusCode, body: Json) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: Json) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
@@ -411,8 +489,12 @@ async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) ->
     let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     req.headers_mut().insert(REQUEST_ID, value.clone());
     let span = tracing::info_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let v2 = req.uri().path() == "/v2" || req.uri().path().starts_with("/v2/");
     let started = std::time::Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
+    if v2 {
+        response = v2_error_shape(response);
+    }
     if let Some(ErrorKind(kind)) = response.extensions().get::<ErrorKind>() {
         st.config.metrics.error(kind, response.status());
     }
@@ -454,6 +536,7 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
+    st.config.metrics.request(Protocol::Json);
     let pipeline =
         st.engine.pipeline(&name).ok_or_else(|| ApiError::from(InferError::UnknownPipeline(name.clone())))?;
     // Decoded straight into tensors (no document tree); a large body off the async workers,

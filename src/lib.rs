@@ -18,3 +18,4 @@ pub mod server;
 pub use maas_engine as engine;
 pub use maas_graphs as graphs;
 pub use maas_kernels as kernels;
+pub mod v2;

@@ -52,6 +52,8 @@ const RESERVED_FDS: usize = 64;
 const MAX_REFUSING: usize = 32;
 /// hyper's read buffer per connection: bounds what a connection holds before a handler runs.
 const MAX_READ_BUFFER: usize = 64 << 10;
+/// Requests in progress at once on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 256;
 
 /// Limits of the server loop.
 #[derive(Debug, Clone)]
@@ -271,13 +273,15 @@ async fn connection(
             response
         }
     });
-    let mut conn = std::pin::pin!(
-        hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .max_headers(crate::http::MAX_HEADERS * 2)
-            .max_buf_size(MAX_READ_BUFFER)
-            .serve_connection(io, service)
-    );
+    // HTTP/1.1, or HTTP/2 with prior knowledge (cleartext: how gRPC clients connect), told apart
+    // by the connection preface.
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.http1().keep_alive(true).max_headers(crate::http::MAX_HEADERS * 2).max_buf_size(MAX_READ_BUFFER);
+    builder
+        .http2()
+        .max_header_list_size((crate::http::MAX_HEADER_BYTES * 2) as u32)
+        .max_concurrent_streams(MAX_STREAMS);
+    let mut conn = std::pin::pin!(builder.serve_connection(io, service));
     let tick = (config.header_timeout.min(config.idle_timeout) / 8)
         .clamp(Duration::from_millis(10), Duration::from_millis(500));
     let mut stopping = *stop.borrow();
