@@ -42,7 +42,8 @@ pub(crate) fn router(engine: Engine, config: HttpConfig) -> axum::Router {
 async fn too_large_is_exhausted(mut response: axum::response::Response) -> axum::response::Response {
     let headers = response.headers_mut();
     let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains("too large"));
+        // The message is percent-encoded: "decoded message length too large: ...".
+        && headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains("too%20large"));
     if too_large {
         headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
     }
