@@ -1,12 +1,18 @@
-//! The in-process load generator behind `maas bench`.
+//! The load generator behind `maas bench`.
 //!
-//! In process ([`run`]) or against a running server over HTTP ([`run_http`]), with one JSON
-//! report. Closed loop: `concurrency` callers each send the next request as soon as the
-//! previous one ends. Open loop (`rate`): requests are sent on a fixed schedule whatever happens, and each
+//! In process ([`run`]) or against a running server ([`run_http`]), with one JSON report.
+//! Closed loop: `concurrency` callers each send the next request as soon as the previous one
+//! ends. Open loop (`rate`): requests are sent on a fixed schedule whatever happens, and each
 //! latency is measured from its *scheduled* send time, so queueing is not hidden.
 //!
-//! Over HTTP, a caller whose request gets no answer (connection refused or reset) waits before
-//! its next one ([`BACKOFF_START`], doubling up to [`BACKOFF_MAX`]), and after
+//! A server is spoken to in one of four [`Protocol`]s, so that they can be compared under the
+//! same load: maas's own JSON API, or the Open Inference Protocol over HTTP (JSON `data`, or
+//! the binary tensor extension) or over gRPC. The request is built once, before the load
+//! starts (the bench measures the server, not the client's encoding), and every answer is read
+//! whole; an answer that is not a success counts as an error.
+//!
+//! Against a server, a caller whose request gets no answer (connection refused or reset) waits
+//! before its next one ([`BACKOFF_START`], doubling up to [`BACKOFF_MAX`]), and after
 //! [`MAX_CONNECTION_ERRORS`] such errors in a row with no answer in between the bench stops
 //! with an error instead of measuring a server that is not there.
 
@@ -16,11 +22,19 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-
+use anyhow::{Context, anyhow, bail};
+use axum::body::Bytes;
 use maas_engine::{Engine, InferError, Sequential};
+use maas_graphs::{Dim, PortType};
 use maas_kernels::Values;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::v2::codec::{self, Datatype, OutputTensor};
+use crate::v2::http::HEADER_LENGTH;
+use crate::v2::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use crate::v2::pb::{self, model_infer_request::InferInputTensor};
 
 /// What to drive and how hard.
 #[derive(Debug, Clone)]
@@ -258,21 +272,16 @@ struct Connection {
 }
 
 impl Connection {
-    /// Records an answer (any HTTP status): the server is there.
+    /// Records an answer (any HTTP status or gRPC status the server sent): the server is there.
     fn answered(&self) {
         self.in_a_row.store(0, Ordering::Relaxed);
         self.answered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records a connection error; answers how many there have been in a row, and gives up at
-    /// [`MAX_CONNECTION_ERRORS`].
-    fn failed(&self, e: &reqwest::Error) -> u32 {
-        // The innermost cause says what happened ("Connection refused (os error 111)").
-        let mut cause: &dyn std::error::Error = e;
-        while let Some(next) = cause.source() {
-            cause = next;
-        }
-        *self.last_error.lock().expect("last error") = cause.to_string();
+    /// Records a connection error (`cause`: what happened); answers how many there have been in
+    /// a row, and gives up at the limit.
+    fn failed(&self, cause: String) -> u32 {
+        *self.last_error.lock().expect("last error") = cause;
         let n = self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.limit {
             self.gave_up.store(true, Ordering::Relaxed);
@@ -281,57 +290,401 @@ impl Connection {
     }
 }
 
-/// Drives a running server over HTTP: `POST {url}/v1/pipelines/{pipeline}/infer` with
-/// `{"inputs": inputs}`. Errors are counted by the `error.kind` the server answers (or
-/// `http_<status>`, or `connection`). Fails after [`MAX_CONNECTION_ERRORS`] (or, with more
-/// callers, as many as there are callers) connection errors in a row (each caller backs off between them).
+/// The innermost cause of an error: what happened ("Connection refused (os error 111)").
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// The protocol `maas bench --url` speaks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Protocol {
+    /// maas's own JSON API: `POST /v1/pipelines/{pipeline}/infer` with `{"inputs": ...}`.
+    #[default]
+    Json,
+    /// The Open Inference Protocol over HTTP: `POST /v2/models/{pipeline}/infer` with JSON `data`.
+    V2,
+    /// The same route with the binary tensor extension: inputs as raw bytes after the JSON
+    /// header, outputs asked for binary (as tritonclient.http does by default).
+    V2Binary,
+    /// The Open Inference Protocol over gRPC: `ModelInfer` with `raw_input_contents`, every
+    /// caller on one HTTP/2 connection.
+    Grpc,
+}
+
+impl Protocol {
+    /// Its name, as on the command line and in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::V2 => "v2",
+            Self::V2Binary => "v2-binary",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An input as a model's metadata (`GET /v2/models/{m}` or gRPC `ModelMetadata`) describes it.
+#[derive(Debug, Deserialize)]
+struct TensorMetadata {
+    name: String,
+    datatype: String,
+    /// `-1` for a dimension of any size.
+    shape: Vec<i64>,
+}
+
+/// The part of a model's metadata the bench needs.
+#[derive(Debug, Deserialize)]
+struct ModelMetadata {
+    inputs: Vec<TensorMetadata>,
+}
+
+impl From<pb::model_metadata_response::TensorMetadata> for TensorMetadata {
+    fn from(t: pb::model_metadata_response::TensorMetadata) -> Self {
+        Self { name: t.name, datatype: t.datatype, shape: t.shape }
+    }
+}
+
+impl TensorMetadata {
+    /// The port type to read a `--input` value as: a tensor of the datatype's dtype and the
+    /// advertised rank; BYTES (what text ports and ports of any type advertise) reads text as
+    /// text and numbers as an FP32 tensor.
+    fn port_type(&self) -> anyhow::Result<PortType> {
+        let name = &self.name;
+        let datatype = Datatype::parse(&self.datatype).with_context(|| {
+            format!("input `{name}`: the model's metadata has an unknown datatype `{}`", self.datatype)
+        })?;
+        if datatype == Datatype::Bytes {
+            return Ok(PortType::Any);
+        }
+        let dtype =
+            datatype.dtype().with_context(|| format!("input `{name}`: maas cannot send {datatype} elements"))?;
+        Ok(PortType::tensor(dtype, self.shape.iter().map(|&d| usize::try_from(d).map_or(Dim::Any, Dim::Fixed))))
+    }
+}
+
+/// The `--input` values as tensors of the model's inputs, in the metadata's order: every input
+/// given, none unknown.
+fn encode_inputs(
+    pipeline: &str,
+    ports: &[TensorMetadata],
+    inputs: &serde_json::Map<String, Json>,
+) -> anyhow::Result<Vec<(String, OutputTensor)>> {
+    let names = || ports.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
+    if let Some(unknown) = inputs.keys().find(|k| !ports.iter().any(|p| &p.name == *k)) {
+        bail!("model `{pipeline}` has no input `{unknown}`; it takes: {}", names());
+    }
+    ports
+        .iter()
+        .map(|port| {
+            let value = inputs.get(&port.name).with_context(|| {
+                format!(
+                    "model `{pipeline}` needs input `{}` ({} {:?}): give --input {}=VALUE",
+                    port.name, port.datatype, port.shape, port.name
+                )
+            })?;
+            let value = maas_engine::json::value_from_json(&port.name, &port.port_type()?, value)?;
+            let tensor = codec::encode_output(&value).with_context(|| format!("encoding input `{}`", port.name))?;
+            Ok((port.name.clone(), tensor))
+        })
+        .collect()
+}
+
+/// A v2 inference request's JSON (header).
+#[derive(Serialize)]
+struct V2Request<'a> {
+    inputs: Vec<V2Input<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<V2RequestParameters>,
+}
+
+/// A v2 request's parameters: all outputs binary.
+#[derive(Serialize)]
+struct V2RequestParameters {
+    binary_data_output: bool,
+}
+
+/// One input of a v2 request: its elements as JSON `data` or as `binary_data_size` raw bytes
+/// after the header.
+#[derive(Serialize)]
+struct V2Input<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<V2InputParameters>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Json>,
+}
+
+/// A binary input's parameters.
+#[derive(Serialize)]
+struct V2InputParameters {
+    binary_data_size: usize,
+}
+
+/// One inference request, built once before the load starts, and where it goes.
+enum Request {
+    /// A POST; `header_length`: the binary tensor extension's `Inference-Header-Content-Length`
+    /// (the answer must be binary too), `None` for JSON.
+    Http { client: reqwest::Client, endpoint: String, body: Bytes, header_length: Option<usize> },
+    /// A gRPC `ModelInfer` on a channel all callers share (each call clones the client: a
+    /// handle on the same connection).
+    Grpc { client: GrpcInferenceServiceClient<Channel>, request: Box<pb::ModelInferRequest> },
+}
+
+/// How one request ended.
+enum Outcome {
+    /// The server answered: success, or the kind of error to count.
+    Answered(Result<(), String>),
+    /// No answer (connection refused, reset, ...): the innermost cause.
+    Unreachable(String),
+}
+
+impl Request {
+    /// `POST {base}/v1/pipelines/{pipeline}/infer` with `{"inputs": inputs}`, as given.
+    fn json(client: reqwest::Client, base: &str, pipeline: &str, inputs: serde_json::Map<String, Json>) -> Self {
+        let body = Bytes::from(json!({ "inputs": inputs }).to_string());
+        let endpoint = format!("{base}/v1/pipelines/{pipeline}/infer");
+        Self::Http { client, endpoint, body, header_length: None }
+    }
+
+    /// `POST {base}/v2/models/{pipeline}/infer` with every input as flat JSON `data`.
+    fn v2(
+        client: reqwest::Client,
+        base: &str,
+        pipeline: &str,
+        tensors: &[(String, OutputTensor)],
+    ) -> anyhow::Result<Self> {
+        let inputs = tensors
+            .iter()
+            .map(|(name, t)| V2Input {
+                name,
+                datatype: t.datatype.as_str(),
+                shape: &t.shape,
+                parameters: None,
+                data: Some(t.json_data()),
+            })
+            .collect();
+        let body = Bytes::from(serde_json::to_vec(&V2Request { inputs, parameters: None })?);
+        Ok(Self::Http { client, endpoint: format!("{base}/v2/models/{pipeline}/infer"), body, header_length: None })
+    }
+
+    /// The same route with every input as binary tensor data and the outputs asked binary.
+    fn v2_binary(
+        client: reqwest::Client,
+        base: &str,
+        pipeline: &str,
+        tensors: &[(String, OutputTensor)],
+    ) -> anyhow::Result<Self> {
+        let inputs = tensors
+            .iter()
+            .map(|(name, t)| V2Input {
+                name,
+                datatype: t.datatype.as_str(),
+                shape: &t.shape,
+                parameters: Some(V2InputParameters { binary_data_size: t.raw.len() }),
+                data: None,
+            })
+            .collect();
+        let header = V2Request { inputs, parameters: Some(V2RequestParameters { binary_data_output: true }) };
+        let mut body = serde_json::to_vec(&header)?;
+        let header_length = body.len();
+        for (_, t) in tensors {
+            body.extend_from_slice(&t.raw);
+        }
+        let endpoint = format!("{base}/v2/models/{pipeline}/infer");
+        Ok(Self::Http { client, endpoint, body: Bytes::from(body), header_length: Some(header_length) })
+    }
+
+    /// `ModelInfer` with every input in `raw_input_contents`.
+    fn grpc(client: GrpcInferenceServiceClient<Channel>, pipeline: &str, tensors: Vec<(String, OutputTensor)>) -> Self {
+        let (inputs, raw) = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let datatype = t.datatype.as_str().to_string();
+                (InferInputTensor { name, datatype, shape: t.shape, ..InferInputTensor::default() }, t.raw)
+            })
+            .unzip();
+        let request = pb::ModelInferRequest {
+            model_name: pipeline.to_string(),
+            inputs,
+            raw_input_contents: raw,
+            ..pb::ModelInferRequest::default()
+        };
+        Self::Grpc { client, request: Box::new(request) }
+    }
+
+    /// Builds the request `protocol` sends, asking the server for the model's inputs first
+    /// where the protocol needs their datatypes.
+    async fn build(
+        url: &str,
+        protocol: Protocol,
+        pipeline: &str,
+        inputs: serde_json::Map<String, Json>,
+        concurrency: usize,
+    ) -> anyhow::Result<Self> {
+        let base = url.trim_end_matches('/');
+        if protocol == Protocol::Grpc {
+            let channel = Endpoint::from_shared(base.to_string())
+                .with_context(|| format!("`{url}` is not a URL"))?
+                .connect()
+                .await
+                .map_err(|e| {
+                    anyhow!("could not connect to {url} for gRPC: {}; is the server running there?", innermost(&e))
+                })?;
+            let mut client = GrpcInferenceServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+            let metadata = pb::ModelMetadataRequest { name: pipeline.to_string(), version: String::new() };
+            let ports: Vec<TensorMetadata> = match client.model_metadata(metadata).await {
+                Ok(m) => m.into_inner().inputs.into_iter().map(TensorMetadata::from).collect(),
+                Err(s) => bail!("ModelMetadata of `{pipeline}` at {url} failed: {:?}: {}", s.code(), s.message()),
+            };
+            return Ok(Self::grpc(client, pipeline, encode_inputs(pipeline, &ports, &inputs)?));
+        }
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(concurrency.max(1) * 2)
+            .build()
+            .context("building the HTTP client")?;
+        if protocol == Protocol::Json {
+            return Ok(Self::json(client, base, pipeline, inputs));
+        }
+        let at = format!("{base}/v2/models/{pipeline}");
+        let r = client
+            .get(&at)
+            .send()
+            .await
+            .map_err(|e| anyhow!("could not connect to {url}: {}; is the server running there?", innermost(&e)))?;
+        let status = r.status();
+        let text = r.text().await.with_context(|| format!("reading the answer of GET {at}"))?;
+        if !status.is_success() {
+            bail!("GET {at} answered {status}: {text}");
+        }
+        let metadata: ModelMetadata =
+            serde_json::from_str(&text).with_context(|| format!("GET {at} did not answer a model's metadata"))?;
+        let tensors = encode_inputs(pipeline, &metadata.inputs, &inputs)?;
+        match protocol {
+            Protocol::V2Binary => Self::v2_binary(client, base, pipeline, &tensors),
+            _ => Self::v2(client, base, pipeline, &tensors),
+        }
+    }
+
+    /// Sends the request once and reads the whole answer.
+    async fn send(&self) -> Outcome {
+        match self {
+            Self::Http { client, endpoint, body, header_length } => {
+                let request = match header_length {
+                    None => client.post(endpoint).header(reqwest::header::CONTENT_TYPE, "application/json"),
+                    Some(n) => client
+                        .post(endpoint)
+                        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                        .header(HEADER_LENGTH, *n),
+                };
+                let answer = async {
+                    let r = request.body(body.clone()).send().await?;
+                    let (status, header) = (r.status(), r.headers().get(HEADER_LENGTH).cloned());
+                    Ok::<_, reqwest::Error>((status, header, r.bytes().await?))
+                };
+                match answer.await {
+                    Ok((status, header, body)) => {
+                        Outcome::Answered(http_answer(status, header.as_ref(), &body, header_length.is_some()))
+                    }
+                    Err(e) => Outcome::Unreachable(innermost(&e)),
+                }
+            }
+            Self::Grpc { client, request } => {
+                match client.clone().model_infer(pb::ModelInferRequest::clone(request)).await {
+                    Ok(_) => Outcome::Answered(Ok(())),
+                    // A status tonic made from a transport error carries it; the server's do not.
+                    Err(status) if std::error::Error::source(&status).is_some() => {
+                        Outcome::Unreachable(innermost(&status))
+                    }
+                    Err(status) => Outcome::Answered(Err(grpc_kind(status.code()))),
+                }
+            }
+        }
+    }
+}
+
+/// Whether an HTTP answer succeeded, or the kind of error to count: the `error.kind` the JSON
+/// API answers, else `http_<status>`; a binary answer (`binary`) must say where its JSON header
+/// ends, within the body.
+fn http_answer(
+    status: reqwest::StatusCode,
+    header_length: Option<&reqwest::header::HeaderValue>,
+    body: &[u8],
+    binary: bool,
+) -> Result<(), String> {
+    if !status.is_success() {
+        let kind =
+            serde_json::from_slice::<Json>(body).ok().and_then(|j| j["error"]["kind"].as_str().map(str::to_string));
+        return Err(kind.unwrap_or_else(|| format!("http_{}", status.as_u16())));
+    }
+    if binary {
+        let length = header_length.and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<usize>().ok());
+        match length {
+            None => return Err("no_inference_header_content_length".to_string()),
+            Some(n) if n > body.len() => return Err("inference_header_past_body".to_string()),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The kind of error a gRPC status counts as: `grpc_` and its code in snake case
+/// (`grpc_resource_exhausted`).
+fn grpc_kind(code: tonic::Code) -> String {
+    let mut kind = String::from("grpc");
+    for c in format!("{code:?}").chars() {
+        if c.is_ascii_uppercase() {
+            kind.push('_');
+        }
+        kind.push(c.to_ascii_lowercase());
+    }
+    kind
+}
+
+/// Drives a running server in `protocol` (see [`Protocol`]): the `inputs` (JSON values by input
+/// name, as `--input` gives them) are encoded once, for the v2 protocols against the model's
+/// metadata, asked for once before the load. Errors are counted by the `error.kind` the JSON
+/// API answers (or `http_<status>`, `grpc_<code>`, or `connection`). Fails after
+/// [`MAX_CONNECTION_ERRORS`] (or, with more callers, as many as there are callers) connection
+/// errors in a row (each caller backs off between them).
 pub async fn run_http(
     url: &str,
+    protocol: Protocol,
     inputs: serde_json::Map<String, Json>,
     cfg: &BenchConfig,
     changes: Option<Changes>,
 ) -> anyhow::Result<Json> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
-        .build()
-        .context("building the HTTP client")?;
-    let endpoint = format!("{}/v1/pipelines/{}/infer", url.trim_end_matches('/'), cfg.pipeline);
-    let body = Arc::new(json!({ "inputs": inputs }).to_string());
+    let request = Arc::new(Request::build(url, protocol, &cfg.pipeline, inputs, cfg.concurrency).await?);
     let limit = MAX_CONNECTION_ERRORS.max(u32::try_from(cfg.concurrency).unwrap_or(u32::MAX));
     let connection = Arc::new(Connection { limit, ..Connection::default() });
     let conn = connection.clone();
     let call = move || {
-        let (client, endpoint, body, conn) = (client.clone(), endpoint.clone(), body.clone(), conn.clone());
+        let (request, conn) = (request.clone(), conn.clone());
         async move {
-            let answer = async {
-                let r = client
-                    .post(&endpoint)
-                    .header("content-type", "application/json")
-                    .body(body.as_str().to_owned())
-                    .send()
-                    .await?;
-                let status = r.status();
-                Ok::<_, reqwest::Error>((status, r.text().await?))
-            };
-            let (status, text) = match answer.await {
-                Ok(answer) => answer,
-                Err(e) => {
-                    let n = conn.failed(&e);
+            match request.send().await {
+                Outcome::Answered(result) => {
+                    conn.answered();
+                    result
+                }
+                Outcome::Unreachable(cause) => {
+                    let n = conn.failed(cause);
                     if n < conn.limit {
                         tokio::time::sleep(backoff(n)).await;
                     }
-                    return Err("connection".to_string());
+                    Err("connection".to_string())
                 }
-            };
-            conn.answered();
-            if status.is_success() {
-                return Ok(());
             }
-            let kind = serde_json::from_str::<Json>(&text)
-                .ok()
-                .and_then(|j| j["error"]["kind"].as_str().map(str::to_string))
-                .unwrap_or_else(|| format!("http_{}", status.as_u16()));
-            Err(kind)
         }
     };
     let stop = {
@@ -350,6 +703,7 @@ pub async fn run_http(
         bail!("{what}: {limit} connection errors in a row (the last: {last}); is the server running there?");
     }
     report["url"] = json!(url);
+    report["protocol"] = json!(protocol.as_str());
     Ok(report)
 }
 

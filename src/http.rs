@@ -391,7 +391,8 @@ fn v2_error_shape(response: Response) -> Response {
     };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, axum::body::Body::from(json!({ "error": message }).to_string()))
+    let body = serde_json::to_string(&crate::v2::http::ErrorBody { error: message }).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// Reads the whole body within the body timeout and the size limit before a route's handler

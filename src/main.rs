@@ -107,6 +107,11 @@ enum Command {
         /// Drive a running server over HTTP instead (e.g. http://127.0.0.1:8080).
         #[arg(long)]
         url: Option<String>,
+        /// With --url: the protocol to speak: maas's JSON API (`json`), the Open Inference
+        /// Protocol over HTTP with JSON data (`v2`) or binary tensor data (`v2-binary`), or over
+        /// gRPC (`grpc`). Every request is encoded once, before the load starts.
+        #[arg(long, value_enum, default_value_t = bench::Protocol::Json, requires = "url")]
+        protocol: bench::Protocol,
         /// The pipeline to drive.
         #[arg(long)]
         pipeline: String,
@@ -551,6 +556,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Bench {
             url: Some(url),
+            protocol,
             files,
             pipeline,
             concurrency,
@@ -596,13 +602,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            let report = runtime()?.block_on(bench::run_http(&url, body, &cfg, changes))?;
+            let report = runtime()?.block_on(bench::run_http(&url, protocol, body, &cfg, changes))?;
             println!("{}", with_baseline(report, base));
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             files,
             url: None,
+            protocol: _, // only with --url: clap refuses it without
             pipeline,
             concurrency,
             duration,

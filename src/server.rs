@@ -231,6 +231,10 @@ struct Activity {
     last_write_ms: AtomicU64,
     /// The socket refused the last write (the client is not taking bytes).
     write_blocked: AtomicBool,
+    /// The connection speaks HTTP/2 (seen on its first request): frames between requests
+    /// (pings, window updates, settings) are not the start of a header, so between requests it
+    /// is bound by the idle timeout alone.
+    http2: AtomicBool,
 }
 
 /// Which timeout a watchdog closed a connection for.
@@ -263,6 +267,9 @@ async fn connection(
         let mut router = router.clone();
         let activity = service_activity.clone();
         activity.in_flight.fetch_add(1, Relaxed);
+        if req.version() == hyper::Version::HTTP_2 {
+            activity.http2.store(true, Relaxed);
+        }
         async move {
             let response = tower_service::Service::call(&mut router, req).await;
             // Answered: from now the connection is quiet unless bytes move (the answer being
@@ -314,7 +321,8 @@ fn overdue(activity: &Activity, now: Duration, config: &ServerConfig) -> Option<
         return None; // the router's body timeout and the request's deadline bound this
     }
     let now_ms = now.as_millis() as u64;
-    match activity.first_byte_ms.load(Relaxed) {
+    let first_byte = if activity.http2.load(Relaxed) { 0 } else { activity.first_byte_ms.load(Relaxed) };
+    match first_byte {
         0 => {
             // Quiet since the answer, or since its last byte was written: a client reading a
             // long answer slowly is not idle; one that takes nothing is.
@@ -431,6 +439,11 @@ mod tests {
         assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Write), "a client taking nothing for 6 s");
         a.write_blocked.store(false, Relaxed);
         assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Idle), "nothing to write, nothing read");
+        // HTTP/2: a ping or window update after the answer is not a slow header.
+        a.http2.store(true, Relaxed);
+        a.first_byte_ms.store(104_001, Relaxed);
+        assert_eq!(overdue(&a, s(107), &config()), None, "frames 3 s after the answer, idle for 4 s of 5");
+        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Idle));
     }
 
     #[test]

@@ -258,6 +258,87 @@ fn bench_against_a_closed_port_stops_with_a_clear_error() {
     assert!(stderr.contains(&want) && stderr.contains("is the server running there?"), "{stderr}");
 }
 
+/// `maas_protocol_requests_total{protocol="..."}` of the server at `addr`, by protocol.
+fn protocol_requests(addr: &str) -> std::collections::BTreeMap<String, u64> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let text = rt
+        .block_on(async { reqwest::get(format!("http://{addr}/metrics")).await?.error_for_status()?.text().await })
+        .expect("GET /metrics");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("maas_protocol_requests_total{protocol=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .map(|(p, n)| (p.to_string(), n.trim().parse().expect("a count")))
+        .collect()
+}
+
+#[test]
+fn bench_speaks_every_protocol_to_a_served_process() {
+    let dir = common::TempDir::new("bench-protocols");
+    // In an empty directory: the embedded default graph, `classify` only.
+    let server = common::ServeProcess::spawn(&[], &dir.0, None).unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("http://{}", server.addr);
+    // v2-binary comes in by the same routes as v2, so the server counts it as v2.
+    for (protocol, counted_as) in [("json", "json"), ("v2", "v2"), ("v2-binary", "v2"), ("grpc", "grpc")] {
+        let before = protocol_requests(&server.addr);
+        let (code, json, stderr) = maas(&[
+            "bench",
+            "--url",
+            &url,
+            "--pipeline",
+            "classify",
+            "--input",
+            "pixels=@examples/inputs/digits.json",
+            "--protocol",
+            protocol,
+            "--concurrency",
+            "2",
+            "--duration",
+            "1",
+        ]);
+        assert_eq!(code, 0, "{protocol}: {stderr}");
+        assert_eq!(json["protocol"], protocol, "{json}");
+        assert_eq!(json["url"], url.as_str(), "{json}");
+        let ok = json["ok"].as_u64().expect("ok");
+        assert!(ok > 0, "{protocol}: {json}");
+        assert_eq!(json["errors"], serde_json::json!({}), "{protocol}: {json}");
+        assert_eq!(json["requests"], json["ok"], "{protocol}: {json}");
+        // The server saw them come in by that protocol.
+        let after = protocol_requests(&server.addr);
+        let grew = |p: &str| after.get(p).copied().unwrap_or(0) - before.get(p).copied().unwrap_or(0);
+        assert!(grew(counted_as) >= ok, "{protocol}: {before:?} -> {after:?}, {ok} ok");
+        for other in ["json", "v2", "grpc"].into_iter().filter(|p| *p != counted_as) {
+            assert_eq!(grew(other), 0, "{protocol} sent {other} requests: {before:?} -> {after:?}");
+        }
+    }
+    // The v2 protocols learn the inputs from the model's metadata: a wrong name stops them
+    // before any load.
+    for protocol in ["v2", "v2-binary", "grpc"] {
+        let (code, _, stderr) =
+            maas(&["bench", "--url", &url, "--pipeline", "classify", "--input", "pixel=[1]", "--protocol", protocol]);
+        assert_eq!(code, 1, "{protocol}: {stderr}");
+        assert!(stderr.contains("model `classify` has no input `pixel`; it takes: pixels"), "{protocol}: {stderr}");
+    }
+}
+
+#[test]
+fn bench_protocol_needs_url() {
+    let (code, _, stderr) = maas(&[
+        "bench",
+        "examples/pipelines/digits.toml",
+        "--pipeline",
+        "classify",
+        "--input",
+        "pixels=@examples/inputs/digits.json",
+        "--protocol",
+        "grpc",
+    ]);
+    assert_eq!(code, 2, "a usage error: {stderr}");
+    assert!(stderr.contains("required arguments were not provided") && stderr.contains("--url <URL>"), "{stderr}");
+    let (code, _, stderr) = maas(&["bench", "--url", "http://127.0.0.1:1", "--pipeline", "p", "--protocol", "http3"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("[possible values: json, v2, v2-binary, grpc]"), "{stderr}");
+}
+
 #[test]
 fn bench_backoff_doubles_up_to_its_cap() {
     use maas::bench::{BACKOFF_MAX, BACKOFF_START, backoff};

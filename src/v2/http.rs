@@ -40,7 +40,7 @@ pub const HEADER_LENGTH: &str = "inference-header-content-length";
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(|| async { json_response(StatusCode::OK, json!({ "live": true })) }))
+        .route("/v2/health/live", get(|| async { json_response(StatusCode::OK, json!(Live { live: true })) }))
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/{model}", get(metadata))
         .route("/v2/models/{model}/versions/{version}", get(metadata_version))
@@ -48,6 +48,25 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v2/models/{model}/versions/{version}/ready", get(ready_version))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+}
+
+/// `GET /v2/health/live`.
+#[derive(Debug, Serialize)]
+struct Live {
+    live: bool,
+}
+
+/// `GET /v2/health/ready` and a model's `ready`.
+#[derive(Debug, Serialize)]
+struct Ready {
+    ready: bool,
+}
+
+/// An error answer on a `/v2` route: the message as a string (the protocol's clients read it
+/// so; a nested object breaks `tritonclient`).
+#[derive(Debug, Serialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
 }
 
 /// Server metadata.
@@ -73,7 +92,7 @@ async fn server_ready(State(st): State<AppState>) -> Response {
 
 fn readiness(ready: bool) -> Response {
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let mut r = json_response(status, json!({ "ready": ready }));
+    let mut r = json_response(status, json!(Ready { ready }));
     if !ready {
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
