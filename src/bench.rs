@@ -29,7 +29,7 @@ use maas_graphs::{Dim, PortType};
 use maas_kernels::Values;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::v2::codec::{self, Datatype, OutputTensor};
 use crate::v2::http::HEADER_LENGTH;
@@ -437,9 +437,10 @@ enum Request {
     /// A POST; `header_length`: the binary tensor extension's `Inference-Header-Content-Length`
     /// (the answer must be binary too), `None` for JSON.
     Http { client: reqwest::Client, endpoint: String, body: Bytes, header_length: Option<usize> },
-    /// A gRPC `ModelInfer` on a channel all callers share (each call clones the client: a
-    /// handle on the same connection).
-    Grpc { client: GrpcInferenceServiceClient<Channel>, request: Box<pb::ModelInferRequest> },
+    /// A gRPC `ModelInfer` on one HTTP/2 connection all callers share, sent as its encoded
+    /// frame (length-prefixed protobuf, built once) over a bare `h2` client: the load measures
+    /// the server, not the client's encoding or tonic's channel machinery.
+    Grpc { sender: h2::client::SendRequest<Bytes>, uri: axum::http::Uri, frame: Bytes },
 }
 
 /// How one request ended.
@@ -506,8 +507,14 @@ impl Request {
         Ok(Self::Http { client, endpoint, body: Bytes::from(body), header_length: Some(header_length) })
     }
 
-    /// `ModelInfer` with every input in `raw_input_contents`.
-    fn grpc(client: GrpcInferenceServiceClient<Channel>, pipeline: &str, tensors: Vec<(String, OutputTensor)>) -> Self {
+    /// `ModelInfer` with every input in `raw_input_contents`, as one gRPC frame on `sender`.
+    fn grpc(
+        sender: h2::client::SendRequest<Bytes>,
+        base: &str,
+        pipeline: &str,
+        tensors: Vec<(String, OutputTensor)>,
+    ) -> anyhow::Result<Self> {
+        use prost::Message;
         let (inputs, raw) = tensors
             .into_iter()
             .map(|(name, t)| {
@@ -521,7 +528,15 @@ impl Request {
             raw_input_contents: raw,
             ..pb::ModelInferRequest::default()
         };
-        Self::Grpc { client, request: Box::new(request) }
+        let message = request.encode_to_vec();
+        let mut frame = Vec::with_capacity(5 + message.len());
+        frame.push(0); // not compressed
+        frame.extend_from_slice(&u32::try_from(message.len()).context("the request is over 4 GiB")?.to_be_bytes());
+        frame.extend_from_slice(&message);
+        let uri = format!("{base}/inference.GRPCInferenceService/ModelInfer")
+            .parse()
+            .with_context(|| format!("`{base}` is not a URL"))?;
+        Ok(Self::Grpc { sender, uri, frame: Bytes::from(frame) })
     }
 
     /// Builds the request `protocol` sends, asking the server for the model's inputs first
@@ -548,7 +563,8 @@ impl Request {
                 Ok(m) => m.into_inner().inputs.into_iter().map(TensorMetadata::from).collect(),
                 Err(s) => bail!("ModelMetadata of `{pipeline}` at {url} failed: {:?}: {}", s.code(), s.message()),
             };
-            return Ok(Self::grpc(client, pipeline, encode_inputs(pipeline, &ports, &inputs)?));
+            let sender = h2_connect(base).await?;
+            return Self::grpc(sender, base, pipeline, encode_inputs(pipeline, &ports, &inputs)?);
         }
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(concurrency.max(1) * 2)
@@ -600,18 +616,62 @@ impl Request {
                     Err(e) => Outcome::Unreachable(innermost(&e)),
                 }
             }
-            Self::Grpc { client, request } => {
-                match client.clone().model_infer(pb::ModelInferRequest::clone(request)).await {
-                    Ok(_) => Outcome::Answered(Ok(())),
-                    // A status tonic made from a transport error carries it; the server's do not.
-                    Err(status) if std::error::Error::source(&status).is_some() => {
-                        Outcome::Unreachable(innermost(&status))
-                    }
-                    Err(status) => Outcome::Answered(Err(grpc_kind(status.code()))),
-                }
-            }
+            Self::Grpc { sender, uri, frame } => match grpc_call(sender.clone(), uri, frame.clone()).await {
+                Ok(0) => Outcome::Answered(Ok(())),
+                Ok(code) => Outcome::Answered(Err(grpc_kind(tonic::Code::from(code)))),
+                Err(e) => Outcome::Unreachable(innermost(&e)),
+            },
         }
     }
+}
+
+/// An HTTP/2 (prior knowledge) connection to `base`, driven by its own task.
+async fn h2_connect(base: &str) -> anyhow::Result<h2::client::SendRequest<Bytes>> {
+    let url = reqwest::Url::parse(base).with_context(|| format!("`{base}` is not a URL"))?;
+    let host = url.host_str().with_context(|| format!("`{base}` has no host"))?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("could not connect to {base} for gRPC; is the server running there?"))?;
+    tcp.set_nodelay(true)?;
+    let (sender, connection) = h2::client::handshake(tcp).await.context("HTTP/2 handshake")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "the gRPC connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// One unary gRPC call: sends `frame`, reads the whole answer (giving its flow-control window
+/// back), and returns the `grpc-status` (0: OK).
+async fn grpc_call(
+    sender: h2::client::SendRequest<Bytes>,
+    uri: &axum::http::Uri,
+    frame: Bytes,
+) -> Result<i32, h2::Error> {
+    let mut sender = sender.ready().await?;
+    let request = axum::http::Request::post(uri.clone())
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("a valid request");
+    let (response, mut send) = sender.send_request(request, false)?;
+    send.send_data(frame, true)?;
+    let (parts, mut body) = response.await?.into_parts();
+    while let Some(chunk) = body.data().await {
+        let n = chunk?.len();
+        let _ = body.flow_control().release_capacity(n);
+    }
+    let trailers = body.trailers().await?;
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| parts.headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        // An answer without a status is not a gRPC answer: count it as UNKNOWN.
+        .unwrap_or(2);
+    Ok(status)
 }
 
 /// Whether an HTTP answer succeeded, or the kind of error to count: the `error.kind` the JSON

@@ -53,7 +53,7 @@ const MAX_REFUSING: usize = 32;
 /// hyper's read buffer per connection: bounds what a connection holds before a handler runs.
 const MAX_READ_BUFFER: usize = 64 << 10;
 /// Requests in progress at once on one HTTP/2 connection.
-const MAX_STREAMS: u32 = 256;
+const MAX_STREAMS: u32 = 128;
 
 /// Limits of the server loop.
 #[derive(Debug, Clone)]
