@@ -129,7 +129,7 @@ impl HttpMetrics {
         self.requests[protocol as usize].load(Relaxed)
     }
 
-    fn error(&self, kind: &'static str, status: StatusCode) {
+    pub(crate) fn error(&self, kind: &'static str, status: StatusCode) {
         let mut errors = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *errors.entry((kind, status.as_u16())).or_default() += 1;
     }
@@ -242,12 +242,13 @@ pub fn router(engine: Engine) -> Router {
 /// The API over `engine` with explicit settings.
 pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
     let decoders = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-    let grpc = crate::v2::grpc::router(engine.clone(), config.clone());
-    let state = AppState {
-        engine,
-        config: Arc::new(config.clone()),
-        decoding: Arc::new(tokio::sync::Semaphore::new(decoders)),
+    let decoding = Arc::new(tokio::sync::Semaphore::new(decoders));
+    let grpc = GrpcRoute {
+        router: crate::v2::grpc::router(engine.clone(), config.clone(), decoding.clone()),
+        max_body: config.max_body,
+        body_timeout: config.body_timeout,
     };
+    let state = AppState { engine, config: Arc::new(config.clone()), decoding };
     let admin = Router::new()
         .route("/v1/graph", get(get_graph).put(put_graph))
         .route("/v1/submodels/{name}", axum::routing::put(swap))
@@ -277,18 +278,64 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
         .with_state(state)
 }
 
-/// Hands gRPC requests (`content-type: application/grpc...`) to the gRPC service, before any
-/// HTTP layer: they have their own limits, deadlines and error codes.
-async fn route_grpc(State(mut grpc): State<Router>, req: Request, next: Next) -> Response {
-    let is_grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
+/// Where [`route_grpc`] sends gRPC requests, and the limits it reads their bodies within.
+#[derive(Clone)]
+struct GrpcRoute {
+    router: Router,
+    max_body: usize,
+    body_timeout: Duration,
+}
+
+/// Hands gRPC requests (HTTP/2, `content-type: application/grpc...`) to the gRPC service,
+/// before any HTTP layer: they have their own deadline header and status codes. The body is read
+/// first, as for HTTP, within the body timeout and the size limit (a stalled or oversized
+/// message is answered `DEADLINE_EXCEEDED` or `RESOURCE_EXHAUSTED` and holds nothing).
+async fn route_grpc(State(mut grpc): State<GrpcRoute>, req: Request, next: Next) -> Response {
+    let is_grpc = req.version() == axum::http::Version::HTTP_2
+        && req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
     if !is_grpc {
         return next.run(req).await;
     }
-    match tower_service::Service::call(&mut grpc, req).await {
+    let (parts, body) = req.into_parts();
+    // A unary call is one message: its 5-byte frame prefix, then at most `max_body` bytes.
+    let limit = grpc.max_body.saturating_add(5);
+    let read = async move {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame
+                .map_err(|e| tonic::Status::invalid_argument(format!("the request could not be read: {e}")))?
+                .into_data()
+            {
+                if buf.len() + data.len() > limit {
+                    return Err(tonic::Status::resource_exhausted(format!(
+                        "the request is over {} bytes (--max-body)",
+                        grpc.max_body
+                    )));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    let bytes = match tokio::time::timeout(grpc.body_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(status)) => return status.into_http(),
+        Err(_) => {
+            return tonic::Status::deadline_exceeded(format!(
+                "the request did not arrive within {:?}",
+                grpc.body_timeout
+            ))
+            .into_http();
+        }
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    match tower_service::Service::call(&mut grpc.router, req).await {
         Ok(r) => r,
         Err(never) => match never {},
     }
@@ -459,7 +506,7 @@ pub(crate) fn json_response(status: StatusCode, body: Json) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Echoes `x-request-id` (or makes one), runs the request inside a span that carries it, and
 /// counts error answers by kind. Too many or too large header fields are a 431 here, before

@@ -53,7 +53,7 @@ const MAX_REFUSING: usize = 32;
 /// hyper's read buffer per connection: bounds what a connection holds before a handler runs.
 const MAX_READ_BUFFER: usize = 64 << 10;
 /// Requests in progress at once on one HTTP/2 connection.
-const MAX_STREAMS: u32 = 128;
+const MAX_STREAMS: u32 = 32;
 
 /// Limits of the server loop.
 #[derive(Debug, Clone)]
@@ -237,6 +237,29 @@ struct Activity {
     http2: AtomicBool,
 }
 
+/// A request in progress on a connection; when it ends (answered, or its future dropped) the
+/// connection is quiet from then unless bytes move (the answer being written, or a next request
+/// arriving).
+struct InFlight {
+    activity: Arc<Activity>,
+    opened: Instant,
+}
+
+impl InFlight {
+    fn new(activity: Arc<Activity>, opened: Instant) -> Self {
+        activity.in_flight.fetch_add(1, Relaxed);
+        Self { activity, opened }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.first_byte_ms.store(0, Relaxed);
+        self.activity.idle_since_ms.store(self.opened.elapsed().as_millis() as u64, Relaxed);
+        self.activity.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Which timeout a watchdog closed a connection for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Closed {
@@ -265,18 +288,16 @@ async fn connection(
     let service_activity = activity.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let mut router = router.clone();
-        let activity = service_activity.clone();
-        activity.in_flight.fetch_add(1, Relaxed);
         if req.version() == hyper::Version::HTTP_2 {
-            activity.http2.store(true, Relaxed);
+            service_activity.http2.store(true, Relaxed);
         }
+        // Counted in flight until answered or dropped (an HTTP/2 client may reset one stream
+        // and keep the connection: a request whose future is dropped must not hold off the
+        // watchdog forever).
+        let in_flight = InFlight::new(service_activity.clone(), opened);
         async move {
             let response = tower_service::Service::call(&mut router, req).await;
-            // Answered: from now the connection is quiet unless bytes move (the answer being
-            // written, or a next request arriving).
-            activity.first_byte_ms.store(0, Relaxed);
-            activity.idle_since_ms.store(opened.elapsed().as_millis() as u64, Relaxed);
-            activity.in_flight.fetch_sub(1, Relaxed);
+            drop(in_flight);
             response
         }
     });
@@ -321,12 +342,16 @@ fn overdue(activity: &Activity, now: Duration, config: &ServerConfig) -> Option<
         return None; // the router's body timeout and the request's deadline bound this
     }
     let now_ms = now.as_millis() as u64;
-    let first_byte = if activity.http2.load(Relaxed) { 0 } else { activity.first_byte_ms.load(Relaxed) };
+    let http2 = activity.http2.load(Relaxed);
+    let first_byte = if http2 { 0 } else { activity.first_byte_ms.load(Relaxed) };
     match first_byte {
         0 => {
             // Quiet since the answer, or since its last byte was written: a client reading a
-            // long answer slowly is not idle; one that takes nothing is.
-            let since = activity.idle_since_ms.load(Relaxed).max(activity.last_write_ms.load(Relaxed));
+            // long answer slowly is not idle; one that takes nothing is. On HTTP/2 the server
+            // writes on its own (ping and settings acknowledgements), so only the last answer
+            // counts: a client that pings and never asks is idle.
+            let last_write = if http2 { 0 } else { activity.last_write_ms.load(Relaxed) };
+            let since = activity.idle_since_ms.load(Relaxed).max(last_write);
             if now_ms.saturating_sub(since) <= config.idle_timeout.as_millis() as u64 {
                 None
             } else if activity.write_blocked.load(Relaxed) {
@@ -441,9 +466,20 @@ mod tests {
         assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Idle), "nothing to write, nothing read");
         // HTTP/2: a ping or window update after the answer is not a slow header.
         a.http2.store(true, Relaxed);
+        a.idle_since_ms.store(103_000, Relaxed); // answered at 103 s
         a.first_byte_ms.store(104_001, Relaxed);
         assert_eq!(overdue(&a, s(107), &config()), None, "frames 3 s after the answer, idle for 4 s of 5");
         assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Idle));
+        a.last_write_ms.store(108_500, Relaxed);
+        assert_eq!(overdue(&a, s(109), &config()), Some(Closed::Idle), "a ping acknowledged is not an answer");
+        // A request whose future is dropped (a reset stream) ends its hold on the watchdog.
+        let a = Arc::new(Activity::default());
+        let start = Instant::now();
+        let r = InFlight::new(a.clone(), start);
+        assert_eq!(overdue(&a, s(100), &config()), None);
+        drop(r);
+        assert_eq!(a.in_flight.load(Relaxed), 0);
+        assert_eq!(overdue(&a, s(100), &config()), Some(Closed::Idle));
     }
 
     #[test]

@@ -90,11 +90,11 @@ async fn typed_and_raw_contents_give_the_engines_answer() {
     let mut c = client(server.addr).await;
     let x = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0];
     let typed = InferTensorContents { fp32_contents: x.to_vec(), ..Default::default() };
-    let a = c
-        .model_infer(request("lin", vec![input("x", &[2, 4], Some(typed))], vec![]))
-        .await
-        .expect("typed")
-        .into_inner();
+    let mut with_id = tonic::Request::new(request("lin", vec![input("x", &[2, 4], Some(typed))], vec![]));
+    with_id.metadata_mut().insert("x-request-id", "abc-123".parse().unwrap());
+    let a = c.model_infer(with_id).await.expect("typed");
+    assert_eq!(a.metadata().get("x-request-id").map(|v| v.to_str().unwrap()), Some("abc-123"), "the id is echoed");
+    let a = a.into_inner();
     let b =
         c.model_infer(request("lin", vec![input("x", &[2, 4], None)], vec![le(&x)])).await.expect("raw").into_inner();
     assert_eq!(a.raw_output_contents, b.raw_output_contents);
@@ -165,7 +165,7 @@ async fn each_failure_has_its_code_and_a_message_that_names_the_problem() {
         (
             request("lin", vec![input("x", &[5000, 4], None)], vec![le(&[0.0; 20000])]),
             Code::ResourceExhausted,
-            "too large",
+            "the request is over 65536 bytes (--max-body)",
         ),
     ];
     for (req, code, want) in cases {
@@ -262,5 +262,73 @@ async fn http_and_grpc_share_the_address_and_the_counts() {
         assert!(text.contains(&format!("maas_protocol_requests_total{{protocol=\"{p}\"}} 3")), "{p}: {text}");
     }
     assert_eq!(metrics.requests(Protocol::V2), 3);
+    server.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_grpc_body_ends_at_the_body_timeout_and_http1_is_never_grpc() {
+    let config = HttpConfig { body_timeout: Duration::from_millis(300), ..HttpConfig::default() };
+    let server = common::serve(engine().await, config).await;
+    // A frame prefix that promises 1,000 bytes, then nothing: answered, not held.
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = axum::http::Request::post(format!("http://{}/inference.GRPCInferenceService/ModelInfer", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&1000u32.to_be_bytes());
+    send.send_data(prefix.into(), false).unwrap();
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(10), response).await.expect("answered").unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(status, Some((Code::DeadlineExceeded as i32).to_string()), "{response:?}");
+    // Over HTTP/1.1 a gRPC content type is an ordinary (unknown) route of the HTTP API.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/inference.GRPCInferenceService/ModelInfer", server.addr))
+        .header("content-type", "application/grpc")
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    server.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_does_not_keep_its_connection_open() {
+    let limits = maas::server::ServerConfig { idle_timeout: Duration::from_millis(500), ..Default::default() };
+    let config = HttpConfig::default();
+    let metrics = config.metrics.clone();
+    let server = common::serve_with(engine().await, config, limits).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    // A request to the slow pipeline (300 ms a batch), reset by the client while it runs.
+    let req = axum::http::Request::post(format!("http://{}/inference.GRPCInferenceService/ModelInfer", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (_response, mut send) = client.send_request(req, false).unwrap();
+    use prost::Message;
+    let msg = request("slow", vec![input("x", &[1, 4], None)], vec![le(&[0.0; 4])]).encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    send.send_data(frame.into(), true).unwrap();
+    // Reset once the request is being served (it has reached the gRPC service).
+    assert!(common::eventually(Duration::from_secs(5), || metrics.requests(Protocol::Grpc) == 1).await);
+    send.send_reset(h2::Reason::CANCEL);
+    // The connection is then idle: the server closes it after its idle timeout.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the server kept a connection with only a reset stream open");
+    drop(client);
     server.shut().await;
 }

@@ -4,7 +4,7 @@
 //! [`SubmodelQueue`] and the replicas' streams take batches from it (see [`crate::queue`] for
 //! the batching policy).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -80,9 +80,17 @@ pub struct SubmodelActorState {
     replicas: Vec<Replica>,
     /// Replicas that ended before their `Started` message arrived (a restarted stream can take
     /// a poison job and die within microseconds of loading, before the task that spawned it
-    /// reports back): their end is applied when `Started` comes.
-    ended_early: HashMap<ActorId, String>,
+    /// reports back): their end is applied when `Started` comes. Oldest first, at most
+    /// [`ENDED_EARLY`].
+    ended_early: VecDeque<(ActorId, String)>,
+    /// Replicas stopped on purpose (started for a generation that had moved on): their end is
+    /// expected and ignored.
+    stopped: HashSet<ActorId>,
 }
+
+/// The most early ends remembered (each is claimed by its `Started` within moments; more would
+/// mean a leak, so the oldest goes).
+const ENDED_EARLY: usize = 64;
 
 impl SubmodelActorState {
     fn replica_args(&self, replica: usize) -> ReplicaArgs {
@@ -163,7 +171,8 @@ impl Actor for SubmodelActor {
             metrics: args.metrics,
             status: args.status,
             policy: args.policy,
-            ended_early: HashMap::new(),
+            ended_early: VecDeque::new(),
+            stopped: HashSet::new(),
         };
         state.publish();
         // Load every replica before the submodel counts as started: a bad weights file fails
@@ -220,9 +229,16 @@ impl Actor for SubmodelActor {
                 });
             }
             SubmodelMessage::Started { replica, generation, result } => {
-                let ended = result.as_ref().ok().and_then(|s| state.ended_early.remove(&s.actor.get_id()));
+                let ended = result.as_ref().ok().and_then(|s| {
+                    let id = s.actor.get_id();
+                    let i = state.ended_early.iter().position(|(e, _)| *e == id)?;
+                    state.ended_early.remove(i).map(|(_, reason)| reason)
+                });
                 if state.replicas[replica].generation != generation {
-                    if let Ok(s) = result {
+                    if let Ok(s) = result
+                        && ended.is_none()
+                    {
+                        state.stopped.insert(s.actor.get_id());
                         s.actor.stop(None);
                     }
                     return Ok(());
@@ -265,14 +281,12 @@ impl Actor for SubmodelActor {
         let id = cell.get_id();
         if let Some(i) = state.replicas.iter().position(|r| r.actor.as_ref().is_some_and(|a| a.get_id() == id)) {
             state.replica_down(&myself, i, reason);
-        } else {
+        } else if !state.stopped.remove(&id) {
             // Not known yet: its `Started` message is still on its way (see `ended_early`).
-            // Bounded: an entry whose `Started` never comes (a stale generation) is dropped by
-            // the next one that does.
-            if state.ended_early.len() >= 64 {
-                state.ended_early.clear();
+            if state.ended_early.len() >= ENDED_EARLY {
+                state.ended_early.pop_front();
             }
-            state.ended_early.insert(id, reason);
+            state.ended_early.push_back((id, reason));
         }
         Ok(())
     }

@@ -229,6 +229,14 @@ pub fn decode_input(ty: &PortType, input: &InputTensor<'_>) -> Result<Value, Str
         .iter()
         .try_fold(1usize, |n, d| n.checked_mul(*d))
         .ok_or_else(|| format!("input `{name}`: shape {} has too many elements", fmt_dims(input.shape)))?;
+    if count == 0 {
+        // As the engine refuses an empty tensor, and before any size is trusted: with a zero
+        // dimension the others could be anything.
+        return Err(format!(
+            "input `{name}` is empty (shape {}); every input needs at least one element",
+            fmt_dims(input.shape)
+        ));
+    }
     match ty {
         PortType::Text => {
             let fits = matches!(dims.as_slice(), [_] | [_, 1]);
@@ -330,8 +338,8 @@ fn tensor(name: &str, dtype: DType, dims: &[usize], count: usize, elements: Elem
 /// A JSON leaf (number or string), kept as written.
 fn json_leaves<'a>(name: &str, json: &'a Json, count: usize) -> Result<Vec<&'a Json>, String> {
     // Iterative flattening (no recursion for a hostile nesting depth); never more leaves than
-    // the shape allows, so the buffer is bounded by the body's size anyway.
-    let mut out = Vec::with_capacity(count.min(1 << 20));
+    // the shape allows, and the buffer grows with what was sent, not with what the shape claims.
+    let mut out = Vec::with_capacity(count.min(4096));
     let mut stack: Vec<std::slice::Iter<'a, Json>> = Vec::new();
     match json {
         Json::Array(a) => stack.push(a.iter()),
@@ -662,6 +670,11 @@ mod tests {
         assert!(e.contains("needs too many bytes") || e.contains("too many elements"), "{e}");
         let e = decode_input(&t, &raw("x", "FP32", &[-1, 2], &[0; 16])).unwrap_err();
         assert!(e.contains("negative dimension"), "{e}");
+        // A zero dimension makes the count 0 whatever the others say: refused as empty.
+        let e = decode_input(&ty("f32[B,...]"), &raw("x", "FP32", &[0, 1 << 32, 1 << 32], &[])).unwrap_err();
+        assert!(e.contains("is empty (shape [0, 4294967296, 4294967296])"), "{e}");
+        let e = decode_input(&ty("text"), &raw("t", "BYTES", &[0], &[])).unwrap_err();
+        assert!(e.contains("is empty"), "{e}");
     }
 
     #[test]

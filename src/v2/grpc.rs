@@ -13,7 +13,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use maas_engine::{Engine, InferError, InferOptions, PipelineInfo};
-use tonic::{Request, Response, Status};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use maas_kernels::Values;
+use tokio::sync::Semaphore;
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use super::codec::{self, Elements, InputTensor};
@@ -24,12 +30,12 @@ use super::pb::{
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, infer_parameter, model_infer_response,
     model_metadata_response,
 };
-use crate::http::{HttpConfig, Protocol};
+use crate::http::{BLOCKING_DECODE_BYTES, HttpConfig, Protocol};
 
 /// The gRPC service as an axum router (what [`crate::http::router_with`] dispatches to).
-pub(crate) fn router(engine: Engine, config: HttpConfig) -> axum::Router {
+pub(crate) fn router(engine: Engine, config: HttpConfig, decoding: Arc<Semaphore>) -> axum::Router {
     let limit = config.max_body;
-    let service = GrpcInferenceServiceServer::new(Service { engine, config })
+    let service = GrpcInferenceServiceServer::new(Service { engine, config, decoding })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
     tonic::service::Routes::new(service)
@@ -53,6 +59,22 @@ async fn too_large_is_exhausted(mut response: axum::response::Response) -> axum:
 struct Service {
     engine: Engine,
     config: HttpConfig,
+    /// Shared with the HTTP routes: bounds how many large requests are decoded at once, off the
+    /// async workers.
+    decoding: Arc<Semaphore>,
+}
+
+/// How a gRPC error is counted with the HTTP layer's (`maas_http_errors_total{kind,status}`):
+/// `grpc_<code>` and the HTTP status the JSON API gives the same failure.
+fn counted(code: Code) -> (&'static str, StatusCode) {
+    match code {
+        Code::NotFound => ("grpc_not_found", StatusCode::NOT_FOUND),
+        Code::InvalidArgument => ("grpc_invalid_argument", StatusCode::BAD_REQUEST),
+        Code::ResourceExhausted => ("grpc_resource_exhausted", StatusCode::SERVICE_UNAVAILABLE),
+        Code::DeadlineExceeded => ("grpc_deadline_exceeded", StatusCode::GATEWAY_TIMEOUT),
+        Code::Unavailable => ("grpc_unavailable", StatusCode::SERVICE_UNAVAILABLE),
+        _ => ("grpc_internal", StatusCode::INTERNAL_SERVER_ERROR),
+    }
 }
 
 /// An engine error as a gRPC status.
@@ -149,6 +171,31 @@ impl GrpcInferenceService for Service {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         self.config.metrics.request(Protocol::Grpc);
+        let started = Instant::now();
+        let id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_string);
+        let span = tracing::info_span!("grpc", request_id = %id, model = %request.get_ref().model_name);
+        let result = self.infer(request).instrument(span.clone()).await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        span.in_scope(|| tracing::info!(code = ?code, ms = started.elapsed().as_secs_f64() * 1e3, "request"));
+        let mut response = result.inspect_err(|s| {
+            let (kind, status) = counted(s.code());
+            self.config.metrics.error(kind, status);
+        })?;
+        if let Ok(v) = id.parse() {
+            response.metadata_mut().insert("x-request-id", v);
+        }
+        Ok(response)
+    }
+}
+
+impl Service {
+    /// `ModelInfer`'s work (see the module documentation).
+    async fn infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let mut options = InferOptions::default();
         if let Some(t) = request.metadata().get("grpc-timeout") {
             let t = t.to_str().ok().and_then(grpc_timeout).ok_or_else(|| {
@@ -156,41 +203,55 @@ impl GrpcInferenceService for Service {
             })?;
             options.deadline = Some(t);
         }
-        let request_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
         let r = request.into_inner();
-        let span = tracing::info_span!("grpc", model = %r.model_name, request_id = request_id.as_deref().unwrap_or(""));
-        let model = r.model_name.as_str();
-        let pipeline = self.pipeline(model, &r.model_version)?;
-        let bad = |m: String| Status::invalid_argument(format!("invalid input: model `{model}`: {m}"));
-        if !r.raw_input_contents.is_empty() {
-            if r.raw_input_contents.len() != r.inputs.len() {
-                return Err(bad(format!(
-                    "{} raw_input_contents for {} inputs; give one per input, in order",
-                    r.raw_input_contents.len(),
-                    r.inputs.len()
-                )));
-            }
-            if let Some(i) = r.inputs.iter().find(|i| i.contents.is_some()) {
-                return Err(bad(format!("input `{}` has contents while raw_input_contents is used", i.name)));
-            }
+        // Triton's clients send a server-side timeout in microseconds as the `timeout` parameter.
+        if let Some(p) = r.parameters.get("timeout") {
+            let us = match p.parameter_choice {
+                Some(infer_parameter::ParameterChoice::Int64Param(us)) if us > 0 => us as u64,
+                Some(infer_parameter::ParameterChoice::Uint64Param(us)) if us > 0 => us,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "parameter `timeout` must be a positive number of microseconds",
+                    ));
+                }
+            };
+            let t = Duration::from_micros(us);
+            options.deadline = Some(options.deadline.map_or(t, |d| d.min(t)));
         }
-        let empty = super::pb::InferTensorContents::default();
-        let tensors: Vec<InputTensor<'_>> = r
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(i, input)| InputTensor {
-                name: &input.name,
-                datatype: &input.datatype,
-                shape: &input.shape,
-                elements: match r.raw_input_contents.get(i) {
-                    Some(raw) => Elements::Raw(raw),
-                    None => Elements::Contents(input.contents.as_ref().unwrap_or(&empty)),
-                },
+        let model = r.model_name.clone();
+        let pipeline = self.pipeline(&model, &r.model_version)?;
+        let wanted: Vec<String> = if r.outputs.is_empty() {
+            pipeline.outputs.iter().map(|(n, _)| n.clone()).collect()
+        } else {
+            let mut wanted = Vec::with_capacity(r.outputs.len());
+            for o in &r.outputs {
+                if !pipeline.outputs.iter().any(|(n, _)| *n == o.name) {
+                    let names: Vec<&str> = pipeline.outputs.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(invalid(
+                        &model,
+                        format!("no output `{}`; the model's outputs are {}", o.name, names.join(", ")),
+                    ));
+                }
+                wanted.push(o.name.clone());
+            }
+            wanted
+        };
+        let size: usize = r.raw_input_contents.iter().map(Vec::len).sum::<usize>()
+            + r.inputs.iter().filter_map(|i| i.contents.as_ref()).map(prost::Message::encoded_len).sum::<usize>();
+        let (r, values) = if size < BLOCKING_DECODE_BYTES {
+            let values = decode(&r, &pipeline)?;
+            (r, values)
+        } else {
+            // Large inputs are decoded off the async workers, a few at a time.
+            let permit = self.decoding.clone().acquire_owned().await.map_err(|_| status(InferError::ShuttingDown))?;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let values = decode(&r, &pipeline)?;
+                Ok::<_, Status>((r, values))
             })
-            .collect();
-        let values = codec::decode_inputs(&pipeline.inputs, &tensors).map_err(bad)?;
-        drop(tensors);
+            .await
+            .map_err(|e| Status::internal(format!("decoding the request failed: {e}")))??
+        };
         for (input, value) in &values {
             if let Some(rows) = value.rows()
                 && rows > self.config.max_rows
@@ -201,20 +262,7 @@ impl GrpcInferenceService for Service {
                 )));
             }
         }
-        let wanted: Vec<String> = if r.outputs.is_empty() {
-            pipeline.outputs.iter().map(|(n, _)| n.clone()).collect()
-        } else {
-            let mut wanted = Vec::with_capacity(r.outputs.len());
-            for o in &r.outputs {
-                if !pipeline.outputs.iter().any(|(n, _)| *n == o.name) {
-                    let names: Vec<&str> = pipeline.outputs.iter().map(|(n, _)| n.as_str()).collect();
-                    return Err(bad(format!("no output `{}`; the model's outputs are {}", o.name, names.join(", "))));
-                }
-                wanted.push(o.name.clone());
-            }
-            wanted
-        };
-        let response = self.engine.infer_with(model, values, options).instrument(span).await.map_err(status)?;
+        let response = self.engine.infer_with(&model, values, options).await.map_err(status)?;
         let mut outputs = Vec::with_capacity(wanted.len());
         let mut raw = Vec::with_capacity(wanted.len());
         for name in wanted {
@@ -234,14 +282,54 @@ impl GrpcInferenceService for Service {
         }
         let versions = response.versions.iter().map(|(s, v)| (s.as_str(), v.as_str()));
         Ok(Response::new(ModelInferResponse {
-            model_name: r.model_name.clone(),
-            model_version: super::model_version(model, versions),
-            id: r.id.clone(),
+            model_version: super::model_version(&model, versions),
+            model_name: model,
+            id: r.id,
             parameters: response.versions.iter().map(|(s, v)| (s.clone(), string_param(v))).collect(),
             outputs,
             raw_output_contents: raw,
         }))
     }
+}
+
+fn invalid(model: &str, message: String) -> Status {
+    Status::invalid_argument(format!("invalid input: model `{model}`: {message}"))
+}
+
+/// A request's inputs as engine values, checked against the pipeline's ports.
+fn decode(r: &ModelInferRequest, pipeline: &PipelineInfo) -> Result<Values, Status> {
+    let model = &r.model_name;
+    if !r.raw_input_contents.is_empty() {
+        if r.raw_input_contents.len() != r.inputs.len() {
+            return Err(invalid(
+                model,
+                format!(
+                    "{} raw_input_contents for {} inputs; give one per input, in order",
+                    r.raw_input_contents.len(),
+                    r.inputs.len()
+                ),
+            ));
+        }
+        if let Some(i) = r.inputs.iter().find(|i| i.contents.is_some()) {
+            return Err(invalid(model, format!("input `{}` has contents while raw_input_contents is used", i.name)));
+        }
+    }
+    let empty = super::pb::InferTensorContents::default();
+    let tensors: Vec<InputTensor<'_>> = r
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| InputTensor {
+            name: &input.name,
+            datatype: &input.datatype,
+            shape: &input.shape,
+            elements: match r.raw_input_contents.get(i) {
+                Some(raw) => Elements::Raw(raw),
+                None => Elements::Contents(input.contents.as_ref().unwrap_or(&empty)),
+            },
+        })
+        .collect();
+    codec::decode_inputs(&pipeline.inputs, &tensors).map_err(|e| invalid(model, e))
 }
 
 #[cfg(test)]

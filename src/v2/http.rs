@@ -276,15 +276,24 @@ fn decode(
         return Err(bad(format!("{} bytes of binary data in the body belong to no input", binary.len())));
     }
     let values = codec::decode_inputs(ports, &tensors).map_err(|e| bad(format!("model `{model}`: {e}")))?;
+    // `binary_data_output` is the default of every output that does not say `binary_data`;
+    // an empty list asks for every output, as no list does.
+    let binary_default = flag(&request.parameters, "binary_data_output", "the request")?;
     let outputs = match &request.outputs {
         None => None,
+        Some(list) if list.is_empty() => None,
         Some(list) => Some(
             list.iter()
-                .map(|o| Ok((o.name.clone(), flag(&o.parameters, "binary_data", &format!("output `{}`", o.name))?)))
+                .map(|o| {
+                    let binary = match o.parameters.get("binary_data") {
+                        None => binary_default,
+                        Some(_) => flag(&o.parameters, "binary_data", &format!("output `{}`", o.name))?,
+                    };
+                    Ok((o.name.clone(), binary))
+                })
                 .collect::<Result<Vec<_>, ApiError>>()?,
         ),
     };
-    let binary_default = flag(&request.parameters, "binary_data_output", "the request")?;
     let timeout =
         match request.parameters.get("timeout") {
             None => None,
@@ -501,6 +510,28 @@ mod tests {
         let (b, n) = body(&header, &[&[9, 0, 0, 0, b'a', b'b']]);
         let e = message(decode(&b, Some(n), "m", &ports()).err().unwrap());
         assert!(e.contains("claims 9 bytes but only 2 are left"), "{e}");
+    }
+
+    #[test]
+    fn outputs_default_to_binary_data_output_and_an_empty_list_means_all() {
+        let header = |outputs: Json| {
+            serde_json::to_vec(&json!({"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]},
+                {"name": "t", "datatype": "BYTES", "shape": [1], "data": ["a"]},
+            ], "parameters": {"binary_data_output": true}, "outputs": outputs}))
+            .unwrap()
+        };
+        let d = decode(
+            &header(json!([{"name": "y"}, {"name": "z", "parameters": {"binary_data": false}}])),
+            None,
+            "m",
+            &ports(),
+        )
+        .map_err(message)
+        .unwrap();
+        assert_eq!(d.outputs, Some(vec![("y".to_string(), true), ("z".to_string(), false)]));
+        let d = decode(&header(json!([])), None, "m", &ports()).map_err(message).unwrap();
+        assert_eq!((d.outputs, d.binary_default), (None, true));
     }
 
     #[test]
