@@ -1,22 +1,22 @@
 //! The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, served on the same
-//! address as HTTP (HTTP/2 cleartext; [`crate::http::router_with`] hands requests whose
-//! content type is `application/grpc` to the router made here).
+//! address as HTTP (HTTP/2 cleartext; [`crate::http::router_with`] reads the body of HTTP/2
+//! requests whose content type is `application/grpc` within the body timeout and size limit,
+//! then hands them to the router made here).
 //!
 //! Inputs come as typed `contents` or as `raw_input_contents` (one entry per input, in order);
-//! outputs are answered as `raw_output_contents`, as Triton does. `grpc-timeout` sets the
-//! request's deadline. Errors: `NOT_FOUND` (unknown model or version), `INVALID_ARGUMENT`
+//! outputs are answered as `raw_output_contents`, as Triton does. `grpc-timeout` (or the
+//! request's `timeout` parameter, in microseconds) sets the request's deadline; `x-request-id`
+//! is echoed (or generated) in the response metadata. Errors: `NOT_FOUND` (unknown model or version), `INVALID_ARGUMENT`
 //! (inputs that do not fit), `RESOURCE_EXHAUSTED` (queue full, too many rows, a message over
 //! the size limit), `DEADLINE_EXCEEDED`, `UNAVAILABLE` (shutting down), `INTERNAL` (a
 //! submodel failed), each with the same message the HTTP routes give.
 
 use std::collections::HashMap;
-use std::time::Duration;
-
-use maas_engine::{Engine, InferError, InferOptions, PipelineInfo};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use maas_engine::{Engine, InferError, InferOptions, PipelineInfo};
 use maas_kernels::Values;
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
