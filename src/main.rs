@@ -60,7 +60,9 @@ enum Command {
         #[arg(long = "input", value_name = "NAME=VALUE")]
         inputs: Vec<String>,
     },
-    /// Serve pipelines over HTTP: the given graphs, or the embedded default pipelines.
+    /// Serve pipelines over HTTP (maas's JSON API and the Open Inference Protocol, KServe v2) and
+    /// gRPC (`inference.GRPCInferenceService`, same address): the given graphs, or the embedded
+    /// default pipelines.
     ///
     /// Without graph files it serves the committed digits model as `classify`, and the MiniLM
     /// pipelines `embed` and `similarity` when `./models` holds the fetched model. Admin routes
