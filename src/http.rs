@@ -43,6 +43,10 @@ use tracing::Instrument;
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 /// Default most rows in one request.
 pub const DEFAULT_MAX_ROWS: usize = 4096;
+/// Default most bytes of request bodies held at once (16 bodies of the default largest).
+pub const DEFAULT_BODY_MEMORY: usize = 256 << 20;
+/// The unit request bodies are counted in against [`HttpConfig::body_memory`].
+const BODY_UNIT: usize = 4 << 10;
 /// Default time for a request's whole body to arrive.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most header fields in one request; more -> 431.
@@ -67,6 +71,10 @@ pub struct HttpConfig {
     /// Counters of the HTTP layer (rejections by kind, connections), shown in `/metrics`;
     /// share it with [`crate::server::serve`] to count connections too.
     pub metrics: Arc<HttpMetrics>,
+    /// The most bytes of request bodies held at once, over every connection and HTTP/2 stream
+    /// (a body counts from its first byte until its request is answered); a body that would
+    /// go over is answered 503 `overloaded` with `Retry-After`. At least `max_body`.
+    pub body_memory: usize,
 }
 
 impl Default for HttpConfig {
@@ -77,6 +85,7 @@ impl Default for HttpConfig {
             admin_token: None,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             metrics: Arc::default(),
+            body_memory: DEFAULT_BODY_MEMORY,
         }
     }
 }
@@ -232,6 +241,47 @@ pub(crate) struct AppState {
     pub(crate) config: Arc<HttpConfig>,
     /// Bounds how many large bodies are decoded at once (off the async workers).
     pub(crate) decoding: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies held now (see [`HttpConfig::body_memory`]).
+    pub(crate) bodies: BodyBudget,
+}
+
+/// Bytes of request bodies held at once, counted in [`BODY_UNIT`]s (shared by the HTTP routes
+/// and gRPC).
+#[derive(Debug, Clone)]
+pub(crate) struct BodyBudget {
+    units: Arc<tokio::sync::Semaphore>,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    fn new(bytes: usize) -> Self {
+        let units = bytes.div_ceil(BODY_UNIT).min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self { units: Arc::new(tokio::sync::Semaphore::new(units)), bytes }
+    }
+
+    /// Grows `held` to cover a body of `len` bytes; `false` when that would go over the budget.
+    fn cover(&self, held: &mut Option<tokio::sync::OwnedSemaphorePermit>, len: usize) -> bool {
+        let want = len.div_ceil(BODY_UNIT).max(1);
+        let have = held.as_ref().map_or(0, tokio::sync::OwnedSemaphorePermit::num_permits);
+        if want <= have {
+            return true;
+        }
+        let Ok(more) = u32::try_from(want - have) else { return false };
+        match self.units.clone().try_acquire_many_owned(more) {
+            Ok(p) => {
+                match held {
+                    Some(h) => h.merge(p),
+                    None => *held = Some(p),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn refusal(&self) -> String {
+        format!("the server holds {} MiB of request bodies already; retry later", self.bytes >> 20)
+    }
 }
 
 /// The API over `engine`, configured from the environment ([`HttpConfig::from_env`]).
@@ -243,12 +293,14 @@ pub fn router(engine: Engine) -> Router {
 pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
     let decoders = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let decoding = Arc::new(tokio::sync::Semaphore::new(decoders));
+    let bodies = BodyBudget::new(config.body_memory.max(config.max_body));
     let grpc = GrpcRoute {
         router: crate::v2::grpc::router(engine.clone(), config.clone(), decoding.clone()),
         max_body: config.max_body,
         body_timeout: config.body_timeout,
+        bodies: bodies.clone(),
     };
-    let state = AppState { engine, config: Arc::new(config.clone()), decoding };
+    let state = AppState { engine, config: Arc::new(config.clone()), decoding, bodies };
     let admin = Router::new()
         .route("/v1/graph", get(get_graph).put(put_graph))
         .route("/v1/submodels/{name}", axum::routing::put(swap))
@@ -284,6 +336,7 @@ struct GrpcRoute {
     router: Router,
     max_body: usize,
     body_timeout: Duration,
+    bodies: BodyBudget,
 }
 
 /// Hands gRPC requests (HTTP/2, `content-type: application/grpc...`) to the gRPC service,
@@ -303,10 +356,12 @@ async fn route_grpc(State(mut grpc): State<GrpcRoute>, req: Request, next: Next)
     let (parts, body) = req.into_parts();
     // A unary call is one message: its 5-byte frame prefix, then at most `max_body` bytes.
     let limit = grpc.max_body.saturating_add(5);
+    let budget = grpc.bodies.clone();
     let read = async move {
         use http_body_util::BodyExt;
         let mut body = body;
         let mut buf = Vec::new();
+        let mut held = None;
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame
                 .map_err(|e| tonic::Status::invalid_argument(format!("the request could not be read: {e}")))?
@@ -318,13 +373,16 @@ async fn route_grpc(State(mut grpc): State<GrpcRoute>, req: Request, next: Next)
                         grpc.max_body
                     )));
                 }
+                if !budget.cover(&mut held, buf.len() + data.len()) {
+                    return Err(tonic::Status::resource_exhausted(budget.refusal()));
+                }
                 buf.extend_from_slice(&data);
             }
         }
-        Ok(Bytes::from(buf))
+        Ok((Bytes::from(buf), held))
     };
-    let bytes = match tokio::time::timeout(grpc.body_timeout, read).await {
-        Ok(Ok(bytes)) => bytes,
+    let (bytes, _held) = match tokio::time::timeout(grpc.body_timeout, read).await {
+        Ok(Ok(read)) => read,
         Ok(Err(status)) => return status.into_http(),
         Err(_) => {
             return tonic::Status::deadline_exceeded(format!(
@@ -442,6 +500,13 @@ fn v2_error_shape(response: Response) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
+/// Why a body was not read.
+enum BodyError {
+    Read(axum::Error),
+    TooLarge,
+    Budget,
+}
+
 /// Reads the whole body within the body timeout and the size limit before a route's handler
 /// runs (after the admin gate on admin routes): a slow body is a 408 and a large one a 413, each
 /// with the JSON error shape, and the connection closes.
@@ -458,29 +523,38 @@ async fn read_body(State(st): State<AppState>, req: Request, next: Next) -> Resp
         return r;
     }
     let (parts, body) = req.into_parts();
+    let budget = st.bodies.clone();
     // Copied frame by frame into one buffer sized from content-length: a chunk of the body
-    // never pins a larger read buffer, so a body costs its own size once.
+    // never pins a larger read buffer, so a body costs its own size once. Its bytes count
+    // against the body budget until its request is answered.
     let read = async move {
         use http_body_util::BodyExt;
         let mut body = body;
         // Trust content-length for at most 1 MiB up front: it is only what the client claims.
         let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit).min(1 << 20));
+        let mut held = None;
         while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.map_err(Some)?.into_data() {
+            if let Ok(data) = frame.map_err(BodyError::Read)?.into_data() {
                 if buf.len() + data.len() > limit {
-                    return Err(None::<axum::Error>);
+                    return Err(BodyError::TooLarge);
+                }
+                if !budget.cover(&mut held, buf.len() + data.len()) {
+                    return Err(BodyError::Budget);
                 }
                 buf.extend_from_slice(&data);
             }
         }
-        Ok(Bytes::from(buf))
+        Ok((Bytes::from(buf), held))
     };
-    let bytes = match tokio::time::timeout(st.config.body_timeout, read).await {
-        Ok(Ok(bytes)) => bytes,
+    let (bytes, _held) = match tokio::time::timeout(st.config.body_timeout, read).await {
+        Ok(Ok(read)) => read,
         Ok(Err(e)) => {
             let mut r = match e {
-                None => too_large(),
-                Some(e) => {
+                BodyError::TooLarge => too_large(),
+                BodyError::Budget => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", st.bodies.refusal()).into_response()
+                }
+                BodyError::Read(e) => {
                     ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body could not be read: {e}"))
                         .into_response()
                 }

@@ -252,6 +252,10 @@ struct ServeLimits {
     /// still open is closed and the process exits 0.
     #[arg(long, value_name = "SECS", default_value_t = maas::server::DEFAULT_SHUTDOWN_GRACE.as_secs_f64())]
     shutdown_grace: f64,
+    /// Most bytes of request bodies held at once, over every connection and HTTP/2 stream (at
+    /// least --max-body); a body that would go over is answered 503 `overloaded`.
+    #[arg(long, value_name = "BYTES", default_value_t = maas::http::DEFAULT_BODY_MEMORY)]
+    max_body_memory: usize,
 }
 
 impl ServeLimits {
@@ -345,6 +349,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.max_body = max_body;
         config.max_rows = max_rows;
         config.body_timeout = Duration::from_secs_f64(limits.body_timeout);
+        config.body_memory = limits.max_body_memory;
         if config.admin_token.is_none() {
             logging::notice(format_args!("admin routes disabled (set MAAS_ADMIN_TOKEN to enable them)"));
         }

@@ -332,3 +332,37 @@ async fn a_reset_stream_does_not_keep_its_connection_open() {
     drop(client);
     server.shut().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_share_one_memory_budget_over_http_and_grpc() {
+    // Room for one 40 KiB body: while a request with one is being served (the slow pipeline
+    // takes 300 ms a batch), a second is refused at once, over HTTP and over gRPC; after it,
+    // bodies are taken again.
+    let config = HttpConfig { body_memory: 64 << 10, max_body: 48 << 10, ..HttpConfig::default() };
+    let metrics = config.metrics.clone();
+    let server = common::serve(engine().await, config).await;
+    let rows = vec![[0.5f32; 4]; 2400];
+    let body = serde_json::json!({ "inputs": { "x": rows } }).to_string();
+    assert!(body.len() > 40 << 10 && body.len() < 64 << 10, "{}", body.len());
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/pipelines/slow/infer", server.addr);
+    let first = tokio::spawn({
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        async move { http.post(url).body(body).send().await.unwrap().status() }
+    });
+    assert!(
+        common::eventually(Duration::from_secs(5), || metrics.requests(Protocol::Json) == 1).await,
+        "the first request is being served"
+    );
+    let second = http.post(&url).body(body.clone()).send().await.unwrap();
+    assert_eq!(second.status(), 503);
+    assert!(second.headers().contains_key("retry-after"));
+    assert!(second.text().await.unwrap().contains("of request bodies already"));
+    let mut c = client(server.addr).await;
+    let big = request("lin", vec![input("x", &[2400, 4], None)], vec![le(&[0.5; 9600])]);
+    let s = c.model_infer(big.clone()).await.expect_err("over the budget");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_eq!(first.await.unwrap(), 200);
+    assert!(c.model_infer(big).await.is_ok(), "the budget is free again once the first is answered");
+    server.shut().await;
+}
