@@ -123,6 +123,9 @@ pub enum KernelError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An external model runtime (ONNX Runtime) failed to load or to run a model.
+    #[error("{0}")]
+    Runtime(String),
     /// A kernel panicked; the runtime turns the panic into this error.
     #[error("kernel panicked: {0}")]
     Panicked(String),

@@ -11,6 +11,7 @@ pub(crate) mod l2_normalize;
 pub mod linear;
 pub(crate) mod mean_pool;
 pub(crate) mod mlp;
+pub(crate) mod onnx;
 pub(crate) mod softmax;
 pub(crate) mod tokenizer;
 pub(crate) mod topk;
@@ -37,6 +38,7 @@ pub(crate) fn builtin() -> Vec<Arc<dyn Kind>> {
         Arc::new(linear::LinearKind),
         Arc::new(mean_pool::MeanPool),
         Arc::new(mlp::MlpKind),
+        Arc::new(onnx::OnnxKind),
         Arc::new(softmax::Softmax),
         Arc::new(tokenizer::TokenizerKind),
         Arc::new(topk::TopK),
