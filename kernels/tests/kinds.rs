@@ -148,6 +148,7 @@ fn builtin_registry_lists_every_kind() {
         "linear",
         "mean_pool",
         "mlp",
+        "onnx",
         "softmax",
         "tokenizer",
         "topk",
