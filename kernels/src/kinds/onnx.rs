@@ -188,7 +188,7 @@ impl Kind for OnnxKind {
         let signature = signature_of(&session, &s).map_err(super::settings_error)?;
         let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
         let outputs = signature.outputs.iter().map(|p| (p.name.clone(), p.ty.clone())).collect();
-        Ok(Arc::new(OnnxKernel { session: Mutex::new(session), inputs, outputs, signature }))
+        Ok(Arc::new(OnnxKernel { session: Mutex::new(session), inputs, outputs, widened: s.u32_inputs }))
     }
 
     /// The model file three times over: ONNX Runtime reads it, then holds the weights in its
@@ -205,7 +205,8 @@ struct OnnxKernel {
     inputs: Vec<String>,
     /// Its outputs with their port types.
     outputs: Vec<(String, PortType)>,
-    signature: Signature,
+    /// Its int64 inputs taken as u32 (`params.u32_inputs`), widened before a run.
+    widened: Vec<String>,
 }
 
 fn ort_error(e: impl std::fmt::Display) -> KernelError {
@@ -219,9 +220,7 @@ impl Kernel for OnnxKernel {
             let t = super::tensor(inputs, name)?;
             let shape: Vec<i64> = t.dims().iter().map(|d| *d as i64).collect();
             let flat = t.flatten_all().ctx("onnx input")?;
-            let port = self.signature.inputs.iter().find(|p| &p.name == name);
-            let widened = port.is_some_and(|p| matches!(p.ty, PortType::Tensor { dtype: DType::U32, .. }))
-                && t.dtype() == CDType::U32;
+            let widened = self.widened.contains(name);
             let value: ort::value::DynValue = match t.dtype() {
                 CDType::U32 if widened => {
                     let v = flat.to_dtype(CDType::I64).and_then(|x| x.to_vec1::<i64>()).ctx("onnx input")?;
