@@ -6,6 +6,10 @@
 //!   normalisation inline with candle ops.
 //! - `minilm_maas`: the same work through `Sequential::run("embed", ...)`, so the overhead of
 //!   the kernel and engine layers shows next to the baseline.
+//! - `bert_encoder`: the `bert` kind alone on a batch of 32 tokenized sentences, each
+//!   implementation in the same run: `candle` (candle-transformers' `BertModel`, the previous
+//!   implementation and the baseline), `fast` (the default on CPU; candle's global pool) and
+//!   `fast_threads_N` (its own pool of N threads).
 //! - `linear_head`: the `Linear` kernel, f32 vs q8_0 vs q4k.
 //!
 //! Before timing, both paths' embeddings are checked against
@@ -186,6 +190,58 @@ fn minilm(c: &mut Criterion) {
     g.finish();
 }
 
+/// minilm.toml with `extra` added to the encoder's params, loaded.
+fn minilm_with(extra: &str, registry: &Registry) -> Sequential {
+    let path = root().join("examples/pipelines/minilm.toml");
+    let config = r#"params = { config = "../../models/all-MiniLM-L6-v2/config.json" }"#;
+    let text = std::fs::read_to_string(&path).expect("minilm.toml");
+    assert!(text.contains(config), "minilm.toml's encoder params changed");
+    let text = text.replace(config, &config.replace(" }", &format!(", {extra} }}")));
+    let dir = path.parent().expect("examples/pipelines");
+    let checked = maas_engine::load_sources(vec![maas_graphs::SourceFile::new("minilm.toml", text, dir)], registry)
+        .unwrap_or_else(|d| panic!("minilm.toml with {extra}:\n{d}"));
+    Sequential::new(&checked.graph, registry).expect("loads")
+}
+
+fn bert_encoder(c: &mut Criterion) {
+    if !root().join("models/all-MiniLM-L6-v2/model.safetensors").is_file() {
+        eprintln!("skipping bert_encoder: run `scripts/fetch-models`");
+        return;
+    }
+    let registry = Registry::builtin();
+    let variants = [
+        ("candle", r#"implementation = "candle""#),
+        ("fast", r#"implementation = "fast""#),
+        ("fast_threads_1", r#"implementation = "fast", threads = 1"#),
+        ("fast_threads_2", r#"implementation = "fast", threads = 2"#),
+    ];
+    let engines: Vec<(&str, Sequential)> =
+        variants.iter().map(|(n, extra)| (*n, minilm_with(extra, &registry))).collect();
+    let ids = engines[0].1.submodel("tokenizer").expect("tokenizer").forward(&batch(32)).expect("tokenize");
+    let hidden = |e: &Sequential| -> Tensor {
+        let out = e.submodel("encoder").expect("encoder").forward(&ids).expect("encode");
+        out["hidden"].as_tensor().expect("tensor").clone()
+    };
+    // Every variant computes the same hidden states (real tokens; padding is masked downstream).
+    let want = hidden(&engines[0].1);
+    for (name, e) in &engines[1..] {
+        let got = hidden(e);
+        let d = (&want - &got).and_then(|t| t.abs()).and_then(|t| t.flatten_all()).and_then(|t| t.max(0));
+        let d: f32 = d.and_then(|t| t.to_scalar()).expect("diff");
+        eprintln!("bert_encoder: {name} vs candle: max abs diff {d:.2e} (padding included)");
+        assert!(d < 1e-3, "{name} differs from candle by {d}");
+    }
+    let mut g = configure(c, "bert_encoder");
+    g.throughput(Throughput::Elements(32));
+    for (name, e) in &engines {
+        let enc = e.submodel("encoder").expect("encoder");
+        g.bench_function(BenchmarkId::new(*name, 32), |b| {
+            b.iter(|| black_box(enc.forward(black_box(&ids)).expect("encode")))
+        });
+    }
+    g.finish();
+}
+
 /// A bench label and the quantization it measures.
 type Variant = (&'static str, Quantize);
 
@@ -218,6 +274,7 @@ fn linear_head(c: &mut Criterion) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     minilm(&mut c);
+    bert_encoder(&mut c);
     linear_head(&mut c);
     c.final_summary();
 }

@@ -347,19 +347,115 @@ async fn ids_past_the_vocabulary_or_the_positions_are_invalid_input_not_a_failur
     e.shutdown().await;
 }
 
-/// The minilm graph with the encoder computing in `dtype`.
-fn engine_in(dtype: &str) -> Sequential {
+/// minilm.toml with `extra` (`key = value, ...`) added to the encoder's params.
+fn minilm_with(extra: &str) -> Result<maas_graphs::Checked, String> {
     require_model();
     let registry = Registry::builtin();
     let path = root().join("examples/pipelines/minilm.toml");
     let text = std::fs::read_to_string(&path).expect("minilm.toml");
     let config = r#"params = { config = "../../models/all-MiniLM-L6-v2/config.json" }"#;
     assert!(text.contains(config), "minilm.toml's encoder params changed");
-    let text = text.replace(config, &config.replace(" }", &format!(", dtype = \"{dtype}\" }}")));
+    let text = text.replace(config, &config.replace(" }", &format!(", {extra} }}")));
     let dir = path.parent().expect("examples/pipelines");
-    let checked = maas_engine::load_sources(vec![SourceFile::new("minilm.toml", text, dir)], &registry)
-        .unwrap_or_else(|d| panic!("minilm.toml with dtype {dtype} does not check:\n{d}"));
-    Sequential::new(&checked.graph, &registry).expect("loads")
+    maas_engine::load_sources(vec![SourceFile::new("minilm.toml", text, dir)], &registry).map_err(|d| d.to_string())
+}
+
+/// The minilm graph with `extra` encoder params, loaded.
+fn engine_with(extra: &str) -> Sequential {
+    let checked = minilm_with(extra).unwrap_or_else(|d| panic!("minilm.toml with {extra} does not check:\n{d}"));
+    Sequential::new(&checked.graph, &Registry::builtin()).unwrap_or_else(|e| panic!("with {extra}: {e}"))
+}
+
+/// The minilm graph with the encoder computing in `dtype`.
+fn engine_in(dtype: &str) -> Sequential {
+    engine_with(&format!("dtype = \"{dtype}\""))
+}
+
+/// Sentences of very different lengths (1 to 40-odd tokens), so a batch of them is mostly
+/// padding for the short ones.
+const MIXED: [&str; 7] = [
+    "Hi.",
+    "A man is eating food.",
+    "The quick brown fox jumps over the lazy dog near the quiet river bank.",
+    "ok",
+    "Researchers published a new study on the migration patterns of arctic terns, which fly from pole to pole every year and see more daylight than any other animal on the planet.",
+    "Interest rates are expected to remain unchanged until the end of the year.",
+    "?",
+];
+
+/// The encoder's hidden states for `rows` (one batch), through `engine`'s own submodels.
+fn hidden(engine: &Sequential, rows: &[&str]) -> Tensor {
+    let tok = engine.submodel("tokenizer").expect("tokenizer");
+    let enc = engine.submodel("encoder").expect("encoder");
+    let ids = tok.forward(&Values::from([("text".to_string(), text(rows))])).expect("tokenizer runs");
+    let out = enc.forward(&ids).expect("encoder runs");
+    tensor_of(&out, "hidden").clone()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar())
+        .expect("diff")
+}
+
+#[test]
+fn the_fast_encoder_matches_candle_transformers_batched_unbatched_and_padded() {
+    let candle = engine_with(r#"implementation = "candle""#);
+    let mut checked = 0;
+    for fast in [engine_with(r#"implementation = "fast""#), engine_with(r#"implementation = "fast", threads = 2"#)] {
+        // One batch of mixed lengths: every row but the longest is padded.
+        let (want, got) = (hidden(&candle, &MIXED), hidden(&fast, &MIXED));
+        assert_eq!(got.dims()[..2], [MIXED.len(), want.dims()[1]]);
+        // Padding positions' states are used by nothing downstream (pooling masks them) and
+        // agree less closely (measured 1.3e-4); a broken mask would be off by far more.
+        let d = max_diff(&want, &got);
+        assert!(d < 1e-3, "batched, padding included: max abs diff {d:e}");
+        let kept = |t: &Tensor, i: usize, len: usize| t.get(i).and_then(|t| t.narrow(0, 0, len)).expect("row");
+        for (i, row) in MIXED.iter().enumerate() {
+            let alone = hidden(&fast, &[row]);
+            let len = alone.dims()[1];
+            let reference = hidden(&candle, &[row]);
+            let diffs = [
+                ("alone, vs candle alone", max_diff(&reference, &alone)),
+                ("in the batch, vs candle in the batch", max_diff(&kept(&want, i, len), &kept(&got, i, len))),
+                ("in the batch, vs alone", max_diff(&kept(&alone, 0, len), &kept(&got, i, len))),
+            ];
+            for (what, d) in diffs {
+                eprintln!("row {i} ({len} tokens) {what}: max abs diff {d:.3e}");
+                assert!(d < TOL, "row {i} {what}: max abs diff {d:e}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * MIXED.len());
+    // The embeddings of the reference texts, through the fast encoder.
+    let r = reference();
+    let rows: Vec<&str> = r.texts.iter().map(String::as_str).collect();
+    let out = engine_with(r#"implementation = "fast", threads = 1"#)
+        .run("embed", Values::from([("text".to_string(), text(&rows))]))
+        .expect("embed");
+    let got: Vec<Vec<f32>> = tensor_of(&out, "embedding").to_vec2().expect("f32[B,384]");
+    for (i, g) in got.iter().enumerate() {
+        let d = max_abs_diff(g, &r.embeddings[i]);
+        assert!(d < TOL, "reference row {i}: max abs diff {d:e}");
+    }
+}
+
+#[test]
+fn encoder_implementation_and_threads_are_checked() {
+    for (extra, want) in [
+        (r#"implementation = "onnx""#, "unknown implementation `onnx`; expected \"fast\" or \"candle\""),
+        (r#"implementation = "fast", dtype = "f16""#, "the fast implementation computes in f32 only"),
+        ("threads = 0", "`threads` must be at least 1"),
+        (r#"implementation = "candle", threads = 2"#, "`threads` applies to the fast implementation"),
+    ] {
+        let err = minilm_with(extra).map(|_| ()).expect_err(extra);
+        assert!(err.starts_with("minilm.toml:") && err.contains(want), "{extra}: {err}");
+    }
 }
 
 #[test]

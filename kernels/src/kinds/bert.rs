@@ -5,6 +5,16 @@
 //! `weights` is the model's safetensors file and `params.config` its `config.json`;
 //! `params.dtype` (`f32`, default, `f16` or `bf16`) is the precision it computes in (its output
 //! stays f32).
+//!
+//! Two implementations of the same model:
+//! - `params.implementation = "fast"` (the default on CPU in f32): [`fast::FastBert`], the
+//!   encoder in a few fused passes over plain buffers; `params.threads`, when set, gives it a
+//!   pool of that many threads of its own for its matrix products and attention (unset: the
+//!   submodel's stream thread and candle's global pool, `RAYON_NUM_THREADS`).
+//! - `"candle"`: candle-transformers' `BertModel` (the default on a GPU and in f16/bf16; on CPU
+//!   in f32 it is the reference the fast one is checked and measured against).
+
+mod fast;
 
 use std::sync::Arc;
 
@@ -26,6 +36,47 @@ pub(crate) struct Bert;
 struct Params {
     config: String,
     dtype: Option<String>,
+    implementation: Option<String>,
+    threads: Option<usize>,
+}
+
+/// Which implementation computes the encoder (`params.implementation`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Implementation {
+    /// Chosen by the device and dtype: `Fast` on CPU in f32, `Candle` otherwise.
+    Auto,
+    Fast,
+    Candle,
+}
+
+/// `params.implementation` and `params.threads`, checked against `params.dtype`.
+fn implementation(spec: &SubmodelSpec) -> Result<(Implementation, Option<usize>), KindError> {
+    let p: Params = parse_params(&spec.params)?;
+    let imp = match p.implementation.as_deref() {
+        None => Implementation::Auto,
+        Some("fast") => Implementation::Fast,
+        Some("candle") => Implementation::Candle,
+        Some(other) => {
+            return Err(KindError::at(
+                "params.implementation",
+                format!("unknown implementation `{other}`; expected \"fast\" or \"candle\""),
+            ));
+        }
+    };
+    if imp == Implementation::Fast && compute_dtype(spec)? != candle_core::DType::F32 {
+        return Err(KindError::at(
+            "params.implementation",
+            "the fast implementation computes in f32 only; use `implementation = \"candle\"` for f16 or bf16",
+        ));
+    }
+    match p.threads {
+        Some(0) => Err(KindError::at("params.threads", "`threads` must be at least 1")),
+        Some(_) if imp == Implementation::Candle => Err(KindError::at(
+            "params.threads",
+            "`threads` applies to the fast implementation; candle's follows RAYON_NUM_THREADS",
+        )),
+        t => Ok((imp, t)),
+    }
 }
 
 /// The precision the encoder computes in (`params.dtype`): `f32` (default), or `f16` / `bf16`
@@ -46,6 +97,7 @@ fn compute_dtype(spec: &SubmodelSpec) -> Result<candle_core::DType, KindError> {
 fn settings(spec: &SubmodelSpec) -> Result<(Config, std::path::PathBuf), Vec<KindError>> {
     let p: Params = parse_params(&spec.params).map_err(|e| vec![e])?;
     compute_dtype(spec).map_err(|e| vec![e])?;
+    implementation(spec).map_err(|e| vec![e])?;
     let config_path = super::existing_file(spec, "config", &p.config).map_err(|e| vec![e])?;
     let config: Config = read_json(&config_path).map_err(|e| vec![KindError::at("params.config", e.to_string())])?;
     let weights = super::required_weights(spec).map_err(|e| vec![e])?;
@@ -85,10 +137,25 @@ impl Kind for Bert {
     fn load(&self, spec: &SubmodelSpec, device: &Device) -> Result<Arc<dyn Kernel>> {
         let (config, path) = settings(spec).map_err(super::settings_error)?;
         let dtype = compute_dtype(spec).map_err(|e| super::settings_error(vec![e]))?;
+        let (imp, threads) = implementation(spec).map_err(|e| super::settings_error(vec![e]))?;
+        let fast = match imp {
+            Implementation::Fast if !device.is_cpu() => {
+                return Err(KernelError::Param {
+                    key: "params.implementation".into(),
+                    message: format!(
+                        "the fast implementation runs on CPU only, not on {device:?}; use `implementation = \"candle\"`"
+                    ),
+                });
+            }
+            Implementation::Fast => true,
+            Implementation::Auto => device.is_cpu() && dtype == candle_core::DType::F32,
+            Implementation::Candle => false,
+        };
         let weights = Weights::load(&path, device)?;
         let vb = weights.var_builder(dtype, device);
         let corrupt = |e: candle_core::Error| KernelError::Corrupt { path: path.clone(), reason: e.to_string() };
         let model = match dtype {
+            _ if fast => Model::Fast(fast::FastBert::load(vb, &config, threads).map_err(corrupt)?),
             candle_core::DType::F32 => Model::Full(BertModel::load(vb, &config).map_err(corrupt)?),
             _ => Model::Half(HalfBert::load(vb, &config, dtype).map_err(corrupt)?),
         };
@@ -110,8 +177,9 @@ impl Kind for Bert {
     }
 }
 
-/// candle-transformers' model in f32; [`HalfBert`] in f16 and bf16.
+/// The fast CPU encoder; candle-transformers' model in f32; [`HalfBert`] in f16 and bf16.
 enum Model {
+    Fast(fast::FastBert),
     Full(BertModel),
     Half(HalfBert),
 }
@@ -166,6 +234,7 @@ impl Kernel for BertKernel {
             None => ids.zeros_like().ctx("bert token types")?,
         };
         let hidden = match &self.model {
+            Model::Fast(m) => m.forward(ids, &types, mask).ctx("bert forward")?,
             Model::Full(m) => m.forward(ids, &types, Some(mask)).ctx("bert forward")?,
             Model::Half(m) => {
                 m.forward(ids, &types, mask).and_then(|h| h.to_dtype(candle_core::DType::F32)).ctx("bert forward")?
