@@ -1,0 +1,13 @@
+//! maas training, from the bottom up.
+//!
+//! - [`compress`]: what a worker sends a parameter server for one gradient: dense, top-k,
+//!   int8 or sign, each with error feedback, as self-describing byte messages decoded
+//!   strictly (a hostile or truncated message is an error, never a panic or a huge allocation).
+//! - [`data`]: training data from CSV or gzip-CSV files, with the columns that feed each input
+//!   and the label column, every bad row refused with `file:line` and the reason.
+//!
+//! The training jobs themselves (`[training.NAME]` sections, workers and parameter servers as
+//! actors, `maas train`) build on these.
+
+pub mod compress;
+pub mod data;
