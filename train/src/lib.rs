@@ -5,9 +5,14 @@
 //!   strictly (a hostile or truncated message is an error, never a panic or a huge allocation).
 //! - [`data`]: training data from CSV or gzip-CSV files, with the columns that feed each input
 //!   and the label column, every bad row refused with `file:line` and the reason.
+//! - [`partition`]: the learning parameters as one flat vector and its contiguous ranges, one
+//!   per parameter server.
+//! - [`optim`]: SGD with momentum and AdamW on a server's slice of the parameters.
 //!
 //! The training jobs themselves (`[training.NAME]` sections, workers and parameter servers as
 //! actors, `maas train`) build on these.
 
 pub mod compress;
 pub mod data;
+pub mod optim;
+pub mod partition;
