@@ -533,9 +533,24 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 for w in &checked.warnings {
                     eprintln!("{w}");
                 }
+                // The training jobs, against the checked graph (the files read again: they
+                // were just read whole, so this cannot fail but for a race).
+                let sources = files
+                    .iter()
+                    .map(|f| maas_graphs::SourceFile::read(f).with_context(|| format!("reading {}", f.display())))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let jobs = match maas_train::job::check(&sources, &checked, &registry) {
+                    Ok(jobs) => jobs,
+                    Err(diags) => {
+                        print_diagnostics(&diags);
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
                 let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+                let jobs =
+                    if jobs.is_empty() { String::new() } else { format!(", {}", count(jobs.len(), "training job")) };
                 eprintln!(
-                    "{}: ok ({}, {})",
+                    "{}: ok ({}, {}{jobs})",
                     describe(&files),
                     count(checked.graph.submodels.len(), "submodel"),
                     count(checked.graph.pipelines.len(), "pipeline")

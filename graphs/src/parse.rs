@@ -90,7 +90,7 @@ pub(crate) struct RawFile {
     pub(crate) pipelines: Vec<RawPipeline>,
 }
 
-const ROOT_KEYS: &[&str] = &["submodels", "pipelines"];
+const ROOT_KEYS: &[&str] = &["submodels", "pipelines", "training"];
 const SUBMODEL_KEYS: &[&str] = &["kind", "weights", "version", "device", "replicas", "batch", "queue", "params"];
 const BATCH_KEYS: &[&str] = &["max_size", "max_delay_ms"];
 const PIPELINE_KEYS: &[&str] = &["inputs", "outputs", "deadline_ms", "nodes"];
@@ -147,6 +147,8 @@ impl Parser<'_> {
                         }
                     }
                 }
+                // Training jobs are checked by maas-train against the checked graph.
+                "training" => {}
                 _ => {
                     if let Some(t) = self.table(value, "`pipelines`") {
                         for (k, v) in t.iter() {

@@ -69,6 +69,15 @@ pub trait Kind: Send + Sync {
     fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
         Ok(crate::memory::files_size(spec))
     }
+
+    /// Whether a submodel of this kind can learn in a training job (`[training.NAME]`
+    /// `learn = [...]`), and if not, why (the reason is shown as it is). Defaults to no: a kind
+    /// learns only when it has a differentiable forward that writes back the weights it serves
+    /// (`linear`, `mlp`, `digits_cnn`).
+    fn learnable(&self, spec: &SubmodelSpec) -> std::result::Result<(), String> {
+        let _ = spec;
+        Err(format!("kind `{}` has no training forward (the kinds that learn: linear, mlp, digits_cnn)", self.name()))
+    }
 }
 
 /// A kernel together with its signature and version: what a submodel runs.

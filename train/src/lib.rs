@@ -5,6 +5,8 @@
 //!   strictly (a hostile or truncated message is an error, never a panic or a huge allocation).
 //! - [`data`]: training data from CSV or gzip-CSV files, with the columns that feed each input
 //!   and the label column, every bad row refused with `file:line` and the reason.
+//! - [`job`]: training jobs as written in graph files (`[training.NAME]`), checked against the
+//!   graph and the kinds, every problem at `file:line:col`.
 //! - [`partition`]: the learning parameters as one flat vector and its contiguous ranges, one
 //!   per parameter server.
 //! - [`optim`]: SGD with momentum and AdamW on a server's slice of the parameters.
@@ -14,5 +16,6 @@
 
 pub mod compress;
 pub mod data;
+pub mod job;
 pub mod optim;
 pub mod partition;

@@ -123,6 +123,10 @@ impl Kind for Bert {
         "bert"
     }
 
+    fn learnable(&self, _spec: &SubmodelSpec) -> std::result::Result<(), String> {
+        Err("kind `bert` cannot learn here: its encoder runs forward only (fine-tune it elsewhere and hot-swap the weights in)".into())
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         let (config, _) = settings(spec)?;
         let ids = |name| PortSpec::new(name, ty("u32[B,S]")).ragged(1, 0.0);

@@ -128,6 +128,10 @@ impl Kind for DigitsCnnKind {
         "digits_cnn"
     }
 
+    fn learnable(&self, _spec: &SubmodelSpec) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         let (f, _) = features(spec)?;
         Ok(Signature {

@@ -146,6 +146,16 @@ impl Kind for LinearKind {
         "linear"
     }
 
+    /// In f32 only: a quantized weight is blocks of integers that have no gradient.
+    fn learnable(&self, spec: &SubmodelSpec) -> std::result::Result<(), String> {
+        match spec.params.get("quantize").and_then(|v| v.as_str()) {
+            Some(q) => Err(format!(
+                "a quantized `linear` ({q}) cannot learn: its weight is blocks of integers; train it in f32, then quantize"
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         let p = plan(spec)?;
         let t = |n| PortType::tensor(DType::F32, [Dim::Sym("B".into()), Dim::Fixed(n)]);

@@ -98,6 +98,10 @@ impl Kind for MlpKind {
         "mlp"
     }
 
+    fn learnable(&self, _spec: &SubmodelSpec) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     fn signature(&self, spec: &SubmodelSpec) -> Result<Signature, Vec<KindError>> {
         let (layers, _, _) = params(spec)?;
         let t = |n| PortType::tensor(DType::F32, [Dim::Sym("B".into()), Dim::Fixed(n)]);
