@@ -38,6 +38,44 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run a training job (`[training.NAME]` in the graph files): print its progress on stderr
+    /// and one JSON report on stdout; write the trained submodels' weights into `--out`.
+    Train {
+        /// Graph files (TOML) holding the job, its pipeline and submodels.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The job to run.
+        #[arg(long)]
+        job: String,
+        /// Data-parallel workers (overrides the job's `workers`).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Parameter servers (overrides `servers`).
+        #[arg(long)]
+        servers: Option<usize>,
+        /// `sync` or `async` (overrides `mode`).
+        #[arg(long)]
+        mode: Option<String>,
+        /// Async: how many versions a gradient may be behind (overrides `staleness`).
+        #[arg(long)]
+        staleness: Option<u64>,
+        /// `none`, `topk:DENSITY`, `int8` or `sign` (overrides `compression`).
+        #[arg(long)]
+        compression: Option<String>,
+        /// Turn error feedback off.
+        #[arg(long)]
+        no_error_feedback: bool,
+        /// Passes over the training rows (overrides `epochs`).
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Seed of the init and batch order (overrides `seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Where the trained weights are written (`<submodel>.safetensors`); default
+        /// `trained/<job>`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a pipeline as a Graphviz DOT digraph.
     Graph {
         /// Graph files (TOML).
@@ -562,6 +600,69 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Train {
+            files,
+            job,
+            workers,
+            servers,
+            mode,
+            staleness,
+            compression,
+            no_error_feedback,
+            epochs,
+            seed,
+            out,
+        } => {
+            let checked = load(&files, &registry)?;
+            let sources = files
+                .iter()
+                .map(|f| maas_graphs::SourceFile::read(f).with_context(|| format!("reading {}", f.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let jobs = match maas_train::job::check(&sources, &checked, &registry) {
+                Ok(jobs) => jobs,
+                Err(diags) => {
+                    print_diagnostics(&diags);
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let Some(mut j) = jobs.into_iter().find(|j| j.name == job) else {
+                bail!("no training job `{job}` in {}", describe(&files));
+            };
+            let positive = |v: usize, flag: &str| if v == 0 { bail!("--{flag} must be at least 1") } else { Ok(v) };
+            if let Some(w) = workers {
+                j.workers = positive(w, "workers")?;
+            }
+            if let Some(k) = servers {
+                j.servers = positive(k, "servers")?;
+            }
+            if let Some(e) = epochs {
+                j.epochs = positive(e, "epochs")?;
+            }
+            if let Some(m) = mode {
+                j.mode = match m.as_str() {
+                    "sync" => maas_train::job::Mode::Sync,
+                    "async" => maas_train::job::Mode::Async,
+                    other => bail!("--mode `{other}`: expected sync or async"),
+                };
+            }
+            if let Some(s) = staleness {
+                j.staleness = s;
+            }
+            if let Some(c) = compression {
+                j.compression = c.parse()?;
+            }
+            if no_error_feedback {
+                j.error_feedback = false;
+            }
+            if let Some(s) = seed {
+                j.seed = s;
+            }
+            let out = out.unwrap_or_else(|| PathBuf::from("trained").join(&j.name));
+            let progress = |line: &str| eprintln!("{}: {line}", job);
+            let report = maas_train::trainer::train(&checked.graph, &j, &registry, &out, &progress)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Graph { files, pipeline } => {
             let checked = load(&files, &registry)?;
             let p = find_pipeline(&checked.graph, &pipeline, &files)?;

@@ -11,11 +11,15 @@
 //!   per parameter server.
 //! - [`optim`]: SGD with momentum and AdamW on a server's slice of the parameters.
 //!
-//! The training jobs themselves (`[training.NAME]` sections, workers and parameter servers as
-//! actors, `maas train`) build on these.
+//! - [`model`]: a pipeline up to its loss as a trainable model (learning submodels as candle
+//!   `Var`s named as in their weights files; frozen ones through their serving kernels).
+//! - [`trainer`]: a job run by data-parallel workers and parameter servers exchanging byte
+//!   messages, sync or async within a staleness bound; writes the trained weights.
 
 pub mod compress;
 pub mod data;
 pub mod job;
+pub mod model;
 pub mod optim;
 pub mod partition;
+pub mod trainer;

@@ -62,7 +62,13 @@ impl DigitsCnn {
         let b = x.dim(0)?;
         let x = (x / 16.0)?.reshape((b, 1, 8, 8))?;
         let x = self.conv1.forward(&x)?.relu()?;
-        let x = self.conv2.forward(&x)?.relu()?.max_pool2d(2)?;
+        let x = self.conv2.forward(&x)?.relu()?;
+        // The 2x2 max-pool as a reshape and two maxima: the same values as `max_pool2d(2)`, and a
+        // gradient that reaches each window's maximum whole (candle 0.11's `max_pool2d` backward
+        // scales it by the share of maxima in the window, 1/4; found by the finite-difference
+        // test in maas-train).
+        let (b, c, h, w) = x.dims4()?;
+        let x = x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)?;
         self.fc.forward(&x.flatten_from(1)?)?.relu()
     }
 }

@@ -1,0 +1,184 @@
+//! `maas train` on examples/training/digits.toml: the jobs reach their accuracy through the CLI,
+//! the sync job is reproducible for a seed, async stays within its staleness bound, compression
+//! sends fewer bytes than dense, the written weights serve unchanged (the served pipeline gives
+//! the accuracy the report claims), and bad data is refused before training.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use maas_engine::Sequential;
+use maas_graphs::SourceFile;
+use maas_kernels::{Registry, Value, Values};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("maas-train-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Runs `maas train` and answers (exit code, the JSON report or Null, stderr).
+fn train(args: &[&str]) -> (i32, serde_json::Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_maas"))
+        .arg("train")
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run maas");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = if out.status.success() {
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"))
+    } else {
+        assert!(stdout.is_empty(), "a failed job wrote to stdout: {stdout}");
+        serde_json::Value::Null
+    };
+    (out.status.code().unwrap_or(-1), json, stderr)
+}
+
+/// The accuracy of `examples/pipelines/digits.toml` served with its head's weights from
+/// `head`, on the held-out rows of the split the jobs use.
+fn served_accuracy(head: &Path) -> f64 {
+    let dir = root().join("examples/pipelines");
+    let text = std::fs::read_to_string(dir.join("digits.toml")).unwrap();
+    let from = "weights = \"../../assets/digits/head.safetensors\"";
+    assert!(text.contains(from));
+    let text = text.replace(from, &format!("weights = {:?}", head.display().to_string()));
+    let registry = Registry::builtin();
+    let checked = maas_engine::load_sources(vec![SourceFile::new("digits.toml", text, dir)], &registry).unwrap();
+    let engine = Sequential::new(&checked.graph, &registry).unwrap();
+    let all = maas::digits::load(&maas::digits::default_path()).unwrap();
+    let (_, test_rows) = maas_train::trainer::split(all.len(), 0.2, 1797);
+    let mut pixels = Vec::new();
+    for &i in &test_rows {
+        pixels.extend_from_slice(all.image(i));
+    }
+    let x = Tensor::from_vec(pixels, (test_rows.len(), 64), &Device::Cpu).unwrap();
+    let out = engine.run("classify", Values::from([("pixels".to_string(), Value::Tensor(x))])).unwrap();
+    let labels: Vec<u32> = out["label"].as_tensor().unwrap().to_vec1().unwrap();
+    let correct = labels.iter().zip(&test_rows).filter(|(l, i)| **l == all.labels[**i]).count();
+    correct as f64 / test_rows.len() as f64
+}
+
+#[test]
+fn the_head_job_trains_a_head_that_serves_with_its_reported_accuracy() {
+    let dir = out_dir("head");
+    let (code, report, stderr) =
+        train(&["examples/training/digits.toml", "--job", "head", "--out", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("head: epoch 10/10: loss"), "progress on stderr: {stderr}");
+    let accuracy = report["accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.97, "held-out accuracy {accuracy}");
+    assert_eq!(report["rows"], serde_json::json!([1437, 360]), "the split of the committed model's test");
+    for key in [
+        "job",
+        "loss",
+        "epochs",
+        "steps",
+        "workers",
+        "servers",
+        "mode",
+        "compression",
+        "error_feedback",
+        "bytes_sent",
+        "bytes_dense",
+        "staleness",
+        "elapsed_s",
+        "samples_per_s",
+        "weights",
+        "version",
+    ] {
+        assert!(!report[key].is_null(), "report has no `{key}`: {report}");
+    }
+    let head = PathBuf::from(report["weights"]["head"].as_str().unwrap());
+    assert_eq!(head, dir.join("head.safetensors"));
+    // The file serves unchanged, and the served pipeline agrees with the report.
+    let served = served_accuracy(&head);
+    assert!((served - accuracy).abs() <= 1.0 / 360.0 + 1e-9, "served {served} vs reported {accuracy}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sync_training_is_reproducible_for_a_seed_and_changes_with_it() {
+    let run = |seed: &str, name: &str| {
+        let dir = out_dir(name);
+        let (code, report, stderr) = train(&[
+            "examples/training/digits.toml",
+            "--job",
+            "head",
+            "--epochs",
+            "2",
+            "--workers",
+            "2",
+            "--servers",
+            "2",
+            "--seed",
+            seed,
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let _ = std::fs::remove_dir_all(&dir);
+        report["version"].as_str().unwrap().to_string()
+    };
+    let (a, b, c) = (run("3", "a"), run("3", "b"), run("4", "c"));
+    assert_eq!(a, b, "same seed, same weights");
+    assert_ne!(a, c, "another seed, other weights");
+}
+
+#[test]
+fn async_workers_stay_within_the_staleness_bound_and_compression_sends_less() {
+    let dir = out_dir("async");
+    let (code, report, stderr) = train(&[
+        "examples/training/digits.toml",
+        "--job",
+        "head",
+        "--workers",
+        "2",
+        "--servers",
+        "2",
+        "--mode",
+        "async",
+        "--staleness",
+        "1",
+        "--compression",
+        "topk:0.05",
+        "--epochs",
+        "4",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(report["mode"], "async");
+    let max = report["staleness"]["max"].as_u64().unwrap();
+    assert!(max <= 1, "observed staleness {max} over the bound 1: {report}");
+    let (sent, dense) = (report["bytes_sent"].as_u64().unwrap(), report["bytes_dense"].as_u64().unwrap());
+    // 8 bytes per value kept (index and value) against 4 per value dense: about 2 x 0.05.
+    assert!(sent * 8 < dense, "topk:0.05 sent {sent} of {dense} bytes");
+    assert!(report["accuracy"].as_f64().unwrap() > 0.9, "{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_data_is_refused_before_training_with_its_line() {
+    let dir = out_dir("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let row = |label: &str| format!("{}{label}\n", "1,".repeat(64));
+    std::fs::write(dir.join("bad.csv"), format!("{}{}{}", row("3"), row("4"), row("12"))).unwrap();
+    let graph = std::fs::read_to_string(root().join("examples/training/digits.toml"))
+        .unwrap()
+        .replace("../../data/digits.csv.gz", dir.join("bad.csv").to_str().unwrap())
+        .replace("../../assets", root().join("assets").to_str().unwrap());
+    std::fs::write(dir.join("job.toml"), graph).unwrap();
+    let (code, _, stderr) =
+        train(&[dir.join("job.toml").to_str().unwrap(), "--job", "head", "--out", dir.join("out").to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("bad.csv:3: label 12 (column 64) is outside the 10 classes"), "{stderr}");
+    assert!(!dir.join("out").exists(), "nothing is written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
