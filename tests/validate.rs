@@ -68,9 +68,11 @@ fn fixtures_give_exactly_the_expected_diagnostics() {
 #[test]
 fn every_example_graph_validates_with_the_stock_binary() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join("examples/pipelines");
     let mut n = 0;
-    for entry in std::fs::read_dir(&dir).expect("examples/pipelines") {
+    let entries = ["examples/pipelines", "examples/training"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap_or_else(|e| panic!("{d}: {e}")));
+    for entry in entries {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let (code, _, stderr) = maas(&["validate", path.to_str().expect("utf-8 path")], root);
@@ -79,7 +81,7 @@ fn every_example_graph_validates_with_the_stock_binary() {
             n += 1;
         }
     }
-    assert!(n >= 2, "expected the example graphs, found {n}");
+    assert!(n >= 3, "expected the example graphs, found {n}");
 }
 
 #[test]
