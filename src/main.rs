@@ -75,6 +75,12 @@ enum Command {
         /// `trained/<job>`.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Then hot-swap the trained submodel into the `maas serve` at URL through its admin API
+        /// (token from MAAS_ADMIN_TOKEN; the server must accept files from `--out`, e.g. with
+        /// `--model-root`), only if the held-out accuracy reaches the job's `min_accuracy`.
+        /// One learning submodel per job (a swap changes one submodel atomically).
+        #[arg(long, value_name = "URL")]
+        swap_into: Option<String>,
     },
     /// Print a pipeline as a Graphviz DOT digraph.
     Graph {
@@ -528,6 +534,33 @@ fn with_baseline(mut report: serde_json::Value, base: Option<serde_json::Value>)
     report
 }
 
+/// `PUT URL/v1/submodels/NAME` with the trained weights as version `version`; the server's
+/// answer (`previous`, `version`, ...).
+async fn swap_over_http(
+    url: &str,
+    token: &str,
+    name: &str,
+    weights: &Path,
+    version: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let endpoint = format!("{}/v1/submodels/{name}", url.trim_end_matches('/'));
+    let body = serde_json::json!({ "weights": weights.display().to_string(), "version": version });
+    let response = reqwest::Client::new()
+        .put(&endpoint)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .with_context(|| format!("PUT {endpoint}"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.with_context(|| format!("PUT {endpoint}: the answer"))?;
+    if !status.is_success() {
+        bail!("PUT {endpoint}: {status}: {answer}");
+    }
+    Ok(answer)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -612,6 +645,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             epochs,
             seed,
             out,
+            swap_into,
         } => {
             let checked = load(&files, &registry)?;
             let sources = files
@@ -657,10 +691,44 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(s) = seed {
                 j.seed = s;
             }
+            let token = match &swap_into {
+                None => None,
+                Some(_) if j.learn.len() != 1 => bail!(
+                    "--swap-into swaps one submodel; job `{}` trains {} ({}): change the served graph instead",
+                    j.name,
+                    j.learn.len(),
+                    j.learn.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                Some(_) => Some(std::env::var("MAAS_ADMIN_TOKEN").context("--swap-into needs MAAS_ADMIN_TOKEN")?),
+            };
             let out = out.unwrap_or_else(|| PathBuf::from("trained").join(&j.name));
             let progress = |line: &str| eprintln!("{}: {line}", job);
             let report = maas_train::trainer::train(&checked.graph, &j, &registry, &out, &progress)?;
-            println!("{}", serde_json::to_string(&report)?);
+            let mut json = serde_json::to_value(&report)?;
+            if let (Some(url), Some(token)) = (swap_into, token) {
+                match j.min_accuracy {
+                    Some(min) if report.accuracy < min => {
+                        let why = format!(
+                            "held-out accuracy {:.4} is below min_accuracy {min}: nothing swapped",
+                            report.accuracy
+                        );
+                        eprintln!("{job}: {why}");
+                        json["swap_refused"] = serde_json::Value::String(why);
+                    }
+                    _ => {
+                        let (name, path) = report.weights.iter().next().context("the job wrote no weights")?;
+                        let path = path.canonicalize().with_context(|| format!("{}", path.display()))?;
+                        let swapped =
+                            runtime()?.block_on(swap_over_http(&url, &token, name, &path, &report.version))?;
+                        eprintln!(
+                            "{job}: swapped into {url}: {name} {} -> {}",
+                            swapped["previous"], swapped["version"]
+                        );
+                        json["swapped"] = serde_json::json!({ name: swapped });
+                    }
+                }
+            }
+            println!("{json}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Graph { files, pipeline } => {

@@ -1,7 +1,10 @@
 //! `maas train` on examples/training/digits.toml: the jobs reach their accuracy through the CLI,
 //! the sync job is reproducible for a seed, async stays within its staleness bound, compression
 //! sends fewer bytes than dense, the written weights serve unchanged (the served pipeline gives
-//! the accuracy the report claims), and bad data is refused before training.
+//! the accuracy the report claims), bad data is refused before training, and `--swap-into`
+//! puts the trained head into a live server while 16 callers use it (none fails; afterwards
+//! every response carries the new version and the trained weights' outputs), unless the job's
+//! `min_accuracy` is not reached.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +13,8 @@ use candle_core::{Device, Tensor};
 use maas_engine::Sequential;
 use maas_graphs::SourceFile;
 use maas_kernels::{Registry, Value, Values};
+
+mod common;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -180,5 +185,151 @@ fn bad_data_is_refused_before_training_with_its_line() {
     assert_ne!(code, 0);
     assert!(stderr.contains("bad.csv:3: label 12 (column 64) is outside the 10 classes"), "{stderr}");
     assert!(!dir.join("out").exists(), "nothing is written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `maas train` with `MAAS_ADMIN_TOKEN` set.
+fn train_with_token(args: Vec<String>) -> (i32, serde_json::Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_maas"))
+        .arg("train")
+        .args(&args)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .env("MAAS_ADMIN_TOKEN", "train-secret")
+        .output()
+        .expect("run maas");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), json, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The committed two-image input of examples/inputs/digits.json.
+fn two_images() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("examples/inputs/digits.json")).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trained_head_is_swapped_into_a_live_server_with_no_failed_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let out = common::TempDir::new("swap-into");
+    let options = maas_engine::EngineOptions {
+        file_roots: Some(vec![root().join("examples/pipelines"), root().join("assets"), out.0.clone()]),
+        ..Default::default()
+    };
+    let engine = maas_engine::Engine::builder()
+        .options(options)
+        .from_files(&[root().join("examples/pipelines/digits.toml")])
+        .await
+        .expect("digits serves");
+    let config = maas::http::HttpConfig { admin_token: Some("train-secret".into()), ..Default::default() };
+    let server = common::serve(engine, config).await;
+    let url = format!("http://{}", server.addr);
+    let body = serde_json::json!({ "inputs": { "pixels": two_images() } }).to_string();
+
+    // 16 callers on `classify` for as long as the job trains and swaps.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let client = reqwest::Client::new();
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (stop, ok, failed, client, body) =
+                (stop.clone(), ok.clone(), failed.clone(), client.clone(), body.clone());
+            let endpoint = format!("{url}/v1/pipelines/classify/infer");
+            tokio::spawn(async move {
+                while !stop.load(SeqCst) {
+                    let r = client
+                        .post(&endpoint)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => ok.fetch_add(1, SeqCst),
+                        _ => failed.fetch_add(1, SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+
+    let args: Vec<String> =
+        ["examples/training/digits.toml", "--job", "head", "--epochs", "3", "--swap-into", &url, "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([out.0.join("head").display().to_string()])
+            .collect();
+    let (code, report, stderr) = tokio::task::spawn_blocking(move || train_with_token(args)).await.unwrap();
+    stop.store(true, SeqCst);
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert_eq!(code, 0, "{stderr}");
+    let version = report["version"].as_str().unwrap().to_string();
+    assert_eq!(report["swapped"]["head"]["version"], version.as_str(), "{report}");
+    assert_eq!(failed.load(SeqCst), 0, "requests failed while the job trained and swapped");
+    assert!(ok.load(SeqCst) > 0);
+
+    // Served now: the new version, computing what the trained weights compute.
+    let r: serde_json::Value = client
+        .post(format!("{url}/v1/pipelines/classify/infer"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["model_versions"]["head"], version.as_str(), "{r}");
+    let head = PathBuf::from(report["weights"]["head"].as_str().unwrap());
+    let dir = root().join("examples/pipelines");
+    let text = std::fs::read_to_string(dir.join("digits.toml")).unwrap().replace(
+        "weights = \"../../assets/digits/head.safetensors\"",
+        &format!("weights = {:?}", head.display().to_string()),
+    );
+    let registry = Registry::builtin();
+    let checked = maas_engine::load_sources(vec![SourceFile::new("digits.toml", text, dir)], &registry).unwrap();
+    let direct = Sequential::new(&checked.graph, &registry).unwrap();
+    let pixels: Vec<Vec<f32>> = serde_json::from_value(two_images()).unwrap();
+    let x = Tensor::new(pixels, &Device::Cpu).unwrap();
+    let want: Vec<Vec<f32>> = direct.run("classify", Values::from([("pixels".to_string(), Value::Tensor(x))])).unwrap()
+        ["probs"]
+        .as_tensor()
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let got: Vec<Vec<f32>> = serde_json::from_value(r["outputs"]["probs"].clone()).unwrap();
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        assert!((g - w).abs() < 1e-5, "served {g} vs trained weights {w}");
+    }
+    server.shut().await;
+}
+
+#[test]
+fn a_job_below_its_min_accuracy_swaps_nothing() {
+    let dir = out_dir("gate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let graph = std::fs::read_to_string(root().join("examples/training/digits.toml"))
+        .unwrap()
+        .replace("../../", &format!("{}/", root().display()))
+        .replace("seed = 7\n\n# Everything", "seed = 7\nmin_accuracy = 1.0\n\n# Everything");
+    std::fs::write(dir.join("job.toml"), graph).unwrap();
+    // Nothing listens at this URL: a swap attempt would fail the command.
+    let args = vec![
+        dir.join("job.toml").display().to_string(),
+        "--job".into(),
+        "head".into(),
+        "--epochs".into(),
+        "1".into(),
+        "--swap-into".into(),
+        "http://127.0.0.1:9".into(),
+        "--out".into(),
+        dir.join("out").display().to_string(),
+    ];
+    let (code, report, stderr) = train_with_token(args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(report["swap_refused"].as_str().unwrap().contains("below min_accuracy 1"), "{report}");
+    assert!(report["swapped"].is_null());
     let _ = std::fs::remove_dir_all(&dir);
 }
