@@ -534,6 +534,26 @@ fn with_baseline(mut report: serde_json::Value, base: Option<serde_json::Value>)
     report
 }
 
+/// The training jobs of graph files already checked (the files read again: they were just
+/// read whole, so this fails only in a race); `None` when a job has problems (printed).
+fn training_jobs(
+    files: &[PathBuf],
+    checked: &maas_graphs::Checked,
+    registry: &Registry,
+) -> anyhow::Result<Option<Vec<maas_train::job::Job>>> {
+    let sources = files
+        .iter()
+        .map(|f| maas_graphs::SourceFile::read(f).with_context(|| format!("reading {}", f.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    match maas_train::job::check(&sources, checked, registry) {
+        Ok(jobs) => Ok(Some(jobs)),
+        Err(diags) => {
+            print_diagnostics(&diags);
+            Ok(None)
+        }
+    }
+}
+
 /// `PUT URL/v1/submodels/NAME` with the trained weights as version `version`; the server's
 /// answer (`previous`, `version`, ...).
 async fn swap_over_http(
@@ -604,18 +624,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 for w in &checked.warnings {
                     eprintln!("{w}");
                 }
-                // The training jobs, against the checked graph (the files read again: they
-                // were just read whole, so this cannot fail but for a race).
-                let sources = files
-                    .iter()
-                    .map(|f| maas_graphs::SourceFile::read(f).with_context(|| format!("reading {}", f.display())))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let jobs = match maas_train::job::check(&sources, &checked, &registry) {
-                    Ok(jobs) => jobs,
-                    Err(diags) => {
-                        print_diagnostics(&diags);
-                        return Ok(ExitCode::FAILURE);
-                    }
+                let Some(jobs) = training_jobs(&files, &checked, &registry)? else {
+                    return Ok(ExitCode::FAILURE);
                 };
                 let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
                 let jobs =
@@ -648,16 +658,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             swap_into,
         } => {
             let checked = load(&files, &registry)?;
-            let sources = files
-                .iter()
-                .map(|f| maas_graphs::SourceFile::read(f).with_context(|| format!("reading {}", f.display())))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let jobs = match maas_train::job::check(&sources, &checked, &registry) {
-                Ok(jobs) => jobs,
-                Err(diags) => {
-                    print_diagnostics(&diags);
-                    return Ok(ExitCode::FAILURE);
-                }
+            let Some(jobs) = training_jobs(&files, &checked, &registry)? else {
+                return Ok(ExitCode::FAILURE);
             };
             let Some(mut j) = jobs.into_iter().find(|j| j.name == job) else {
                 bail!("no training job `{job}` in {}", describe(&files));

@@ -3,7 +3,7 @@
 //! file, so what it learns is saved as a file its kind serves unchanged) or a frozen one (its
 //! serving kernel, loaded by the registry, run forward only).
 //!
-//! The kinds that learn and their training forwards: `linear` (`weight` [out,in], optional
+//! The kinds that learn and their training forwards: `linear` (`weight` `[out,in]`, optional
 //! `bias`), `mlp` (`layers.{i}.weight`/`bias`, the activation between layers) and
 //! `digits_cnn` (`DigitsCnn`, the very code its kernel runs). A learning submodel starts from
 //! its weights file (`init = "weights"`), or from a seeded He-uniform init with zero biases
