@@ -9,6 +9,7 @@
 //! loss = { output = "head.out", kind = "cross_entropy" }   # node.port of the pipeline: logits
 //! data = { path = "../../data/digits.csv.gz", inputs = { pixels = "0..64" }, label = 64 }
 //! optimizer = { kind = "adamw", lr = 0.003, weight_decay = 0.0001 }  # or kind = "sgd", momentum
+//! lr_decay_to = 0.1                   # lr decays linearly to this fraction of itself (default 1)
 //! epochs = 20
 //! batch_size = 32
 //! held_out = 0.2                      # fraction of the rows kept for the accuracy
@@ -100,6 +101,8 @@ pub struct Job {
     pub data: DataSpec,
     /// The optimizer the parameter servers apply.
     pub optimizer: Optimizer,
+    /// The learning rate decays linearly over the training to this fraction of `lr` (1: constant).
+    pub lr_decay_to: f64,
     /// Passes over the training rows.
     pub epochs: usize,
     /// Rows per step (per worker).
@@ -141,6 +144,7 @@ struct JobToml {
     loss: Spanned<LossToml>,
     data: Spanned<DataToml>,
     optimizer: Option<Spanned<OptimizerToml>>,
+    lr_decay_to: Option<Spanned<f64>>,
     epochs: Option<Spanned<i64>>,
     batch_size: Option<Spanned<i64>>,
     held_out: Option<Spanned<f64>>,
@@ -441,6 +445,17 @@ fn check_job(
             opt.unwrap_or(Optimizer::adamw(1e-3))
         }
     };
+    let lr_decay_to = match job.lr_decay_to {
+        None => 1.0,
+        Some(f) if *f.get_ref() > 0.0 && *f.get_ref() <= 1.0 => *f.get_ref(),
+        Some(f) => {
+            report.error(
+                f.span(),
+                format!("`lr_decay_to` is a fraction of `lr`, 0 < lr_decay_to <= 1; got {}", f.get_ref()),
+            );
+            1.0
+        }
+    };
     let epochs = count(job.epochs, 10, "epochs", report);
     let batch_size = count(job.batch_size, 32, "batch_size", report);
     let workers = count(job.workers, 1, "workers", report);
@@ -514,6 +529,7 @@ fn check_job(
             },
         },
         optimizer,
+        lr_decay_to,
         epochs,
         batch_size,
         held_out,

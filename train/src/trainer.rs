@@ -171,6 +171,12 @@ fn digest(values: &[f32]) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
+/// The learning rate at `progress` (0 at the start, 1 at the end of training): `lr` decaying
+/// linearly to `lr * lr_decay_to`.
+fn scheduled_lr(job: &Job, progress: f64) -> f64 {
+    job.optimizer.lr() * (1.0 - (1.0 - job.lr_decay_to) * progress.clamp(0.0, 1.0))
+}
+
 /// The training and held-out rows: a shuffle seeded by `split_seed`, the last
 /// `ceil(held_out * rows)` held out.
 pub fn split(rows: usize, held_out: f64, split_seed: u64) -> (Vec<usize>, Vec<usize>) {
@@ -231,6 +237,8 @@ pub fn train(
         Mode::Sync => {
             let mut seen = 0usize;
             for epoch in 1..=job.epochs {
+                let lr = scheduled_lr(job, (epoch - 1) as f64 / (job.epochs.max(2) - 1) as f64);
+                servers.iter_mut().for_each(|(state, _)| state.set_lr(lr));
                 let orders: Vec<Vec<usize>> = shards
                     .iter()
                     .enumerate()
@@ -510,6 +518,11 @@ fn run_async(
                         // Each server applies its part as it arrives.
                         let stale = s.version() - push.read_version;
                         s.staleness.push(stale);
+                        let lr = scheduled_lr(
+                            job,
+                            s.version() as f64 / total.saturating_mul(job.workers as u64).max(1) as f64,
+                        );
+                        s.servers.iter_mut().for_each(|(state, _)| state.set_lr(lr));
                         for (k, range) in parts.iter().enumerate() {
                             match compress::decode(&push.parts[k], range.len()) {
                                 Ok(g) => {
@@ -566,4 +579,25 @@ fn run_async(
     *flat = s.flat;
     *servers = s.servers;
     Ok((seen, last, s.staleness, s.retries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learning_rate_decays_linearly_to_its_fraction() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/training/digits.toml");
+        let source = maas_graphs::SourceFile::read(&path).unwrap();
+        let registry = Registry::builtin();
+        let checked = maas_graphs::check(vec![source.clone()], &registry).unwrap();
+        let mut job = crate::job::check(&[source], &checked, &registry).unwrap().remove(0);
+        job.optimizer = crate::optim::Optimizer::adamw(0.01);
+        job.lr_decay_to = 0.1;
+        let lr = |p| scheduled_lr(&job, p);
+        assert!((lr(0.0) - 0.01).abs() < 1e-12 && (lr(1.0) - 0.001).abs() < 1e-12 && (lr(0.5) - 0.0055).abs() < 1e-12);
+        assert_eq!(lr(2.0), lr(1.0), "never below the end value");
+        job.lr_decay_to = 1.0;
+        assert_eq!(scheduled_lr(&job, 0.7), 0.01, "constant by default");
+    }
 }

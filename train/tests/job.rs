@@ -57,6 +57,7 @@ fn a_job_is_read_with_its_settings() {
     assert_eq!((j.epochs, j.batch_size, j.workers, j.servers, j.staleness), (5, 32, 2, 2, 1));
     assert_eq!((j.mode, j.init, j.compression), (Mode::Async, Init::Weights, Compression::TopK { density: 0.01 }));
     assert_eq!((j.split_seed, j.seed, j.error_feedback, j.min_accuracy), (1797, 7, true, Some(0.97)));
+    assert_eq!(j.lr_decay_to, 1.0, "constant by default");
     // The data the job names loads with its columns.
     let table = maas_train::data::load(&j.data.path, &j.data.columns).unwrap();
     assert_eq!(table.rows(), 1797);
@@ -111,6 +112,7 @@ fn every_mistake_is_located_and_named() {
         ("compression = \"topk:0.01\"", "compression = \"topk:2\"", "unknown compression `topk:2`"),
         ("min_accuracy = 0.97", "min_accuracy = 97", "`min_accuracy` is a fraction"),
         ("seed = 7", "seed = 7\nlearning_rate = 1", "unknown field `learning_rate`"),
+        ("seed = 7", "seed = 7\nlr_decay_to = 0.0", "`lr_decay_to` is a fraction of `lr`"),
     ];
     for (from, to, want) in cases {
         assert!(HEAD.contains(from), "{from}");
