@@ -172,12 +172,20 @@ impl Kind for Bert {
     }
 
     /// The file read whole, and every tensor of its header as f32 (what the model holds; a
-    /// tensor stored as f16 doubles).
+    /// tensor stored as f16 doubles); the fast encoder (on CPU in f32) counts the tensors twice:
+    /// it copies the embeddings and builds the stacked QKV weights while the loaded tensors are
+    /// still alive (an upper bound of that peak).
     fn memory_estimate(&self, spec: &SubmodelSpec) -> Result<u64> {
         let (_, path) = settings(spec).map_err(super::settings_error)?;
         let header = read_header(&path)?;
         let tensors = sum(header.values().map(|t| tensor_bytes(&t.shape, F32_BYTES)));
-        Ok(tensors.saturating_add(file_size(&path)))
+        let dtype = compute_dtype(spec).map_err(|e| super::settings_error(vec![e]))?;
+        let (imp, _) = implementation(spec).map_err(|e| super::settings_error(vec![e]))?;
+        let cpu = spec.device == maas_graphs::DeviceSpec::Cpu;
+        let fast =
+            imp == Implementation::Fast || (imp == Implementation::Auto && cpu && dtype == candle_core::DType::F32);
+        let held = if fast { tensors.saturating_mul(2) } else { tensors };
+        Ok(held.saturating_add(file_size(&path)))
     }
 }
 
