@@ -6,21 +6,7 @@ use std::process::Command;
 mod common;
 
 fn maas(args: &[&str]) -> (i32, serde_json::Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_maas"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run maas");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = if out.status.success() {
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"))
-    } else {
-        assert!(stdout.is_empty(), "a failed command wrote to stdout: {stdout}");
-        serde_json::Value::Null
-    };
-    (out.status.code().unwrap_or(-1), json, stderr)
+    common::maas_json(args, &[])
 }
 
 #[test]

@@ -7,7 +7,6 @@
 //! `min_accuracy` is not reached.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use maas_engine::Sequential;
@@ -28,22 +27,7 @@ fn out_dir(name: &str) -> PathBuf {
 
 /// Runs `maas train` and answers (exit code, the JSON report or Null, stderr).
 fn train(args: &[&str]) -> (i32, serde_json::Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_maas"))
-        .arg("train")
-        .args(args)
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run maas");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = if out.status.success() {
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"))
-    } else {
-        assert!(stdout.is_empty(), "a failed job wrote to stdout: {stdout}");
-        serde_json::Value::Null
-    };
-    (out.status.code().unwrap_or(-1), json, stderr)
+    common::maas_json(&[&["train"], args].concat(), &[])
 }
 
 /// The accuracy of `examples/pipelines/digits.toml` served with its head's weights from
@@ -190,17 +174,8 @@ fn bad_data_is_refused_before_training_with_its_line() {
 
 /// `maas train` with `MAAS_ADMIN_TOKEN` set.
 fn train_with_token(args: Vec<String>) -> (i32, serde_json::Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_maas"))
-        .arg("train")
-        .args(&args)
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .env("MAAS_ADMIN_TOKEN", "train-secret")
-        .output()
-        .expect("run maas");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap_or(-1), json, String::from_utf8_lossy(&out.stderr).into_owned())
+    let args: Vec<&str> = std::iter::once("train").chain(args.iter().map(String::as_str)).collect();
+    common::maas_json(&args, &[("MAAS_ADMIN_TOKEN", "train-secret")])
 }
 
 /// The committed two-image input of examples/inputs/digits.json.

@@ -155,3 +155,25 @@ impl Drop for ServeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Runs the `maas` binary from the repository root with `envs` set (RUST_LOG removed): the exit
+/// code, stdout as one JSON object (checked: a command that succeeds prints exactly one; one
+/// that fails prints nothing there) and stderr.
+pub(crate) fn maas_json(args: &[&str], envs: &[(&str, &str)]) -> (i32, serde_json::Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maas"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run maas");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = if out.status.success() {
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"))
+    } else {
+        assert!(stdout.is_empty(), "a failed command wrote to stdout: {stdout}");
+        serde_json::Value::Null
+    };
+    (out.status.code().unwrap_or(-1), json, stderr)
+}
