@@ -16,6 +16,14 @@
 //!   - `GET /v1/graph`: the graph served now, as TOML; `PUT /v1/graph` (TOML body,
 //!     `?dry_run=true` to only check and diff, `?allow_signature_change=true` to let pipeline
 //!     output types change): recompose, answering what changed.
+//!   - `POST /v1/training/{job}` (optional JSON body of overrides: `workers`, `servers`,
+//!     `mode`, `staleness`, `compression`, `error_feedback`, `epochs`, `seed`, `prune`,
+//!     `prune_epochs`, and `swap`, default true): start a training job of the served graph
+//!     files on the live engine; 202 with its status (404 no such job, 409 running already);
+//!   - `GET /v1/training/{job}`: its status (state, phase, epoch, loss, accuracy so far, the
+//!     report and swap once done); `GET /v1/training`: the jobs and their latest runs;
+//!   - `DELETE /v1/training/{job}` (or `POST /v1/training/{job}/cancel`): cancel it (it writes
+//!     and swaps nothing).
 //!
 //! Every error, including the ones axum raises itself (bad JSON, body too large, unknown route),
 //! is `{"error": {"kind": "...", "message": "..."}}` with a status that fits it.
@@ -34,7 +42,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use maas_engine::json::{self as values_json, RequestError};
-use maas_engine::{ChangeError, Engine, InferError, InferOptions, SwapRequest, VersionInfo};
+use maas_engine::{
+    ChangeError, Engine, InferError, InferOptions, SwapRequest, TrainingError, TrainingOptions, VersionInfo,
+};
 use maas_kernels::Values;
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
@@ -75,6 +85,11 @@ pub struct HttpConfig {
     /// (a body counts from its first byte until its request is answered); a body that would
     /// go over is answered 503 `overloaded` with `Retry-After`. At least `max_body`.
     pub body_memory: usize,
+    /// Training jobs `POST /v1/training/{job}` may start (the served graph files' own), by name.
+    pub training_jobs: Arc<BTreeMap<String, maas_train::job::Job>>,
+    /// Where jobs started on the server write their weights: `<dir>/<job>-<unix ms>/`. To be
+    /// swapped in, it must lie under the engine's file roots.
+    pub training_dir: std::path::PathBuf,
 }
 
 impl Default for HttpConfig {
@@ -86,6 +101,8 @@ impl Default for HttpConfig {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             metrics: Arc::default(),
             body_memory: DEFAULT_BODY_MEMORY,
+            training_jobs: Arc::default(),
+            training_dir: std::path::PathBuf::from("trained"),
         }
     }
 }
@@ -306,6 +323,9 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
         .route("/v1/submodels/{name}", axum::routing::put(swap))
         .route("/v1/submodels/{name}/rollback", post(rollback))
         .route("/v1/submodels/{name}/versions", get(versions))
+        .route("/v1/training", get(list_trainings))
+        .route("/v1/training/{job}", get(training_status).post(start_training).delete(cancel_training))
+        .route("/v1/training/{job}/cancel", post(cancel_training))
         // Bodies are read only once the caller is authenticated.
         .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
@@ -468,6 +488,18 @@ impl From<ChangeError> for ApiError {
             _ => None,
         };
         Self { status, kind: e.kind(), message: e.to_string(), diagnostics }
+    }
+}
+
+impl From<TrainingError> for ApiError {
+    fn from(e: TrainingError) -> Self {
+        let status = match &e {
+            TrainingError::NotStarted(_) => StatusCode::NOT_FOUND,
+            TrainingError::AlreadyRunning(_) | TrainingError::NotRunning(_) => StatusCode::CONFLICT,
+            TrainingError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            TrainingError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, e.kind(), e.to_string())
     }
 }
 
@@ -839,6 +871,79 @@ async fn detached<T: Send + 'static>(change: impl Future<Output = T> + Send + 's
     tokio::spawn(change)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the change failed: {e}")))
+}
+
+fn unknown_job(st: &AppState, job: &str) -> ApiError {
+    let known: Vec<&str> = st.config.training_jobs.keys().map(String::as_str).collect();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_training",
+        if known.is_empty() {
+            format!("no training job `{job}`: the served graph files define none")
+        } else {
+            format!("no training job `{job}`; the served graph files define {}", known.join(", "))
+        },
+    )
+}
+
+async fn start_training(
+    State(st): State<AppState>,
+    Path(job): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    // The body: the job's overrides, and `swap` (default true).
+    let mut fields: serde_json::Map<String, Json> = if body.iter().all(u8::is_ascii_whitespace) {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body).map_err(bad_body)?
+    };
+    let swap = match fields.remove("swap") {
+        None => true,
+        Some(Json::Bool(b)) => b,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("`swap` must be true or false, got {other}"),
+            ));
+        }
+    };
+    let overrides: maas_train::job::Overrides = serde_json::from_value(Json::Object(fields)).map_err(bad_body)?;
+    let spec = st.config.training_jobs.get(&job).cloned().ok_or_else(|| unknown_job(&st, &job))?;
+    let spec = overrides.apply(spec).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))?;
+    let out = st.config.training_dir.join(format!("{job}-{}", unix_ms(std::time::SystemTime::now())));
+    let status = st.engine.start_training(spec, TrainingOptions { out, swap })?;
+    Ok(json_response(StatusCode::ACCEPTED, serde_json::to_value(status).unwrap_or(Json::Null)))
+}
+
+async fn training_status(State(st): State<AppState>, Path(job): Path<String>) -> Result<Response, ApiError> {
+    match st.engine.training(&job) {
+        Some(status) => Ok(json_response(StatusCode::OK, serde_json::to_value(status).unwrap_or(Json::Null))),
+        None if st.config.training_jobs.contains_key(&job) => Err(TrainingError::NotStarted(job).into()),
+        None => Err(unknown_job(&st, &job)),
+    }
+}
+
+async fn cancel_training(State(st): State<AppState>, Path(job): Path<String>) -> Result<Response, ApiError> {
+    let status = st.engine.cancel_training(&job)?;
+    Ok(json_response(StatusCode::ACCEPTED, serde_json::to_value(status).unwrap_or(Json::Null)))
+}
+
+async fn list_trainings(State(st): State<AppState>) -> Response {
+    let jobs: Vec<Json> = st
+        .config
+        .training_jobs
+        .values()
+        .map(|j| {
+            json!({
+                "name": j.name, "pipeline": j.pipeline.as_str(),
+                "learn": j.learn.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "state": st.engine.training(&j.name).map(|s| s.state),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({ "jobs": jobs, "runs": st.engine.trainings() }))
 }
 
 fn unix_ms(t: std::time::SystemTime) -> u64 {

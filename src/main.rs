@@ -71,6 +71,13 @@ enum Command {
         /// Seed of the init and batch order (overrides `seed`).
         #[arg(long)]
         seed: Option<u64>,
+        /// After training, zero this fraction (0..1) of each learning weight matrix (the
+        /// smallest in magnitude) and fine-tune with them held at zero (overrides `prune`).
+        #[arg(long, value_name = "SPARSITY")]
+        prune: Option<f64>,
+        /// Epochs of the fine-tune after pruning (overrides `prune_epochs`).
+        #[arg(long)]
+        prune_epochs: Option<usize>,
         /// Where the trained weights are written (`<submodel>.safetensors`); default
         /// `trained/<job>`.
         #[arg(long)]
@@ -136,6 +143,11 @@ enum Command {
         /// invalid one is logged, and the served graph stays).
         #[arg(long)]
         watch: bool,
+        /// Where training jobs started on the server (`POST /v1/training/{job}`) write their
+        /// weights (`<DIR>/<job>-<unix ms>/`); swaps may read from it. Default: `training` in
+        /// --state-dir, else `./trained`. Created when the graph files define a job.
+        #[arg(long, value_name = "DIR")]
+        training_dir: Option<PathBuf>,
         /// The most memory loading may take (the graph at start, and each swap, rollback or
         /// recomposition): bytes, or with a unit (512MiB, 8GiB). Loads estimated above it, or
         /// above the memory available, are refused. Default: half the machine's memory.
@@ -345,12 +357,37 @@ struct ServeArgs {
     state_dir: Option<PathBuf>,
     model_roots: Vec<PathBuf>,
     watch: bool,
+    training_dir: Option<PathBuf>,
     max_load_memory: Option<u64>,
     limits: ServeLimits,
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory, limits } = args;
+    let ServeArgs {
+        files,
+        addr,
+        max_body,
+        max_rows,
+        state_dir,
+        model_roots,
+        watch,
+        training_dir,
+        max_load_memory,
+        limits,
+    } = args;
+    // The graph files' training jobs, checked like `maas validate` checks them.
+    let registry = Registry::builtin();
+    let jobs = if files.is_empty() {
+        Vec::new()
+    } else {
+        let checked = load(&files, &registry)?;
+        match training_jobs(&files, &checked, &registry)? {
+            Some(jobs) => jobs,
+            None => return Ok(ExitCode::FAILURE),
+        }
+    };
+    let training_dir = training_dir
+        .unwrap_or_else(|| state_dir.as_ref().map_or_else(|| PathBuf::from("trained"), |d| d.join("training")));
     let server_config = limits.server_config()?;
     if !(limits.body_timeout.is_finite() && limits.body_timeout > 0.0 && limits.body_timeout <= 86_400.0) {
         bail!("--body-timeout must be a number of seconds above 0 and at most 86400, not {}", limits.body_timeout);
@@ -392,6 +429,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 let dir = f.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
                 roots.push(dir.to_path_buf());
             }
+            if !jobs.is_empty() {
+                std::fs::create_dir_all(&training_dir)
+                    .with_context(|| format!("creating the training directory {}", training_dir.display()))?;
+                roots.push(training_dir.clone());
+            }
             options.file_roots = Some(roots);
             Engine::builder().options(options).from_files(&files).await?
         };
@@ -407,6 +449,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.max_rows = max_rows;
         config.body_timeout = Duration::from_secs_f64(limits.body_timeout);
         config.body_memory = limits.max_body_memory;
+        if !jobs.is_empty() {
+            logging::notice(format_args!(
+                "training jobs {} can be started with POST /v1/training/{{job}}; they write into {}",
+                jobs.iter().map(|j| j.name.as_str()).collect::<Vec<_>>().join(", "),
+                training_dir.display()
+            ));
+        }
+        config.training_jobs = std::sync::Arc::new(jobs.into_iter().map(|j| (j.name.clone(), j)).collect());
+        config.training_dir = training_dir;
         if config.admin_token.is_none() {
             logging::notice(format_args!("admin routes disabled (set MAAS_ADMIN_TOKEN to enable them)"));
         }
@@ -654,6 +705,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             no_error_feedback,
             epochs,
             seed,
+            prune,
+            prune_epochs,
             out,
             swap_into,
         } => {
@@ -661,38 +714,22 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let Some(jobs) = training_jobs(&files, &checked, &registry)? else {
                 return Ok(ExitCode::FAILURE);
             };
-            let Some(mut j) = jobs.into_iter().find(|j| j.name == job) else {
+            let Some(j) = jobs.into_iter().find(|j| j.name == job) else {
                 bail!("no training job `{job}` in {}", describe(&files));
             };
-            let positive = |v: usize, flag: &str| if v == 0 { bail!("--{flag} must be at least 1") } else { Ok(v) };
-            if let Some(w) = workers {
-                j.workers = positive(w, "workers")?;
-            }
-            if let Some(k) = servers {
-                j.servers = positive(k, "servers")?;
-            }
-            if let Some(e) = epochs {
-                j.epochs = positive(e, "epochs")?;
-            }
-            if let Some(m) = mode {
-                j.mode = match m.as_str() {
-                    "sync" => maas_train::job::Mode::Sync,
-                    "async" => maas_train::job::Mode::Async,
-                    other => bail!("--mode `{other}`: expected sync or async"),
-                };
-            }
-            if let Some(s) = staleness {
-                j.staleness = s;
-            }
-            if let Some(c) = compression {
-                j.compression = c.parse()?;
-            }
-            if no_error_feedback {
-                j.error_feedback = false;
-            }
-            if let Some(s) = seed {
-                j.seed = s;
-            }
+            let overrides = maas_train::job::Overrides {
+                workers,
+                servers,
+                mode,
+                staleness,
+                compression,
+                error_feedback: no_error_feedback.then_some(false),
+                epochs,
+                seed,
+                prune,
+                prune_epochs,
+            };
+            let j = overrides.apply(j).map_err(|e| anyhow::anyhow!("job `{job}`: {e}"))?;
             let token = match &swap_into {
                 None => None,
                 Some(_) if j.learn.len() != 1 => bail!(
@@ -704,7 +741,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Some(_) => Some(std::env::var("MAAS_ADMIN_TOKEN").context("--swap-into needs MAAS_ADMIN_TOKEN")?),
             };
             let out = out.unwrap_or_else(|| PathBuf::from("trained").join(&j.name));
-            let progress = |line: &str| eprintln!("{}: {line}", job);
+            let progress = |p: &maas_train::trainer::Progress| eprintln!("{job}: {p}");
             let report = maas_train::trainer::train(&checked.graph, &j, &registry, &out, &progress)?;
             let mut json = serde_json::to_value(&report)?;
             if let (Some(url), Some(token)) = (swap_into, token) {
@@ -757,9 +794,29 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Serve { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory, limits } => {
-            serve(ServeArgs { files, addr, max_body, max_rows, state_dir, model_roots, watch, max_load_memory, limits })
-        }
+        Command::Serve {
+            files,
+            addr,
+            max_body,
+            max_rows,
+            state_dir,
+            model_roots,
+            watch,
+            training_dir,
+            max_load_memory,
+            limits,
+        } => serve(ServeArgs {
+            files,
+            addr,
+            max_body,
+            max_rows,
+            state_dir,
+            model_roots,
+            watch,
+            training_dir,
+            max_load_memory,
+            limits,
+        }),
         Command::Bench {
             url: Some(url),
             protocol,

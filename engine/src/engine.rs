@@ -196,6 +196,7 @@ impl EngineBuilder {
                 change_lock: tokio::sync::Mutex::new(()),
                 change_counts: ChangeCounts::default(),
                 revision: AtomicU64::new(revision),
+                trainings: Default::default(),
             }),
         })
     }
@@ -525,6 +526,8 @@ pub(crate) struct Inner {
     pub(crate) change_counts: ChangeCounts,
     /// Changes applied so far (kept in the state directory across restarts).
     pub(crate) revision: AtomicU64,
+    /// Training jobs started on this engine, by job name (the latest run of each).
+    pub(crate) trainings: crate::training::Trainings,
 }
 
 /// The engine a service embeds: serves pipelines from a checked graph with supervised,
@@ -711,6 +714,8 @@ impl Engine {
         if self.inner.shutting_down.swap(true, Relaxed) {
             return 0;
         }
+        // Training jobs stop (cancelled: nothing of theirs is written or swapped).
+        self.inner.trainings.cancel_all();
         // A change in progress either switches before this or is refused: wait for it, so that
         // nothing it started outlives the shutdown.
         drop(self.inner.change_lock.lock().await);

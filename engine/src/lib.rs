@@ -40,6 +40,7 @@ mod memory;
 mod metrics;
 mod sequential;
 mod state;
+mod training;
 
 pub use change::{
     ChangeError, OutputTypeChange, RecomposeOptions, Recomposed, SwapRequest, Swapped, VersionInfo, Versions,
@@ -52,6 +53,7 @@ pub use memory::{TooLarge, default_max_load_bytes, parse_bytes};
 pub use metrics::{MetricsSnapshot, PipelineSnapshot, SubmodelSnapshot};
 pub use sequential::Sequential;
 pub use state::{STATE_FILE, has_record};
+pub use training::{TrainingError, TrainingOptions, TrainingState, TrainingStatus};
 
 use std::path::Path;
 

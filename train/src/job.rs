@@ -22,6 +22,8 @@
 //! compression = "none"                # topk:DENSITY, int8, sign
 //! error_feedback = true
 //! min_accuracy = 0.97                 # optional: below it, nothing is swapped in
+//! prune = 0.5                         # optional: zero the smallest half of each weight matrix,
+//! prune_epochs = 4                    #   then fine-tune this long (default epochs / 5)
 //! ```
 //!
 //! Every problem is a diagnostic at `file:line:col`: an unknown key, a value of the wrong
@@ -127,6 +129,11 @@ pub struct Job {
     pub error_feedback: bool,
     /// Below this held-out accuracy (0..1) the job swaps nothing in.
     pub min_accuracy: Option<f64>,
+    /// After training, zero this fraction (0..1) of each learning weight matrix's entries, the
+    /// smallest in magnitude, then fine-tune with them held at zero.
+    pub prune: Option<f64>,
+    /// Epochs of that fine-tune (default: a fifth of `epochs`, at least 1).
+    pub prune_epochs: usize,
 }
 
 #[derive(Deserialize, Default)]
@@ -157,6 +164,8 @@ struct JobToml {
     compression: Option<Spanned<String>>,
     error_feedback: Option<bool>,
     min_accuracy: Option<Spanned<f64>>,
+    prune: Option<Spanned<f64>>,
+    prune_epochs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -502,6 +511,18 @@ fn check_job(
             None
         }
     };
+    let prune = match job.prune {
+        None => None,
+        Some(p) if (0.0..1.0).contains(p.get_ref()) => Some(*p.get_ref()),
+        Some(p) => {
+            report.error(
+                p.span(),
+                format!("`prune` is the fraction of weights zeroed, 0 <= prune < 1; got {}", p.get_ref()),
+            );
+            None
+        }
+    };
+    let prune_epochs = count(job.prune_epochs, (epochs / 5).max(1), "prune_epochs", report);
     let seed = job.seed.unwrap_or(0);
 
     if report.diags.len() > errors_before {
@@ -542,5 +563,79 @@ fn check_job(
         compression,
         error_feedback: job.error_feedback.unwrap_or(true),
         min_accuracy,
+        prune,
+        prune_epochs,
     })
+}
+
+/// Settings a run may change from what its job says (`maas train`'s flags, the body of
+/// `POST /v1/training/{job}`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Data-parallel workers.
+    pub workers: Option<usize>,
+    /// Parameter servers.
+    pub servers: Option<usize>,
+    /// `sync` or `async`.
+    pub mode: Option<String>,
+    /// Async staleness bound.
+    pub staleness: Option<u64>,
+    /// `none`, `topk:DENSITY`, `int8`, `sign`.
+    pub compression: Option<String>,
+    /// Error feedback on or off.
+    pub error_feedback: Option<bool>,
+    /// Passes over the training rows.
+    pub epochs: Option<usize>,
+    /// Seed of the init and the batch order.
+    pub seed: Option<u64>,
+    /// Prune to this sparsity after training (0..1), then fine-tune.
+    pub prune: Option<f64>,
+    /// Epochs of that fine-tune.
+    pub prune_epochs: Option<usize>,
+}
+
+impl Overrides {
+    /// `job` with these settings; the first bad value says why.
+    pub fn apply(&self, mut job: Job) -> Result<Job, String> {
+        let positive = |v: usize, key: &str| if v == 0 { Err(format!("`{key}` must be at least 1")) } else { Ok(v) };
+        if let Some(w) = self.workers {
+            job.workers = positive(w, "workers")?;
+        }
+        if let Some(k) = self.servers {
+            job.servers = positive(k, "servers")?;
+        }
+        if let Some(e) = self.epochs {
+            job.epochs = positive(e, "epochs")?;
+        }
+        if let Some(e) = self.prune_epochs {
+            job.prune_epochs = positive(e, "prune_epochs")?;
+        }
+        if let Some(m) = &self.mode {
+            job.mode = match m.as_str() {
+                "sync" => Mode::Sync,
+                "async" => Mode::Async,
+                other => return Err(format!("mode `{other}`: expected sync or async")),
+            };
+        }
+        if let Some(s) = self.staleness {
+            job.staleness = s;
+        }
+        if let Some(c) = &self.compression {
+            job.compression = c.parse().map_err(|e: crate::compress::ParseCompressionError| e.to_string())?;
+        }
+        if let Some(f) = self.error_feedback {
+            job.error_feedback = f;
+        }
+        if let Some(s) = self.seed {
+            job.seed = s;
+        }
+        if let Some(p) = self.prune {
+            if !(0.0..1.0).contains(&p) {
+                return Err(format!("prune is the fraction of weights zeroed, 0 <= prune < 1; got {p}"));
+            }
+            job.prune = Some(p);
+        }
+        Ok(job)
+    }
 }

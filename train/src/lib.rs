@@ -16,6 +16,7 @@
 //! - [`trainer`]: a job run by data-parallel workers and parameter servers exchanging byte
 //!   messages, sync or async within a staleness bound; writes the trained weights.
 
+pub mod actors;
 pub mod compress;
 pub mod data;
 pub mod job;

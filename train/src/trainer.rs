@@ -26,21 +26,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use maas_graphs::Graph;
 use maas_kernels::Registry;
+use ractor::{Actor, ActorRef};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
-use crate::compress::{self, Compressor};
+use crate::actors::{
+    EpochLog, Event, GateMessage, JobActor, JobArgs, JobMessage, ServerMessage, Shared, read_params, snapshot,
+};
+use crate::compress;
 use crate::data::{self, Table};
 use crate::job::{Job, Mode};
 use crate::model::{Model, ModelError};
-use crate::optim::OptimizerState;
 use crate::partition::{Layout, ranges};
 
 /// Why a job failed (nothing is written then).
@@ -65,6 +68,20 @@ pub enum TrainError {
     /// A message between workers and servers was refused.
     #[error("message between worker and server: {0}")]
     Message(#[from] compress::MessageError),
+    /// The job was cancelled.
+    #[error("the job was cancelled; nothing was written")]
+    Cancelled,
+    /// An actor of the job stopped while another waited for it (the job is ending).
+    #[error("the job's actors stopped")]
+    Stopped,
+    /// A worker, server or the gate failed (a panic, a refused message); the job stopped.
+    #[error("{actor} failed: {reason}; the job stopped and nothing was written")]
+    ActorFailed {
+        /// Which actor.
+        actor: String,
+        /// Why.
+        reason: String,
+    },
     /// Something else (a thread, the output directory).
     #[error("{0}")]
     Other(String),
@@ -128,10 +145,13 @@ pub struct Report {
     pub weights: BTreeMap<String, PathBuf>,
     /// A version for the trained weights: the job's name and a digest of their values.
     pub version: String,
+    /// What pruning did (`prune` set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<Pruning>,
 }
 
 /// Inputs and labels of some rows, as tensors.
-fn batch(table: &Table, rows: &[usize]) -> Result<(BTreeMap<String, Tensor>, Tensor), TrainError> {
+pub(crate) fn batch(table: &Table, rows: &[usize]) -> Result<(BTreeMap<String, Tensor>, Tensor), TrainError> {
     let part = table.select(rows);
     let mut inputs = BTreeMap::new();
     for (name, width, values) in part.inputs {
@@ -173,7 +193,7 @@ fn digest(values: &[f32]) -> u64 {
 
 /// The learning rate at `progress` (0 at the start, 1 at the end of training): `lr` decaying
 /// linearly to `lr * lr_decay_to`.
-fn scheduled_lr(job: &Job, progress: f64) -> f64 {
+pub(crate) fn scheduled_lr(job: &Job, progress: f64) -> f64 {
     job.optimizer.lr() * (1.0 - (1.0 - job.lr_decay_to) * progress.clamp(0.0, 1.0))
 }
 
@@ -187,180 +207,237 @@ pub fn split(rows: usize, held_out: f64, split_seed: u64) -> (Vec<usize>, Vec<us
     (order, test_rows)
 }
 
-/// What a worker sends: its loss and batch size, and one message per server.
-struct Push {
-    worker: usize,
-    loss: f32,
-    rows: usize,
-    /// The parameter version it computed on (async).
-    read_version: u64,
-    parts: Vec<Vec<u8>>,
+/// How a training goes, once per epoch.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Progress {
+    /// `train`, or `fine_tune` (after pruning).
+    pub phase: &'static str,
+    /// Epochs done in this phase (from 1).
+    pub epoch: usize,
+    /// Epochs of this phase.
+    pub epochs: usize,
+    /// Mean training loss of the epoch.
+    pub loss: f64,
+    /// Held-out accuracy after it, 0..1.
+    pub accuracy: f64,
 }
 
-/// Runs `job` on `graph` and writes the trained submodels into `out`.
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phase = if self.phase == "train" { "epoch" } else { "fine-tune epoch" };
+        write!(
+            f,
+            "{phase} {}/{}: loss {:.4}, held-out accuracy {:.2}%",
+            self.epoch,
+            self.epochs,
+            self.loss,
+            100.0 * self.accuracy
+        )
+    }
+}
+
+/// What pruning did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pruning {
+    /// The fraction of each weight matrix zeroed.
+    pub sparsity: f64,
+    /// Held-out accuracy before pruning.
+    pub accuracy_before: f64,
+    /// Right after zeroing, before the fine-tune.
+    pub accuracy_pruned: f64,
+    /// After the fine-tune (the job's `accuracy`).
+    pub accuracy_after: f64,
+    /// Fine-tune epochs.
+    pub fine_tune_epochs: usize,
+    /// Non-zero entries of the pruned tensors (every learning tensor of rank 2 or more) after
+    /// the fine-tune.
+    pub nonzero: usize,
+    /// Entries of those tensors.
+    pub total: usize,
+    /// Non-zero entries of every learning tensor (biases included) after the fine-tune.
+    pub nonzero_all: usize,
+}
+
+/// The `sparsity` smallest-magnitude entries of every tensor of rank 2 or more, over the
+/// flat layout (true: zeroed).
+pub fn magnitude_mask(layout: &Layout, flat: &[f32], sparsity: f64) -> Vec<bool> {
+    let mut mask = vec![false; flat.len()];
+    for (_, shape, range) in layout.tensors() {
+        if shape.len() < 2 {
+            continue;
+        }
+        let mut order: Vec<usize> = range.clone().collect();
+        order.sort_by(|a, b| flat[*a].abs().total_cmp(&flat[*b].abs()).then(a.cmp(b)));
+        let k = (sparsity * range.len() as f64).floor() as usize;
+        for &i in &order[..k.min(order.len())] {
+            mask[i] = true;
+        }
+    }
+    mask
+}
+
+/// Runs `job` on `graph` and writes the trained submodels into `out`: the job's actors on a
+/// runtime of its own (call it from outside any async runtime; inside one, use [`run`]).
 pub fn train(
     graph: &Graph,
     job: &Job,
     registry: &Registry,
     out: &Path,
-    progress: &(dyn Fn(&str) + Sync),
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Report, TrainError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("maas-train-rt")
+        .enable_all()
+        .build()
+        .map_err(|e| TrainError::Other(format!("the training runtime: {e}")))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    runtime.block_on(run(Arc::new(graph.clone()), job.clone(), registry.clone(), out.to_path_buf(), cancel, progress))
+}
+
+/// What the coordinator knows before the actors start.
+struct Setup {
+    table: Arc<Table>,
+    model: Arc<Model>,
+    layout: Layout,
+    init: Vec<f32>,
+    train_rows: Vec<usize>,
+    test_rows: Arc<Vec<usize>>,
+    shards: Vec<Vec<usize>>,
+}
+
+/// What one phase (training, or pruning's fine-tune) ends with.
+struct Phase {
+    flat: Vec<f32>,
+    loss: f64,
+    samples: usize,
+    steps: u64,
+    bytes_sent: u64,
+    bytes_dense: u64,
+    staleness: Vec<u64>,
+    retries: u64,
+}
+
+/// Held-out accuracy of `flat`, off the async threads.
+async fn evaluate(setup: &Setup, flat: Vec<f32>) -> Result<f64, TrainError> {
+    let (model, table, rows, values) =
+        (setup.model.clone(), setup.table.clone(), setup.test_rows.clone(), setup.layout.unflatten(&flat));
+    tokio::task::spawn_blocking(move || {
+        model.set_values(&values)?;
+        accuracy(&model, &table, &rows)
+    })
+    .await
+    .map_err(|e| TrainError::Other(format!("evaluation: {e}")))?
+}
+
+/// Runs `job` on `graph`, its workers, parameter servers and gate as actors on the current
+/// runtime, and writes the trained submodels into `out`. Setting `cancel` stops it with
+/// [`TrainError::Cancelled`]; a failed or cancelled job writes nothing.
+pub async fn run(
+    graph: Arc<Graph>,
+    job: Job,
+    registry: Registry,
+    out: PathBuf,
+    cancel: Arc<AtomicBool>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Report, TrainError> {
     let start = Instant::now();
-    let table = Arc::new(data::load(&job.data.path, &job.data.columns)?);
-    let (train_rows, test_rows) = split(table.rows(), job.held_out, job.split_seed);
-    if train_rows.is_empty() {
-        return Err(TrainError::Other("no training rows are left after the held-out split".into()));
-    }
-    let models: Vec<Model> = (0..job.workers).map(|_| Model::new(graph, job, registry)).collect::<Result<_, _>>()?;
-    let layout = Layout::new(&models[0].shapes());
-    let mut flat = layout.flatten(&models[0].values()?).map_err(TrainError::Other)?;
-    let parts = ranges(layout.len(), job.servers);
-
-    // Shards: round robin over a seeded shuffle of the training rows.
-    let mut shuffled = train_rows.clone();
-    shuffled.shuffle(&mut rand::rngs::StdRng::seed_from_u64(job.seed));
-    let shards: Vec<Vec<usize>> =
-        (0..job.workers).map(|w| shuffled.iter().skip(w).step_by(job.workers).copied().collect()).collect();
-    let steps_per_epoch = shards.iter().map(|s| s.len().div_ceil(job.batch_size)).max().unwrap_or(1);
-
-    let mut servers: Vec<(OptimizerState, u64)> =
-        parts.iter().map(|r| (OptimizerState::new(job.optimizer, r.len()), 0)).collect();
-    let mut compressors: Vec<Vec<Compressor>> = (0..job.workers)
-        .map(|_| parts.iter().map(|_| Compressor::new(job.compression, job.error_feedback)).collect())
-        .collect();
-
-    let mut last_loss = f64::NAN;
-    let mut staleness_seen: Vec<u64> = Vec::new();
-    let mut retries = 0;
-    let samples;
-    match job.mode {
-        Mode::Sync => {
-            let mut seen = 0usize;
-            for epoch in 1..=job.epochs {
-                let lr = scheduled_lr(job, (epoch - 1) as f64 / (job.epochs.max(2) - 1) as f64);
-                servers.iter_mut().for_each(|(state, _)| state.set_lr(lr));
-                let orders: Vec<Vec<usize>> = shards
-                    .iter()
-                    .enumerate()
-                    .map(|(w, s)| {
-                        let mut o = s.clone();
-                        o.shuffle(&mut rand::rngs::StdRng::seed_from_u64(job.seed ^ ((epoch as u64) << 32) ^ w as u64));
-                        o
-                    })
-                    .collect();
-                let (mut loss_sum, mut rows_sum) = (0f64, 0usize);
-                for step in 0..steps_per_epoch {
-                    // Every worker computes on the same parameters, in parallel.
-                    let values = layout.unflatten(&flat);
-                    let pushes: Vec<Result<Push, TrainError>> = std::thread::scope(|scope| {
-                        let handles: Vec<_> = models
-                            .iter()
-                            .zip(compressors.iter_mut())
-                            .enumerate()
-                            .map(|(w, (model, comps))| {
-                                let (order, values, table, layout, parts) =
-                                    (&orders[w], &values, &table, &layout, &parts);
-                                scope.spawn(move || -> Result<Push, TrainError> {
-                                    // The shard's next rows, wrapping round a shorter shard.
-                                    let rows: Vec<usize> = (0..job.batch_size.min(order.len()))
-                                        .map(|i| order[(step * job.batch_size + i) % order.len()])
-                                        .collect();
-                                    model.set_values(values)?;
-                                    let (inputs, labels) = batch(table, &rows)?;
-                                    let (loss, grads) = model.gradients(&inputs, &labels)?;
-                                    let g = layout.flatten(&grads).map_err(TrainError::Other)?;
-                                    let parts = parts
-                                        .iter()
-                                        .zip(comps.iter_mut())
-                                        .map(|(r, c)| c.encode(&g[r.clone()]))
-                                        .collect::<Result<Vec<_>, _>>()?;
-                                    Ok(Push { worker: w, loss, rows: rows.len(), read_version: 0, parts })
-                                })
-                            })
-                            .collect();
-                        handles
-                            .into_iter()
-                            .map(|h| h.join().unwrap_or_else(|_| Err(TrainError::Other("a worker panicked".into()))))
-                            .collect()
-                    });
-                    let pushes = pushes.into_iter().collect::<Result<Vec<_>, _>>()?;
-                    for p in &pushes {
-                        if !p.loss.is_finite() {
-                            return Err(TrainError::Diverged { loss: p.loss, epoch, step: step + 1 });
-                        }
-                        loss_sum += f64::from(p.loss) * p.rows as f64;
-                        rows_sum += p.rows;
-                    }
-                    // Each server: the workers' parts in worker order, averaged, applied.
-                    for (k, (range, (state, version))) in parts.iter().zip(servers.iter_mut()).enumerate() {
-                        let mut sum = vec![0f32; range.len()];
-                        for p in &pushes {
-                            let g = compress::decode(&p.parts[k], range.len())?;
-                            for (s, v) in sum.iter_mut().zip(g) {
-                                *s += v;
-                            }
-                        }
-                        let scale = 1.0 / pushes.len() as f32;
-                        sum.iter_mut().for_each(|s| *s *= scale);
-                        state.step(&mut flat[range.clone()], &sum);
-                        *version += 1;
-                    }
-                }
-                seen += rows_sum;
-                last_loss = loss_sum / rows_sum.max(1) as f64;
-                models[0].set_values(&layout.unflatten(&flat))?;
-                let acc = accuracy(&models[0], &table, &test_rows)?;
-                progress(&format!(
-                    "epoch {epoch}/{}: loss {last_loss:.4}, held-out accuracy {:.2}%",
-                    job.epochs,
-                    100.0 * acc
-                ));
+    let setup = {
+        let (graph, job, registry) = (graph.clone(), job.clone(), registry.clone());
+        tokio::task::spawn_blocking(move || -> Result<Setup, TrainError> {
+            let table = Arc::new(data::load(&job.data.path, &job.data.columns)?);
+            let (train_rows, test_rows) = split(table.rows(), job.held_out, job.split_seed);
+            if train_rows.is_empty() {
+                return Err(TrainError::Other("no training rows are left after the held-out split".into()));
             }
-            samples = seen;
+            let model = Model::new(&graph, &job, &registry)?;
+            let layout = Layout::new(&model.shapes());
+            let init = layout.flatten(&model.values()?).map_err(TrainError::Other)?;
+            // Shards: round robin over a seeded shuffle of the training rows.
+            let mut shuffled = train_rows.clone();
+            shuffled.shuffle(&mut rand::rngs::StdRng::seed_from_u64(job.seed));
+            let shards =
+                (0..job.workers).map(|w| shuffled.iter().skip(w).step_by(job.workers).copied().collect()).collect();
+            Ok(Setup {
+                table,
+                model: Arc::new(model),
+                layout,
+                init,
+                train_rows,
+                test_rows: Arc::new(test_rows),
+                shards,
+            })
+        })
+        .await
+        .map_err(|e| TrainError::Other(format!("setting up: {e}")))??
+    };
+
+    let trained = phase(&graph, &job, &registry, &setup, setup.init.clone(), None, "train", &cancel, progress).await?;
+    let mut accuracy = evaluate(&setup, trained.flat.clone()).await?;
+    let mut last = trained;
+    let mut total = last.clone_counts();
+    let mut pruning = None;
+    if let Some(sparsity) = job.prune {
+        let mask = magnitude_mask(&setup.layout, &last.flat, sparsity);
+        let mut pruned = last.flat.clone();
+        pruned.iter_mut().zip(&mask).filter(|(_, z)| **z).for_each(|(p, _)| *p = 0.0);
+        let accuracy_pruned = evaluate(&setup, pruned.clone()).await?;
+        // The fine-tune: the job's final learning rate, constant, the pruned entries held at 0.
+        let mut tune = job.clone();
+        tune.epochs = job.prune_epochs;
+        tune.optimizer = job.optimizer.with_lr(job.optimizer.lr() * job.lr_decay_to);
+        tune.lr_decay_to = 1.0;
+        let tuned = phase(&graph, &tune, &registry, &setup, pruned, Some(mask), "fine_tune", &cancel, progress).await?;
+        let accuracy_after = evaluate(&setup, tuned.flat.clone()).await?;
+        let (mut nonzero, mut entries) = (0, 0);
+        for (_, shape, range) in setup.layout.tensors() {
+            if shape.len() >= 2 {
+                nonzero += tuned.flat[range.clone()].iter().filter(|v| **v != 0.0).count();
+                entries += range.len();
+            }
         }
-        Mode::Async => {
-            let (seen, loss, stale, r) = run_async(
-                job,
-                &models,
-                &layout,
-                &parts,
-                &mut flat,
-                &mut servers,
-                &mut compressors,
-                &shards,
-                &table,
-                &test_rows,
-                progress,
-            )?;
-            samples = seen;
-            last_loss = loss;
-            staleness_seen = stale;
-            retries = r;
-        }
+        pruning = Some(Pruning {
+            sparsity,
+            accuracy_before: accuracy,
+            accuracy_pruned,
+            accuracy_after,
+            fine_tune_epochs: tune.epochs,
+            nonzero,
+            total: entries,
+            nonzero_all: tuned.flat.iter().filter(|v| **v != 0.0).count(),
+        });
+        accuracy = accuracy_after;
+        total.add(&tuned);
+        last = tuned;
     }
 
-    models[0].set_values(&layout.unflatten(&flat))?;
-    let accuracy = accuracy(&models[0], &table, &test_rows)?;
-    let weights = models[0].save(out)?;
-    let (bytes_sent, bytes_dense) =
-        compressors.iter().flatten().fold((0, 0), |(s, d), c| (s + c.bytes_sent(), d + c.bytes_dense()));
+    let flat = last.flat;
+    let weights = {
+        let (model, values, out) = (setup.model.clone(), setup.layout.unflatten(&flat), out.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, TrainError> {
+            model.set_values(&values)?;
+            Ok(model.save(&out)?)
+        })
+        .await
+        .map_err(|e| TrainError::Other(format!("saving: {e}")))??
+    };
     let staleness = Staleness {
-        max: staleness_seen.iter().copied().max().unwrap_or(0),
-        mean: if staleness_seen.is_empty() {
+        max: total.staleness.iter().copied().max().unwrap_or(0),
+        mean: if total.staleness.is_empty() {
             0.0
         } else {
-            staleness_seen.iter().sum::<u64>() as f64 / staleness_seen.len() as f64
+            total.staleness.iter().sum::<u64>() as f64 / total.staleness.len() as f64
         },
         bound: job.staleness,
-        retries,
+        retries: total.retries,
     };
     let elapsed = start.elapsed().as_secs_f64();
     Ok(Report {
         job: job.name.clone(),
         accuracy,
-        loss: last_loss,
+        loss: last.loss,
         epochs: job.epochs,
-        steps: servers.first().map(|s| s.1).unwrap_or(0),
+        steps: total.steps,
         workers: job.workers,
         servers: job.servers,
         mode: match job.mode {
@@ -369,216 +446,172 @@ pub fn train(
         },
         compression: job.compression.to_string(),
         error_feedback: job.error_feedback,
-        bytes_sent,
-        bytes_dense,
+        bytes_sent: total.bytes_sent,
+        bytes_dense: total.bytes_dense,
         staleness,
         elapsed_s: elapsed,
-        samples_per_s: samples as f64 / elapsed.max(1e-9),
-        rows: (train_rows.len(), test_rows.len()),
+        samples_per_s: total.samples as f64 / elapsed.max(1e-9),
+        rows: (setup.train_rows.len(), setup.test_rows.len()),
         weights,
         version: format!("{}-{:016x}", job.name, digest(&flat)),
+        pruning,
     })
 }
 
-/// The parameter servers' shared state in async mode.
-struct AsyncState {
-    flat: Vec<f32>,
-    servers: Vec<(OptimizerState, u64)>,
-    /// Per worker: the version it read, while its gradient is being computed or waits.
-    in_flight: Vec<Option<u64>>,
-    /// Per worker: waiting to push.
-    waiting: Vec<bool>,
-    staleness: Vec<u64>,
-    retries: u64,
-    failed: Option<String>,
-}
-
-impl AsyncState {
-    fn version(&self) -> u64 {
-        self.servers.first().map(|s| s.1).unwrap_or(0)
+impl Phase {
+    /// Its counters, without the parameters.
+    fn clone_counts(&self) -> Self {
+        Self {
+            flat: Vec::new(),
+            loss: self.loss,
+            samples: self.samples,
+            steps: self.steps,
+            bytes_sent: self.bytes_sent,
+            bytes_dense: self.bytes_dense,
+            staleness: self.staleness.clone(),
+            retries: self.retries,
+        }
     }
 
-    /// Whether `w`'s push would leave another gradient in flight more than `bound` behind.
-    fn push_blocked(&self, w: usize, bound: u64) -> bool {
-        let next = self.version() + 1;
-        self.in_flight.iter().enumerate().any(|(j, r)| j != w && r.is_some_and(|r| next - r > bound))
-    }
-
-    /// Every gradient in flight waits, and `w` is the lowest-numbered of the oldest: the tie
-    /// that would wait forever.
-    fn must_retry(&self, w: usize) -> bool {
-        let flying: Vec<(usize, u64)> =
-            self.in_flight.iter().enumerate().filter_map(|(j, r)| r.map(|r| (j, r))).collect();
-        flying.iter().all(|(j, _)| *j == w || self.waiting[*j])
-            && flying.iter().min_by_key(|(j, r)| (*r, *j)).is_some_and(|(j, _)| *j == w)
+    /// Adds `other`'s counters.
+    fn add(&mut self, other: &Phase) {
+        self.samples += other.samples;
+        self.steps += other.steps;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_dense += other.bytes_dense;
+        self.staleness.extend(&other.staleness);
+        self.retries += other.retries;
     }
 }
 
+/// One phase: the job's actors started from `init` (with `mask`'s entries held at zero), run
+/// to the end of `job.epochs`, their parameters read back, the actors stopped.
 #[allow(clippy::too_many_arguments)]
-fn run_async(
+async fn phase(
+    graph: &Arc<Graph>,
     job: &Job,
-    models: &[Model],
-    layout: &Layout,
+    registry: &Registry,
+    setup: &Setup,
+    init: Vec<f32>,
+    mask: Option<Vec<bool>>,
+    name: &'static str,
+    cancel: &Arc<AtomicBool>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Phase, TrainError> {
+    let parts = ranges(setup.layout.len(), job.servers);
+    let steps_per_epoch = setup.shards.iter().map(|s| s.len().div_ceil(job.batch_size)).max().unwrap_or(1);
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        job: job.clone(),
+        graph: graph.clone(),
+        registry: registry.clone(),
+        table: setup.table.clone(),
+        layout: setup.layout.clone(),
+        parts: parts.clone(),
+        steps_per_epoch,
+        mask,
+        cancel: cancel.clone(),
+        events,
+    });
+    let args = JobArgs {
+        params: parts.iter().map(|r| init[r.clone()].to_vec()).collect(),
+        shards: setup.shards.clone(),
+        shared: shared.clone(),
+    };
+    drop(shared);
+    let (actor, handle) = Actor::spawn(None, JobActor, args)
+        .await
+        .map_err(|e| TrainError::ActorFailed { actor: "the job".into(), reason: e.to_string() })?;
+    let result = drive(job, setup, &parts, steps_per_epoch, name, &actor, &mut rx, progress).await;
+    actor.stop(None);
+    let _ = handle.await;
+    result
+}
+
+/// The coordinator's loop: events until every worker is done, then the parameters.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    job: &Job,
+    setup: &Setup,
     parts: &[std::ops::Range<usize>],
-    flat: &mut Vec<f32>,
-    servers: &mut Vec<(OptimizerState, u64)>,
-    compressors: &mut [Vec<Compressor>],
-    shards: &[Vec<usize>],
-    table: &Table,
-    test_rows: &[usize],
-    progress: &(dyn Fn(&str) + Sync),
-) -> Result<(usize, f64, Vec<u64>, u64), TrainError> {
-    let steps_per_epoch = shards.iter().map(|s| s.len().div_ceil(job.batch_size)).max().unwrap_or(1) as u64;
-    let total = steps_per_epoch * job.epochs as u64;
-    let shared = Mutex::new(AsyncState {
-        flat: std::mem::take(flat),
-        servers: std::mem::take(servers),
-        in_flight: vec![None; job.workers],
-        waiting: vec![false; job.workers],
+    steps_per_epoch: usize,
+    name: &'static str,
+    actor: &ActorRef<JobMessage>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Phase, TrainError> {
+    let (servers, gate) = ractor::call!(actor, JobMessage::Children).map_err(|_| TrainError::Stopped)?;
+    let mut log = EpochLog::default();
+    let mut out = Phase {
+        flat: Vec::new(),
+        loss: f64::NAN,
+        samples: 0,
+        steps: 0,
+        bytes_sent: 0,
+        bytes_dense: 0,
         staleness: Vec::new(),
         retries: 0,
-        failed: None,
-    });
-    let turn = Condvar::new();
-    let (tx, rx) = mpsc::channel::<(usize, f32, usize)>();
-    let (seen, last) = std::thread::scope(|scope| {
-        for (w, (model, comps)) in models.iter().zip(compressors.iter_mut()).enumerate() {
-            let (shared, turn, tx, shard) = (&shared, &turn, tx.clone(), &shards[w]);
-            scope.spawn(move || {
-                let mut order = shard.clone();
-                for clock in 0..total {
-                    if clock % steps_per_epoch == 0 {
-                        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(job.seed ^ (clock << 32) ^ w as u64));
-                    }
-                    let step = (clock % steps_per_epoch) as usize;
-                    let rows: Vec<usize> = (0..job.batch_size.min(order.len()))
-                        .map(|i| order[(step * job.batch_size + i) % order.len()])
-                        .collect();
-                    'retry: loop {
-                        // Pull.
-                        let (values, read_version) = {
-                            let mut s = shared.lock().expect("async state");
-                            if s.failed.is_some() {
-                                return;
-                            }
-                            let v = s.version();
-                            s.in_flight[w] = Some(v);
-                            (layout.unflatten(&s.flat), v)
-                        };
-                        let computed = (|| -> Result<(f32, Vec<f32>), TrainError> {
-                            model.set_values(&values)?;
-                            let (inputs, labels) = batch(table, &rows)?;
-                            let (loss, grads) = model.gradients(&inputs, &labels)?;
-                            if !loss.is_finite() {
-                                return Err(TrainError::Diverged {
-                                    loss,
-                                    epoch: (clock / steps_per_epoch) as usize + 1,
-                                    step: step + 1,
-                                });
-                            }
-                            Ok((loss, layout.flatten(&grads).map_err(TrainError::Other)?))
-                        })();
-                        let mut s = shared.lock().expect("async state");
-                        let (loss, g) = match computed {
-                            Ok(c) => c,
-                            Err(e) => {
-                                s.failed.get_or_insert(e.to_string());
-                                turn.notify_all();
-                                return;
-                            }
-                        };
-                        // Push, once it leaves no other gradient in flight past the bound.
-                        while s.push_blocked(w, job.staleness) {
-                            if s.failed.is_some() {
-                                return;
-                            }
-                            if s.must_retry(w) {
-                                s.in_flight[w] = None;
-                                s.retries += 1;
-                                turn.notify_all();
-                                continue 'retry;
-                            }
-                            s.waiting[w] = true;
-                            s = turn.wait(s).expect("async state");
-                            s.waiting[w] = false;
-                        }
-                        let encoded = parts
-                            .iter()
-                            .zip(comps.iter_mut())
-                            .map(|(r, c)| c.encode(&g[r.clone()]))
-                            .collect::<Result<Vec<_>, _>>();
-                        let push = match encoded {
-                            Ok(parts) => Push { worker: w, loss, rows: rows.len(), read_version, parts },
-                            Err(e) => {
-                                s.failed.get_or_insert(e.to_string());
-                                turn.notify_all();
-                                return;
-                            }
-                        };
-                        // Each server applies its part as it arrives.
-                        let stale = s.version() - push.read_version;
-                        s.staleness.push(stale);
-                        let lr = scheduled_lr(
-                            job,
-                            s.version() as f64 / total.saturating_mul(job.workers as u64).max(1) as f64,
-                        );
-                        s.servers.iter_mut().for_each(|(state, _)| state.set_lr(lr));
-                        for (k, range) in parts.iter().enumerate() {
-                            match compress::decode(&push.parts[k], range.len()) {
-                                Ok(g) => {
-                                    let AsyncState { flat, servers, .. } = &mut *s;
-                                    servers[k].0.step(&mut flat[range.clone()], &g);
-                                    servers[k].1 += 1;
-                                }
-                                Err(e) => {
-                                    s.failed.get_or_insert(e.to_string());
-                                }
-                            }
-                        }
-                        s.in_flight[w] = None;
-                        turn.notify_all();
-                        let _ = tx.send((push.worker, push.loss, push.rows));
-                        break;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        // Progress: one line per epoch's worth of pushes.
-        let (mut loss_sum, mut rows_sum, mut pushes) = (0f64, 0usize, 0u64);
-        let mut epoch = 0;
-        let mut last = f64::NAN;
-        let mut seen = 0usize;
-        for (_, loss, rows) in rx {
-            loss_sum += f64::from(loss) * rows as f64;
-            rows_sum += rows;
-            seen += rows;
-            pushes += 1;
-            if pushes == steps_per_epoch * job.workers as u64 {
-                epoch += 1;
-                last = loss_sum / rows_sum.max(1) as f64;
-                let flat_now = shared.lock().expect("async state").flat.clone();
-                let acc = models[0]
-                    .set_values(&layout.unflatten(&flat_now))
-                    .ok()
-                    .and_then(|_| accuracy(&models[0], table, test_rows).ok());
-                progress(&format!(
-                    "epoch {epoch}/{}: loss {last:.4}, held-out accuracy {}",
-                    job.epochs,
-                    acc.map(|a| format!("{:.2}%", 100.0 * a)).unwrap_or_else(|| "?".into())
-                ));
-                (loss_sum, rows_sum, pushes) = (0.0, 0, 0);
+    };
+    let (mut done, mut reported) = (0, 0);
+    let per_epoch = steps_per_epoch * job.workers;
+    while done < job.workers {
+        let Some(event) = rx.recv().await else {
+            return Err(TrainError::Stopped);
+        };
+        match event {
+            Event::Step { epoch, loss, rows } => {
+                let e = log.steps.entry(epoch).or_default();
+                e.0 += f64::from(loss) * rows as f64;
+                e.1 += rows;
+                e.2 += 1;
+                out.samples += rows;
             }
+            Event::Epoch { epoch, server, params } => {
+                log.ranges.entry(epoch).or_default().insert(server, params);
+            }
+            Event::Done { bytes_sent, bytes_dense } => {
+                done += 1;
+                out.bytes_sent += bytes_sent;
+                out.bytes_dense += bytes_dense;
+            }
+            Event::Failed(e) => return Err(e),
+            Event::ActorFailed { actor, reason } => return Err(TrainError::ActorFailed { actor, reason }),
         }
-        (seen, last)
-    });
-    let mut s = shared.into_inner().expect("async state");
-    if let Some(e) = s.failed.take() {
-        return Err(TrainError::Other(e));
+        // Report the epochs complete, in order.
+        while let Some(&(loss_sum, rows, steps)) = log.steps.get(&(reported + 1)) {
+            if steps < per_epoch {
+                break;
+            }
+            let epoch = reported + 1;
+            let flat = match job.mode {
+                Mode::Sync => match log.ranges.get(&epoch) {
+                    Some(r) if r.len() == parts.len() => r.values().flatten().copied().collect(),
+                    _ => break,
+                },
+                // Async: the parameters as they are when the epoch's last push is in.
+                Mode::Async => snapshot(&servers, parts).await?,
+            };
+            out.loss = loss_sum / rows.max(1) as f64;
+            let accuracy = evaluate(setup, flat).await?;
+            progress(&Progress { phase: name, epoch, epochs: job.epochs, loss: out.loss, accuracy });
+            log.ranges.remove(&epoch);
+            reported = epoch;
+        }
     }
-    *flat = s.flat;
-    *servers = s.servers;
-    Ok((seen, last, s.staleness, s.retries))
+    out.flat = snapshot(&servers, parts).await?;
+    out.steps = match servers.first() {
+        Some(s) => {
+            let msg = ractor::call!(s, ServerMessage::Pull).map_err(|_| TrainError::Stopped)?;
+            read_params(&msg, parts[0].len())?.0
+        }
+        None => 0,
+    };
+    if let Some(gate) = gate {
+        let (staleness, retries) = ractor::call!(gate, GateMessage::Report).map_err(|_| TrainError::Stopped)?;
+        out.staleness = staleness;
+        out.retries = retries;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,345 @@
+//! Training on a live engine: a job (`[training.NAME]`, checked by `maas_train::job`) runs on
+//! the engine's runtime as its own actors (workers, parameter servers, gate: see
+//! `maas_train::actors`), through the graph the engine serves now (a frozen submodel runs the
+//! version serving now; `init = "weights"` starts from the serving weights). Its state is kept
+//! per job name and can be watched and cancelled. On success, unless the job's `min_accuracy`
+//! is not reached or it was cancelled, the trained submodel is hot-swapped in as a new version
+//! through [`Engine::swap`]: every guarantee of a swap holds (no request fails, each request
+//! runs one version). A job that trains more than one submodel writes its weights but swaps
+//! nothing (a swap changes one submodel).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use maas_train::job::Job;
+use maas_train::trainer::{Progress, Report, TrainError};
+
+use crate::change::SwapRequest;
+use crate::engine::Engine;
+
+/// How a job started on the engine runs.
+#[derive(Debug, Clone)]
+pub struct TrainingOptions {
+    /// Where the trained weights are written (`<submodel>.safetensors`). To be swapped in, it
+    /// must lie under the engine's file roots.
+    pub out: PathBuf,
+    /// Swap the trained submodel in on success (gated by the job's `min_accuracy`).
+    pub swap: bool,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingState {
+    /// Training (or swapping in what it trained).
+    Running,
+    /// Trained (and swapped in, unless `swap_refused` says why not).
+    Succeeded,
+    /// Stopped by an error: nothing swapped.
+    Failed,
+    /// Cancelled: nothing written or swapped.
+    Cancelled,
+}
+
+/// A swap a job made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TrainedSwap {
+    /// The version that served before.
+    pub previous: String,
+    /// The version serving now (the report's `version`).
+    pub version: String,
+}
+
+/// A job's state, as `GET /v1/training/{job}` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainingStatus {
+    /// The job.
+    pub job: String,
+    /// Where it is.
+    pub state: TrainingState,
+    /// `train`, `fine_tune` (after pruning) or `swap`.
+    pub phase: String,
+    /// Epochs done in the phase.
+    pub epoch: usize,
+    /// Epochs of the phase.
+    pub epochs: usize,
+    /// Mean training loss of the last epoch done.
+    pub loss: Option<f64>,
+    /// Held-out accuracy after the last epoch done (0..1).
+    pub accuracy: Option<f64>,
+    /// Every epoch done so far.
+    pub history: Vec<Progress>,
+    /// Since the start.
+    pub elapsed_s: f64,
+    /// Where the weights are written.
+    pub out: PathBuf,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The finished job's report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<Report>,
+    /// Submodel -> the swap made.
+    pub swapped: BTreeMap<String, TrainedSwap>,
+    /// Why nothing was swapped, on success.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_refused: Option<String>,
+}
+
+/// Why a training request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingError {
+    /// The job runs already.
+    #[error("training job `{0}` is running already")]
+    AlreadyRunning(String),
+    /// No job of that name was started on this engine.
+    #[error("training job `{0}` has not been started on this engine")]
+    NotStarted(String),
+    /// The job has ended.
+    #[error("training job `{0}` is not running")]
+    NotRunning(String),
+    /// The job does not fit the graph served now.
+    #[error("training job `{job}`: {reason}")]
+    Invalid {
+        /// The job.
+        job: String,
+        /// Why.
+        reason: String,
+    },
+    /// The engine is shutting down.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+impl TrainingError {
+    /// A short, stable name for the error's kind (used in the HTTP API).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AlreadyRunning(_) => "already_running",
+            Self::NotStarted(_) => "unknown_training",
+            Self::NotRunning(_) => "not_running",
+            Self::Invalid { .. } => "invalid_training",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+struct Entry {
+    status: TrainingStatus,
+    started: Instant,
+    cancel: Arc<AtomicBool>,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl Entry {
+    fn snapshot(&self) -> TrainingStatus {
+        let mut s = self.status.clone();
+        if s.state == TrainingState::Running {
+            s.elapsed_s = self.started.elapsed().as_secs_f64();
+        }
+        s
+    }
+}
+
+/// The engine's jobs (the latest run of each name).
+#[derive(Default)]
+pub(crate) struct Trainings(Mutex<BTreeMap<String, Entry>>);
+
+impl Trainings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cancels every running job (shutdown).
+    pub(crate) fn cancel_all(&self) {
+        for e in self.lock().values() {
+            e.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn update(&self, job: &str, f: impl FnOnce(&mut TrainingStatus)) {
+        if let Some(e) = self.lock().get_mut(job) {
+            f(&mut e.status);
+        }
+    }
+
+    fn finish(&self, job: &str, f: impl FnOnce(&mut TrainingStatus)) {
+        if let Some(e) = self.lock().get_mut(job) {
+            f(&mut e.status);
+            e.status.elapsed_s = e.started.elapsed().as_secs_f64();
+            let _ = e.done.send(true);
+        }
+    }
+}
+
+impl Engine {
+    /// Starts `job` on this engine's runtime, through the graph served now; returns its
+    /// status at once. See the module documentation for what happens on success.
+    pub fn start_training(&self, job: Job, options: TrainingOptions) -> Result<TrainingStatus, TrainingError> {
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return Err(TrainingError::ShuttingDown);
+        }
+        let graph = self.graph();
+        let invalid = |reason: String| TrainingError::Invalid { job: job.name.clone(), reason };
+        if !graph.pipelines.contains_key(&job.pipeline) {
+            return Err(invalid(format!("the engine serves no pipeline `{}` now", job.pipeline)));
+        }
+        for s in &job.learn {
+            if !graph.submodels.contains_key(s) {
+                return Err(invalid(format!("the engine serves no submodel `{s}` now")));
+            }
+        }
+        let name = job.name.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let status = {
+            let mut all = self.inner.trainings.lock();
+            if all.get(&name).is_some_and(|e| e.status.state == TrainingState::Running) {
+                return Err(TrainingError::AlreadyRunning(name));
+            }
+            let status = TrainingStatus {
+                job: name.clone(),
+                state: TrainingState::Running,
+                phase: "train".into(),
+                epoch: 0,
+                epochs: job.epochs,
+                loss: None,
+                accuracy: None,
+                history: Vec::new(),
+                elapsed_s: 0.0,
+                out: options.out.clone(),
+                error: None,
+                report: None,
+                swapped: BTreeMap::new(),
+                swap_refused: None,
+            };
+            let (done, _) = tokio::sync::watch::channel(false);
+            all.insert(
+                name.clone(),
+                Entry { status: status.clone(), started: Instant::now(), cancel: cancel.clone(), done },
+            );
+            status
+        };
+        tracing::info!(job = %name, out = %options.out.display(), "training started");
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let progress = {
+                let engine = engine.clone();
+                let name = name.clone();
+                move |p: &Progress| {
+                    tracing::info!(job = %name, "{p}");
+                    engine.inner.trainings.update(&name, |s| {
+                        s.phase = p.phase.to_string();
+                        s.epoch = p.epoch;
+                        s.epochs = p.epochs;
+                        s.loss = Some(p.loss);
+                        s.accuracy = Some(p.accuracy);
+                        s.history.push(p.clone());
+                    });
+                }
+            };
+            let registry = engine.registry().clone();
+            let result = maas_train::trainer::run(
+                Arc::new(graph),
+                job.clone(),
+                registry,
+                options.out,
+                cancel.clone(),
+                &progress,
+            )
+            .await;
+            let report = match result {
+                Ok(report) => report,
+                Err(TrainError::Cancelled) => {
+                    tracing::info!(job = %name, "training cancelled");
+                    engine.inner.trainings.finish(&name, |s| s.state = TrainingState::Cancelled);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %name, error = %e, "training failed");
+                    engine.inner.trainings.finish(&name, |s| {
+                        s.state = TrainingState::Failed;
+                        s.error = Some(e.to_string());
+                    });
+                    return;
+                }
+            };
+            let refused = if !options.swap {
+                Some("the job was started without swapping".to_string())
+            } else if cancel.load(Ordering::Relaxed) {
+                None
+            } else if let Some(min) = job.min_accuracy.filter(|m| report.accuracy < *m) {
+                Some(format!("held-out accuracy {:.4} is below min_accuracy {min}: nothing swapped", report.accuracy))
+            } else if report.weights.len() != 1 {
+                Some(format!(
+                    "the job trains {} submodels ({}); a swap changes one: nothing swapped",
+                    report.weights.len(),
+                    report.weights.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            } else {
+                None
+            };
+            if cancel.load(Ordering::Relaxed) {
+                engine.inner.trainings.finish(&name, |s| s.state = TrainingState::Cancelled);
+                return;
+            }
+            let mut swapped = BTreeMap::new();
+            let mut refused = refused;
+            if refused.is_none() {
+                engine.inner.trainings.update(&name, |s| s.phase = "swap".into());
+                let (submodel, path) = report.weights.iter().next().expect("one submodel");
+                let request = SwapRequest {
+                    weights: Some(path.clone()),
+                    version: Some(report.version.clone()),
+                    params: None,
+                    allow_signature_change: false,
+                };
+                match engine.swap(submodel, request).await {
+                    Ok(s) => {
+                        tracing::info!(job = %name, submodel = %submodel, previous = %s.previous, version = %s.version, "trained submodel swapped in");
+                        swapped.insert(submodel.clone(), TrainedSwap { previous: s.previous, version: s.version });
+                    }
+                    Err(e) => refused = Some(format!("the swap of `{submodel}` was refused: {e}")),
+                }
+            }
+            engine.inner.trainings.finish(&name, |s| {
+                s.state = TrainingState::Succeeded;
+                s.report = Some(report);
+                s.swapped = swapped;
+                s.swap_refused = refused;
+            });
+        });
+        Ok(status)
+    }
+
+    /// A job's status (its latest run on this engine).
+    pub fn training(&self, job: &str) -> Option<TrainingStatus> {
+        self.inner.trainings.lock().get(job).map(Entry::snapshot)
+    }
+
+    /// Every job started on this engine (the latest run of each).
+    pub fn trainings(&self) -> Vec<TrainingStatus> {
+        self.inner.trainings.lock().values().map(Entry::snapshot).collect()
+    }
+
+    /// Cancels a running job: it stops at its workers' next step, writes and swaps nothing.
+    pub fn cancel_training(&self, job: &str) -> Result<TrainingStatus, TrainingError> {
+        let all = self.inner.trainings.lock();
+        let e = all.get(job).ok_or_else(|| TrainingError::NotStarted(job.into()))?;
+        if e.status.state != TrainingState::Running {
+            return Err(TrainingError::NotRunning(job.into()));
+        }
+        e.cancel.store(true, Ordering::Relaxed);
+        tracing::info!(job, "training cancel requested");
+        Ok(e.snapshot())
+    }
+
+    /// Waits until the job's latest run has ended; its final status.
+    pub async fn wait_training(&self, job: &str) -> Option<TrainingStatus> {
+        let mut done = self.inner.trainings.lock().get(job)?.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+        self.training(job)
+    }
+}
