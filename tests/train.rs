@@ -308,3 +308,327 @@ fn a_job_below_its_min_accuracy_swaps_nothing() {
     assert!(report["swapped"].is_null());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The jobs of examples/training/digits.toml, checked, by name.
+fn digits_jobs() -> std::collections::BTreeMap<String, maas_train::job::Job> {
+    let path = root().join("examples/training/digits.toml");
+    let source = SourceFile::read(&path).unwrap();
+    let registry = Registry::builtin();
+    let checked = maas_engine::load_sources(vec![source.clone()], &registry).unwrap();
+    maas_train::job::check(&[source], &checked, &registry).unwrap().into_iter().map(|j| (j.name.clone(), j)).collect()
+}
+
+/// An engine serving examples/training/digits.toml whose swaps may read `trained`.
+async fn digits_engine(trained: &Path) -> maas_engine::Engine {
+    let options = maas_engine::EngineOptions {
+        file_roots: Some(vec![root().join("examples/training"), root().join("assets"), trained.to_path_buf()]),
+        ..Default::default()
+    };
+    maas_engine::Engine::builder()
+        .options(options)
+        .from_files(&[root().join("examples/training/digits.toml")])
+        .await
+        .expect("digits serves")
+}
+
+/// What examples/pipelines/digits.toml's `classify` computes for the two committed images with
+/// its head's weights from `head`.
+fn probs_with_head(head: &Path) -> Vec<Vec<f32>> {
+    let dir = root().join("examples/pipelines");
+    let text = std::fs::read_to_string(dir.join("digits.toml")).unwrap().replace(
+        "weights = \"../../assets/digits/head.safetensors\"",
+        &format!("weights = {:?}", head.display().to_string()),
+    );
+    let registry = Registry::builtin();
+    let checked = maas_engine::load_sources(vec![SourceFile::new("digits.toml", text, dir)], &registry).unwrap();
+    let direct = Sequential::new(&checked.graph, &registry).unwrap();
+    let pixels: Vec<Vec<f32>> = serde_json::from_value(two_images()).unwrap();
+    let x = Tensor::new(pixels, &Device::Cpu).unwrap();
+    direct.run("classify", Values::from([("pixels".to_string(), Value::Tensor(x))])).unwrap()["probs"]
+        .as_tensor()
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_started_on_the_live_server_swaps_its_head_in_with_no_failed_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let trained = common::TempDir::new("live-training");
+    let engine = digits_engine(&trained.0).await;
+    let config = maas::http::HttpConfig {
+        admin_token: Some("train-secret".into()),
+        training_jobs: Arc::new(digits_jobs()),
+        training_dir: trained.0.clone(),
+        ..Default::default()
+    };
+    let server = common::serve(engine, config).await;
+    let url = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let admin = |r: reqwest::RequestBuilder| r.bearer_auth("train-secret");
+    let body = serde_json::json!({ "inputs": { "pixels": two_images() } }).to_string();
+
+    // Admin only; unknown jobs and bad overrides are refused with their reason.
+    let r = client.post(format!("{url}/v1/training/head")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = admin(client.post(format!("{url}/v1/training/nope"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("end_to_end, head"), "{e}");
+    let r = admin(client.post(format!("{url}/v1/training/head"))).body(r#"{"workers": 0}"#).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = admin(client.post(format!("{url}/v1/training/head"))).body(r#"{"wrokers": 2}"#).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = admin(client.get(format!("{url}/v1/training/head"))).send().await.unwrap();
+    assert_eq!(r.status(), 404, "not started yet");
+
+    // 16 callers on `classify` while the job trains on the server and swaps.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (stop, ok, failed, client, body) =
+                (stop.clone(), ok.clone(), failed.clone(), client.clone(), body.clone());
+            let endpoint = format!("{url}/v1/pipelines/classify/infer");
+            tokio::spawn(async move {
+                while !stop.load(SeqCst) {
+                    let r = client
+                        .post(&endpoint)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => ok.fetch_add(1, SeqCst),
+                        _ => failed.fetch_add(1, SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let r = admin(client.post(format!("{url}/v1/training/head")))
+        .body(r#"{"epochs": 4, "workers": 2, "servers": 2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let started: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(started["state"], "running", "{started}");
+    // Watch it until it ends (a hang guard, not a speed check).
+    let mut status = serde_json::Value::Null;
+    let mut seen_running = false;
+    for _ in 0..1200 {
+        status = admin(client.get(format!("{url}/v1/training/head"))).send().await.unwrap().json().await.unwrap();
+        if status["state"] != "running" {
+            break;
+        }
+        seen_running = true;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stop.store(true, SeqCst);
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert!(seen_running || status["history"].as_array().is_some_and(|h| !h.is_empty()));
+    assert_eq!(status["state"], "succeeded", "{status}");
+    let history = status["history"].as_array().unwrap();
+    assert_eq!(history.len(), 4, "one entry per epoch: {status}");
+    assert!(history.iter().all(|h| h["accuracy"].as_f64().unwrap() > 0.5), "{status}");
+    let version = status["report"]["version"].as_str().unwrap().to_string();
+    assert_eq!(status["report"]["workers"], 2);
+    assert_eq!(status["report"]["servers"], 2);
+    assert_eq!(status["swapped"]["head"]["version"], version.as_str(), "{status}");
+    assert_eq!(failed.load(SeqCst), 0, "requests failed while the job trained and swapped");
+    assert!(ok.load(SeqCst) > 0);
+    let listed: serde_json::Value =
+        admin(client.get(format!("{url}/v1/training"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["runs"][0]["job"], "head", "{listed}");
+
+    // Served now: the new version, computing what the trained weights compute.
+    let r: serde_json::Value = client
+        .post(format!("{url}/v1/pipelines/classify/infer"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["model_versions"]["head"], version.as_str(), "{r}");
+    let head = PathBuf::from(status["report"]["weights"]["head"].as_str().unwrap());
+    assert!(head.starts_with(&trained.0), "{}", head.display());
+    let want = probs_with_head(&head);
+    let got: Vec<Vec<f32>> = serde_json::from_value(r["outputs"]["probs"].clone()).unwrap();
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        assert!((g - w).abs() < 1e-5, "served {g} vs trained weights {w}");
+    }
+    server.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_writes_and_swaps_nothing() {
+    use maas_engine::{TrainingError, TrainingOptions, TrainingState};
+    let trained = common::TempDir::new("cancel-training");
+    let engine = digits_engine(&trained.0).await;
+    let before = engine.versions("head").unwrap().serving.version.clone();
+    let mut job = digits_jobs().remove("head").unwrap();
+    job.epochs = 10_000;
+    let out = trained.0.join("head");
+    let options = TrainingOptions { out: out.clone(), swap: true };
+    assert!(matches!(engine.cancel_training("head"), Err(TrainingError::NotStarted(_))));
+    engine.start_training(job.clone(), options.clone()).unwrap();
+    assert!(matches!(engine.start_training(job, options), Err(TrainingError::AlreadyRunning(_))));
+    assert!(
+        common::eventually(std::time::Duration::from_secs(60), || engine.training("head").unwrap().epoch >= 1).await,
+        "no epoch reported"
+    );
+    engine.cancel_training("head").unwrap();
+    let status = engine.wait_training("head").await.unwrap();
+    assert_eq!(status.state, TrainingState::Cancelled, "{status:?}");
+    assert!(status.epoch < 10_000);
+    assert!(!out.exists(), "a cancelled job wrote {}", out.display());
+    assert_eq!(engine.versions("head").unwrap().serving.version, before);
+    assert!(matches!(engine.cancel_training("head"), Err(TrainingError::NotRunning(_))));
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverging_job_fails_on_the_engine_and_swaps_nothing() {
+    use maas_engine::{TrainingOptions, TrainingState};
+    let trained = common::TempDir::new("diverge-training");
+    let engine = digits_engine(&trained.0).await;
+    let before = engine.versions("head").unwrap().serving.version.clone();
+    let mut job = digits_jobs().remove("head").unwrap();
+    job.optimizer = maas_train::optim::Optimizer::Sgd { lr: 1e38, momentum: 0.9, weight_decay: 0.0 };
+    job.epochs = 3;
+    let out = trained.0.join("head");
+    engine.start_training(job, TrainingOptions { out: out.clone(), swap: true }).unwrap();
+    let status = engine.wait_training("head").await.unwrap();
+    assert_eq!(status.state, TrainingState::Failed, "{status:?}");
+    let error = status.error.unwrap();
+    assert!(error.contains("became NaN") && error.contains("nothing was written"), "{error}");
+    assert!(!out.exists());
+    assert_eq!(engine.versions("head").unwrap().serving.version, before);
+    engine.shutdown().await;
+}
+
+#[test]
+fn pruning_zeroes_the_smallest_weights_and_the_fine_tune_keeps_them_zero() {
+    let out = out_dir("prune");
+    let (code, report, stderr) = train(&[
+        "examples/training/digits.toml",
+        "--job",
+        "head",
+        "--epochs",
+        "6",
+        "--prune",
+        "0.7",
+        "--prune-epochs",
+        "2",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("fine-tune epoch 2/2"), "{stderr}");
+    let p = &report["pruning"];
+    let total = p["total"].as_u64().unwrap();
+    let nonzero = p["nonzero"].as_u64().unwrap();
+    assert!(nonzero <= total - (total as f64 * 0.7).floor() as u64, "{report}");
+    assert_eq!(p["accuracy_after"], report["accuracy"]);
+    assert!(p["accuracy_after"].as_f64().unwrap() >= 0.9, "{report}");
+    assert!(p["accuracy_before"].as_f64().unwrap() >= 0.9, "{report}");
+    // The file written holds exactly those zeros, and serves with the accuracy reported.
+    let head = PathBuf::from(report["weights"]["head"].as_str().unwrap());
+    let tensors = candle_core::safetensors::load(&head, &Device::Cpu).unwrap();
+    let weight: Vec<f32> = tensors["weight"].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(weight.len() as u64, total, "the pruned tensors are the head's weight matrix: {report}");
+    assert_eq!(weight.iter().filter(|v| **v != 0.0).count() as u64, nonzero);
+    let served = served_accuracy(&head);
+    assert!((served - report["accuracy"].as_f64().unwrap()).abs() < 1e-9, "served {served} vs {report}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `x` f32[B,2] -> `out` = x, panicking on a row whose first value is 13.
+struct Panicky;
+
+impl maas_kernels::Kind for Panicky {
+    fn name(&self) -> &str {
+        "panicky"
+    }
+
+    fn warm_up(&self) -> bool {
+        false
+    }
+
+    fn signature(
+        &self,
+        _: &maas_graphs::SubmodelSpec,
+    ) -> Result<maas_graphs::Signature, Vec<maas_graphs::KindError>> {
+        Ok(maas_graphs::Signature {
+            inputs: vec![maas_graphs::PortSpec::new("x", maas_graphs::ty("f32[B,2]"))],
+            outputs: vec![maas_graphs::PortSpec::new("out", maas_graphs::ty("f32[B,2]"))],
+        })
+    }
+
+    fn load(
+        &self,
+        _: &maas_graphs::SubmodelSpec,
+        _: &Device,
+    ) -> maas_kernels::Result<std::sync::Arc<dyn maas_kernels::Kernel>> {
+        Ok(std::sync::Arc::new(Panicky))
+    }
+}
+
+impl maas_kernels::Kernel for Panicky {
+    fn forward(&self, inputs: &Values) -> maas_kernels::Result<Values> {
+        let x = inputs["x"].as_tensor().expect("checked");
+        let first: Vec<f32> = x.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        if first.contains(&13.0) {
+            panic!("row of 13");
+        }
+        Ok(Values::from([("out".to_string(), Value::Tensor(x.clone()))]))
+    }
+}
+
+#[test]
+fn a_worker_whose_stream_panics_fails_the_job_with_its_reason_and_writes_nothing() {
+    let dir = common::TempDir::new("panicking-worker");
+    std::fs::write(dir.0.join("rows.csv"), "13,1,0\n13,2,1\n13,3,0\n13,4,1\n13,5,0\n13,6,1\n").unwrap();
+    let graph = r#"
+[submodels.pre]
+kind = "panicky"
+
+[submodels.head]
+kind = "linear"
+params = { in = 2, out = 2, seed = 1 }
+
+[pipelines.p]
+inputs = { x = "f32[B,2]" }
+outputs = { y = "head.out" }
+nodes.pre = { submodel = "pre", inputs = { x = "$x" } }
+nodes.head = { submodel = "head", inputs = { x = "pre.out" } }
+
+[training.t]
+pipeline = "p"
+learn = ["head"]
+loss = { output = "head.out" }
+data = { path = "rows.csv", inputs = { x = "0..2" }, label = 2 }
+epochs = 2
+batch_size = 2
+workers = 2
+"#;
+    let mut registry = Registry::builtin();
+    registry.register(Panicky);
+    let source = SourceFile::new("t.toml", graph, &dir.0);
+    let checked = maas_engine::load_sources(vec![source.clone()], &registry).unwrap();
+    let job = maas_train::job::check(&[source], &checked, &registry).unwrap().remove(0);
+    let out = dir.0.join("out");
+    let err = maas_train::trainer::train(&checked.graph, &job, &registry, &out, &|_| {}).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, maas_train::trainer::TrainError::ActorFailed { .. }), "{message}");
+    assert!(message.starts_with("worker ") && message.contains("row of 13"), "{message}");
+    assert!(!out.exists());
+}

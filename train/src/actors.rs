@@ -189,7 +189,8 @@ pub enum ServerMessage {
 }
 
 impl ServerState {
-    fn apply(&mut self, grad: &[f32]) {
+    /// One optimizer step; an error when it leaves a parameter NaN or infinite.
+    fn apply(&mut self, grad: &[f32]) -> Result<(), String> {
         self.optimizer.set_lr(self.shared.lr(self.version));
         self.optimizer.step(&mut self.params, grad);
         if let Some(mask) = &self.mask {
@@ -200,6 +201,14 @@ impl ServerState {
             }
         }
         self.version += 1;
+        if !self.params.iter().all(|p| p.is_finite()) {
+            let e = TrainError::ParametersDiverged { server: self.index, update: self.version };
+            let message = e.to_string();
+            // Before the pending answers are dropped: the coordinator hears why first.
+            let _ = self.shared.events.send(Event::Failed(e));
+            return Err(message);
+        }
+        Ok(())
     }
 }
 
@@ -235,7 +244,7 @@ impl Actor for ServerActor {
             ServerMessage::Push { worker, message, reply } => match s.shared.job.mode {
                 Mode::Async => {
                     let grad = compress::decode(&message, s.params.len())?;
-                    s.apply(&grad);
+                    s.apply(&grad)?;
                     let _ = reply.send(s.version.to_le_bytes().to_vec());
                 }
                 Mode::Sync => {
@@ -256,7 +265,7 @@ impl Actor for ServerActor {
                         }
                         let scale = 1.0 / replies.len() as f32;
                         sum.iter_mut().for_each(|a| *a *= scale);
-                        s.apply(&sum);
+                        s.apply(&sum)?;
                         let answer = params_message(s.version, &s.params);
                         for reply in replies {
                             let _ = reply.send(answer.clone());
@@ -516,7 +525,11 @@ impl Stream {
         if !loss.is_finite() {
             return Err(TrainError::Diverged { loss, epoch, step });
         }
-        Ok((loss, self.shared.layout.flatten(&grads).map_err(TrainError::Other)?))
+        let grad = self.shared.layout.flatten(&grads).map_err(TrainError::Other)?;
+        if !grad.iter().all(|g| g.is_finite()) {
+            return Err(TrainError::GradientDiverged { epoch, step });
+        }
+        Ok((loss, grad))
     }
 
     /// Sends each server its part of `grad`, compressed; the answers in server order.

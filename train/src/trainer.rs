@@ -65,6 +65,24 @@ pub enum TrainError {
         /// Step within it (from 1).
         step: usize,
     },
+    /// A gradient stopped being finite (before the loss did).
+    #[error("the gradient became NaN or infinite at epoch {epoch}, step {step}: stopped; nothing was written")]
+    GradientDiverged {
+        /// Epoch (from 1).
+        epoch: usize,
+        /// Step within it (from 1).
+        step: usize,
+    },
+    /// A server's parameters stopped being finite (the learning rate is too high for them).
+    #[error(
+        "the parameters of server {server} became NaN or infinite at update {update}: stopped; nothing was written (lower the learning rate)"
+    )]
+    ParametersDiverged {
+        /// The server.
+        server: usize,
+        /// The update that made them so (from 1).
+        update: u64,
+    },
     /// A message between workers and servers was refused.
     #[error("message between worker and server: {0}")]
     Message(#[from] compress::MessageError),
@@ -573,6 +591,28 @@ async fn drive(
                 done += 1;
                 out.bytes_sent += bytes_sent;
                 out.bytes_dense += bytes_dense;
+            }
+            // A worker that found an actor stopped: the actor's own failure, if it comes soon,
+            // says more.
+            Event::Failed(TrainError::Stopped) => {
+                return match tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                    loop {
+                        match rx.recv().await {
+                            Some(Event::Failed(TrainError::Stopped)) => continue,
+                            Some(Event::Failed(e)) => return e,
+                            Some(Event::ActorFailed { actor, reason }) => {
+                                return TrainError::ActorFailed { actor, reason };
+                            }
+                            Some(_) => continue,
+                            None => return TrainError::Stopped,
+                        }
+                    }
+                })
+                .await
+                {
+                    Ok(e) => Err(e),
+                    Err(_) => Err(TrainError::Stopped),
+                };
             }
             Event::Failed(e) => return Err(e),
             Event::ActorFailed { actor, reason } => return Err(TrainError::ActorFailed { actor, reason }),
