@@ -2,6 +2,7 @@
 //!
 //! Machine output (JSON, DOT) goes to stdout only; logs and diagnostics go to stderr.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -741,8 +742,32 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Some(_) => Some(std::env::var("MAAS_ADMIN_TOKEN").context("--swap-into needs MAAS_ADMIN_TOKEN")?),
             };
             let out = out.unwrap_or_else(|| PathBuf::from("trained").join(&j.name));
-            let progress = |p: &maas_train::trainer::Progress| eprintln!("{job}: {p}");
-            let report = maas_train::trainer::train(&checked.graph, &j, &registry, &out, &progress)?;
+            // Progress: a bar over the epochs on a terminal, one line per epoch otherwise.
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let epochs = j.epochs + if j.prune.is_some() { j.prune_epochs } else { 0 };
+                let bar = indicatif::ProgressBar::new(epochs as u64);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{prefix}: [{bar:30}] {pos}/{len} epochs, {msg} ({elapsed})",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar.set_prefix(job.clone());
+                bar.set_message("starting");
+                bar
+            });
+            let progress = |p: &maas_train::trainer::Progress| match &bar {
+                Some(bar) => {
+                    bar.inc(1);
+                    let phase = if p.phase == "train" { "" } else { "fine-tune: " };
+                    bar.set_message(format!("{phase}loss {:.4}, held-out accuracy {:.2}%", p.loss, 100.0 * p.accuracy));
+                }
+                None => eprintln!("{job}: {p}"),
+            };
+            let report = maas_train::trainer::train(&checked.graph, &j, &registry, &out, &progress);
+            if let Some(bar) = &bar {
+                bar.finish();
+            }
+            let report = report?;
             let mut json = serde_json::to_value(&report)?;
             if let (Some(url), Some(token)) = (swap_into, token) {
                 match j.min_accuracy {

@@ -407,7 +407,10 @@ async fn a_job_started_on_the_live_server_swaps_its_head_in_with_no_failed_reque
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        common::eventually(std::time::Duration::from_secs(30), || ok.load(SeqCst) > 0).await,
+        "no caller got through"
+    );
     let r = admin(client.post(format!("{url}/v1/training/head")))
         .body(r#"{"epochs": 4, "workers": 2, "servers": 2}"#)
         .send()
@@ -563,10 +566,7 @@ impl maas_kernels::Kind for Panicky {
         false
     }
 
-    fn signature(
-        &self,
-        _: &maas_graphs::SubmodelSpec,
-    ) -> Result<maas_graphs::Signature, Vec<maas_graphs::KindError>> {
+    fn signature(&self, _: &maas_graphs::SubmodelSpec) -> Result<maas_graphs::Signature, Vec<maas_graphs::KindError>> {
         Ok(maas_graphs::Signature {
             inputs: vec![maas_graphs::PortSpec::new("x", maas_graphs::ty("f32[B,2]"))],
             outputs: vec![maas_graphs::PortSpec::new("out", maas_graphs::ty("f32[B,2]"))],
@@ -631,4 +631,17 @@ workers = 2
     assert!(matches!(err, maas_train::trainer::TrainError::ActorFailed { .. }), "{message}");
     assert!(message.starts_with("worker ") && message.contains("row of 13"), "{message}");
     assert!(!out.exists());
+}
+
+#[test]
+fn the_jobs_held_out_rows_are_the_committed_models_test_split() {
+    let all = maas::digits::load(&maas::digits::default_path()).unwrap();
+    let (_, test) = maas::digits::split(&all);
+    let job = digits_jobs().remove("end_to_end").unwrap();
+    let (_, rows) = maas_train::trainer::split(all.len(), job.held_out, job.split_seed);
+    assert_eq!(rows.len(), test.len());
+    for (k, &i) in rows.iter().enumerate() {
+        assert_eq!(all.image(i), &test.pixels[k * maas::digits::PIXELS..(k + 1) * maas::digits::PIXELS]);
+        assert_eq!(all.labels[i], test.labels[k]);
+    }
 }

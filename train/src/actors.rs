@@ -97,6 +97,57 @@ pub fn read_params(msg: &[u8], expected: usize) -> Result<(u64, Vec<f32>), Messa
     Ok((u64::from_le_bytes(*version), compress::decode(rest, expected)?))
 }
 
+/// Each server's range cut at the tensor boundaries (ranges relative to the server's range):
+/// a push carries one compressed message per piece, so every scale (int8's, sign's) and every
+/// top-k selection is per tensor.
+pub fn segments(layout: &Layout, parts: &[Range<usize>]) -> Vec<Vec<Range<usize>>> {
+    parts
+        .iter()
+        .map(|p| {
+            layout
+                .tensors()
+                .filter_map(|(_, _, t)| {
+                    let (start, end) = (t.start.max(p.start), t.end.min(p.end));
+                    (start < end).then(|| start - p.start..end - p.start)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A push: each piece's message prefixed by its length (u32 LE).
+pub fn frame(messages: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(messages.iter().map(|m| 4 + m.len()).sum());
+    for m in messages {
+        out.extend_from_slice(&u32::try_from(m.len()).expect("a message under 4 GiB").to_le_bytes());
+        out.extend_from_slice(m);
+    }
+    out
+}
+
+/// Reads a [`frame`]d push for a range cut into `segments`, into one gradient; every length is
+/// checked (a short, long or mis-framed push is an error).
+pub fn unframe(msg: &[u8], segments: &[Range<usize>]) -> Result<Vec<f32>, MessageError> {
+    let total = segments.last().map_or(0, |s| s.end);
+    let mut grad = Vec::with_capacity(total);
+    let mut rest = msg;
+    for seg in segments {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(MessageError::Length { expected: msg.len() - rest.len() + 4, got: msg.len() });
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(MessageError::Length { expected: msg.len() - tail.len() + len, got: msg.len() });
+        }
+        grad.extend(compress::decode(&tail[..len], seg.len())?);
+        rest = &tail[len..];
+    }
+    if !rest.is_empty() {
+        return Err(MessageError::Length { expected: msg.len() - rest.len(), got: msg.len() });
+    }
+    Ok(grad)
+}
+
 /// Reads a version (async push answer).
 fn read_version(msg: &[u8]) -> Result<u64, MessageError> {
     msg.try_into().map(u64::from_le_bytes).map_err(|_| MessageError::Length { expected: 8, got: msg.len() })
@@ -116,6 +167,8 @@ pub struct Shared {
     pub layout: Layout,
     /// Each server's range of it.
     pub parts: Vec<Range<usize>>,
+    /// Each server's range cut at tensor boundaries ([`segments`]).
+    pub segments: Vec<Vec<Range<usize>>>,
     /// Steps per epoch (the longest shard's batches).
     pub steps_per_epoch: usize,
     /// Entries kept at zero (pruning's fine-tune), over the whole layout.
@@ -243,7 +296,7 @@ impl Actor for ServerActor {
             }
             ServerMessage::Push { worker, message, reply } => match s.shared.job.mode {
                 Mode::Async => {
-                    let grad = compress::decode(&message, s.params.len())?;
+                    let grad = unframe(&message, &s.shared.segments[s.index])?;
                     s.apply(&grad)?;
                     let _ = reply.send(s.version.to_le_bytes().to_vec());
                 }
@@ -258,7 +311,7 @@ impl Actor for ServerActor {
                         let mut replies = Vec::with_capacity(s.pending.len());
                         for slot in &mut s.pending {
                             let (message, reply) = slot.take().expect("every worker pushed");
-                            for (a, g) in sum.iter_mut().zip(compress::decode(&message, s.params.len())?) {
+                            for (a, g) in sum.iter_mut().zip(unframe(&message, &s.shared.segments[s.index])?) {
                                 *a += g;
                             }
                             replies.push(reply);
@@ -266,10 +319,8 @@ impl Actor for ServerActor {
                         let scale = 1.0 / replies.len() as f32;
                         sum.iter_mut().for_each(|a| *a *= scale);
                         s.apply(&sum)?;
-                        let answer = params_message(s.version, &s.params);
-                        for reply in replies {
-                            let _ = reply.send(answer.clone());
-                        }
+                        // The epoch's end goes out before the answers: the coordinator has it
+                        // before any worker can say it is done.
                         let per_epoch = s.shared.steps_per_epoch.max(1) as u64;
                         if s.version % per_epoch == 0 {
                             let _ = s.shared.events.send(Event::Epoch {
@@ -277,6 +328,10 @@ impl Actor for ServerActor {
                                 server: s.index,
                                 params: s.params.clone(),
                             });
+                        }
+                        let answer = params_message(s.version, &s.params);
+                        for reply in replies {
+                            let _ = reply.send(answer.clone());
                         }
                     }
                 }
@@ -484,7 +539,10 @@ struct Stream {
     shard: Vec<usize>,
     servers: Vec<ActorRef<ServerMessage>>,
     gate: Option<ActorRef<GateMessage>>,
-    compressors: Vec<Compressor>,
+    /// Per server, per piece of its range: a compressor (its error-feedback residual).
+    compressors: Vec<Vec<Compressor>>,
+    /// Bytes of the length prefixes of the pieces' messages, sent so far.
+    framing: u64,
     shared: Arc<Shared>,
 }
 
@@ -498,10 +556,13 @@ impl Stream {
             servers: args.servers,
             gate: args.gate,
             compressors: shared
-                .parts
+                .segments
                 .iter()
-                .map(|_| Compressor::new(shared.job.compression, shared.job.error_feedback))
+                .map(|pieces| {
+                    pieces.iter().map(|_| Compressor::new(shared.job.compression, shared.job.error_feedback)).collect()
+                })
                 .collect(),
+            framing: 0,
             shared,
         })
     }
@@ -535,8 +596,15 @@ impl Stream {
     /// Sends each server its part of `grad`, compressed; the answers in server order.
     fn push(&mut self, grad: &[f32]) -> Result<Vec<Vec<u8>>, TrainError> {
         let mut asks = Vec::with_capacity(self.servers.len());
-        for ((server, range), c) in self.servers.iter().zip(&self.shared.parts).zip(&mut self.compressors) {
-            let message = c.encode(&grad[range.clone()])?;
+        for (k, (server, range)) in self.servers.iter().zip(&self.shared.parts).enumerate() {
+            let part = &grad[range.clone()];
+            let messages = self.shared.segments[k]
+                .iter()
+                .zip(&mut self.compressors[k])
+                .map(|(piece, c)| c.encode(&part[piece.clone()]))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.framing += 4 * messages.len() as u64;
+            let message = frame(&messages);
             asks.push(ask(server, |reply| ServerMessage::Push { worker: self.index, message, reply }));
         }
         asks.into_iter().map(|a| answer(&self.shared, a)).collect()
@@ -557,6 +625,10 @@ impl Stream {
             Mode::Async => Vec::new(),
         };
         for epoch in 1..=job.epochs {
+            // Sync shuffles the shard afresh each epoch; async shuffles on from the last order.
+            if job.mode == Mode::Sync {
+                order.clone_from(&self.shard);
+            }
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(self.seed(epoch)));
             for step in 0..per_epoch {
                 if self.shared.cancel.load(Ordering::Relaxed) {
@@ -623,8 +695,11 @@ impl Actor for WorkerActor {
             let result = catch_unwind(AssertUnwindSafe(move || {
                 let mut stream = Stream::new(args)?;
                 stream.run()?;
-                let sent = stream.compressors.iter().map(Compressor::bytes_sent).sum();
-                let dense = stream.compressors.iter().map(Compressor::bytes_dense).sum();
+                // The bytes of every push, length prefixes included (also in the dense count).
+                let sent =
+                    stream.framing + stream.compressors.iter().flatten().map(Compressor::bytes_sent).sum::<u64>();
+                let dense =
+                    stream.framing + stream.compressors.iter().flatten().map(Compressor::bytes_dense).sum::<u64>();
                 Ok::<_, TrainError>((sent, dense))
             }));
             let panic = match result {
@@ -805,4 +880,67 @@ pub struct EpochLog {
     pub steps: BTreeMap<usize, (f64, usize, usize)>,
     /// Per epoch, per server: its range.
     pub ranges: BTreeMap<usize, BTreeMap<usize, Vec<f32>>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout::new(&BTreeMap::from([("a".to_string(), vec![2, 3]), ("b".to_string(), vec![4])]))
+    }
+
+    #[test]
+    fn a_servers_range_is_cut_at_tensor_boundaries() {
+        let parts = crate::partition::ranges(10, 3);
+        let cut = segments(&layout(), &parts);
+        // Each server's pieces cover its range exactly, and none crosses from `a` (0..6) to `b`.
+        for (p, pieces) in parts.iter().zip(&cut) {
+            assert_eq!(pieces.first().unwrap().start, 0);
+            assert_eq!(pieces.last().unwrap().end, p.len());
+            assert!(pieces.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(pieces.iter().all(|s| { p.start + s.end <= 6 || p.start + s.start >= 6 }), "{parts:?} {cut:?}");
+        }
+    }
+
+    #[test]
+    fn framed_pushes_round_trip_and_every_length_is_checked() {
+        let pieces = vec![0..6, 6..10];
+        let grad: Vec<f32> = (0..10).map(|i| i as f32 - 4.5).collect();
+        let messages: Vec<Vec<u8>> =
+            pieces.iter().map(|p| compress::encode(Compression::Int8, &grad[p.clone()])).collect();
+        let framed = frame(&messages);
+        assert_eq!(
+            framed.len(),
+            8 + messages.iter().map(Vec::len).sum::<usize>(),
+            "the bytes counted are the bytes sent"
+        );
+        let back = unframe(&framed, &pieces).unwrap();
+        for (a, b) in back.iter().zip(&grad) {
+            assert!((a - b).abs() < 0.05, "{a} vs {b}");
+        }
+        // Truncated anywhere, one byte too many, or framed for other pieces: refused.
+        for cut in [0, 3, 4, framed.len() - 1] {
+            assert!(unframe(&framed[..cut], &pieces).is_err(), "cut at {cut}");
+        }
+        let mut long = framed.clone();
+        long.push(0);
+        assert!(unframe(&long, &pieces).is_err());
+        assert!(unframe(&framed, &[0..5, 5..10]).is_err());
+        // Each piece has its own scale: a tiny tensor beside a large one keeps its values.
+        let small_and_large = [0.001f32, -0.002, 0.003, 100.0, -200.0];
+        let pieces = vec![0..3, 3..5];
+        let messages: Vec<Vec<u8>> =
+            pieces.iter().map(|p| compress::encode(Compression::Int8, &small_and_large[p.clone()])).collect();
+        let back = unframe(&frame(&messages), &pieces).unwrap();
+        assert!((back[1] + 0.002).abs() < 1e-4, "{back:?}");
+    }
+
+    #[test]
+    fn parameters_travel_with_their_version() {
+        let msg = params_message(7, &[1.0, -2.0]);
+        assert_eq!(read_params(&msg, 2).unwrap(), (7, vec![1.0, -2.0]));
+        assert!(read_params(&msg[..7], 2).is_err());
+        assert!(read_params(&msg, 3).is_err());
+    }
 }

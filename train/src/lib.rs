@@ -13,8 +13,10 @@
 //!
 //! - [`model`]: a pipeline up to its loss as a trainable model (learning submodels as candle
 //!   `Var`s named as in their weights files; frozen ones through their serving kernels).
-//! - [`trainer`]: a job run by data-parallel workers and parameter servers exchanging byte
-//!   messages, sync or async within a staleness bound; writes the trained weights.
+//! - [`actors`]: a job's workers, parameter servers and staleness gate as ractor actors under
+//!   one supervisor, exchanging byte messages.
+//! - [`trainer`]: the coordinator: runs a job's actors (sync, or async within a staleness
+//!   bound; optionally pruning and a fine-tune), reports progress, writes the trained weights.
 
 pub mod actors;
 pub mod compress;

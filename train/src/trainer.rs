@@ -1,28 +1,34 @@
-//! Running a training job: data-parallel workers and parameter servers, each on its own thread,
-//! talking only in byte messages (the [`crate::compress`] format: what will cross processes).
+//! Running a training job: the coordinator of its actors ([`crate::actors`]: data-parallel
+//! workers, parameter servers and, in async mode, the staleness gate), which talk only in byte
+//! messages (the [`crate::compress`] format: what will cross processes).
 //!
 //! - The rows are split once into training and held-out rows (a shuffle seeded by
 //!   `split_seed`, the last `ceil(held_out * rows)` held out), and the training rows into
 //!   `workers` disjoint shards (round robin over a shuffle seeded by `seed`).
 //! - The learning tensors are one flat vector ([`crate::partition::Layout`]) cut into `servers`
-//!   contiguous ranges; server `k` owns range `k` and its optimizer state.
+//!   contiguous ranges; server `k` owns range `k` and its optimizer state. A worker sends a
+//!   server one compressed message per tensor piece of its range (one `Compressor`, so one
+//!   error-feedback residual and one scale, per worker, server and tensor).
 //! - **Sync** (`mode = "sync"`): each step every worker takes the next `batch_size` rows of its
-//!   shard, computes the mean cross-entropy and its gradient with the current parameters,
-//!   and sends each server its part of the gradient, compressed (one [`Compressor`] per server
-//!   part, so error feedback is per worker and part). Each server decodes the workers'
-//!   messages in worker order, averages them, applies its optimizer and sends its new range
-//!   back, dense. Deterministic for a seed.
-//! - **Async** (`mode = "async"`): each worker loops on its own: pull the parameters, compute,
-//!   push; the servers apply each gradient when it arrives (the version counts the updates).
-//!   The staleness of a gradient is the number of updates applied between the worker's read
-//!   and its own; it never exceeds `staleness`: a worker whose push would leave another
-//!   worker's gradient in flight more than `staleness` versions behind waits until that one
-//!   has pushed. (When the two oldest gradients in flight were read at the same version and
-//!   both are at the bound, each would wait for the other: the lower-numbered worker drops
-//!   its gradient unsent and computes it again on fresh parameters; `retries` counts these.)
-//!   The staleness of every applied gradient is reported (max, mean).
+//!   shard, computes the mean cross-entropy and its gradient with the current parameters and
+//!   pushes; each server waits for every worker's push, decodes them in worker order, averages,
+//!   applies its optimizer and answers every worker with its new range. Deterministic for a
+//!   seed.
+//! - **Async** (`mode = "async"`): each worker loops on its own: read the version from the
+//!   gate, pull, compute, ask the gate to push, push; the servers apply each gradient when it
+//!   arrives (the version counts the updates). The staleness of a gradient is the number of
+//!   updates applied between the worker's read and its own; it never exceeds `staleness`: a
+//!   worker whose push would leave another worker's gradient in flight more than `staleness`
+//!   versions behind waits until that one has pushed. (When the two oldest gradients in flight
+//!   were read at the same version and both are at the bound, each would wait for the other:
+//!   the lower-numbered worker drops its gradient unsent and computes it again on fresh
+//!   parameters; `retries` counts these.) The staleness of every applied gradient is reported.
+//! - **Pruning** (`prune`): after training, the smallest-magnitude fraction of every tensor of
+//!   rank 2 or more is zeroed, then a fine-tune phase runs with the servers holding those
+//!   entries at zero.
 //!
-//! A loss that turns NaN or infinite stops the job with an error; nothing is written.
+//! A loss, gradient or parameter that turns NaN or infinite, a failed actor, or a cancellation
+//! stops the job with an error; nothing is written.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,7 +44,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use crate::actors::{
-    EpochLog, Event, GateMessage, JobActor, JobArgs, JobMessage, ServerMessage, Shared, read_params, snapshot,
+    EpochLog, Event, GateMessage, JobActor, JobArgs, JobMessage, ServerMessage, Shared, read_params, segments, snapshot,
 };
 use crate::compress;
 use crate::data::{self, Table};
@@ -525,6 +531,7 @@ async fn phase(
         registry: registry.clone(),
         table: setup.table.clone(),
         layout: setup.layout.clone(),
+        segments: segments(&setup.layout, &parts),
         parts: parts.clone(),
         steps_per_epoch,
         mask,
