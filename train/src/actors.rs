@@ -212,6 +212,9 @@ pub struct ServerArgs {
     pub shared: Arc<Shared>,
 }
 
+/// A push a sync server holds until the step is complete: the message and where to answer.
+type Pending = (Vec<u8>, RpcReplyPort<Vec<u8>>);
+
 /// A server's state.
 pub struct ServerState {
     index: usize,
@@ -219,7 +222,7 @@ pub struct ServerState {
     optimizer: OptimizerState,
     version: u64,
     /// Sync: the step's pushes so far, by worker.
-    pending: Vec<Option<(Vec<u8>, RpcReplyPort<Vec<u8>>)>>,
+    pending: Vec<Option<Pending>>,
     /// Its range's mask entries (true: kept at zero).
     mask: Option<Vec<bool>>,
     shared: Arc<Shared>,
@@ -322,7 +325,7 @@ impl Actor for ServerActor {
                         // The epoch's end goes out before the answers: the coordinator has it
                         // before any worker can say it is done.
                         let per_epoch = s.shared.steps_per_epoch.max(1) as u64;
-                        if s.version % per_epoch == 0 {
+                        if s.version.is_multiple_of(per_epoch) {
                             let _ = s.shared.events.send(Event::Epoch {
                                 epoch: (s.version / per_epoch) as usize,
                                 server: s.index,
