@@ -645,3 +645,44 @@ fn the_jobs_held_out_rows_are_the_committed_models_test_split() {
         assert_eq!(all.labels[i], test.labels[k]);
     }
 }
+
+#[test]
+fn the_end_to_end_job_trains_features_and_head_from_scratch_to_97_percent() {
+    let dir = out_dir("end-to-end");
+    let (code, report, stderr) =
+        train(&["examples/training/digits.toml", "--job", "end_to_end", "--out", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let accuracy = report["accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.97, "held-out accuracy {accuracy}: {report}");
+    let weights = report["weights"].as_object().unwrap();
+    assert_eq!(weights.keys().collect::<Vec<_>>(), ["features", "head"]);
+    // Both files serve unchanged in place of the committed ones, with the accuracy reported.
+    let dir_p = root().join("examples/pipelines");
+    let text = std::fs::read_to_string(dir_p.join("digits.toml"))
+        .unwrap()
+        .replace(
+            "weights = \"../../assets/digits/features.safetensors\"",
+            &format!("weights = {:?}", weights["features"].as_str().unwrap()),
+        )
+        .replace(
+            "weights = \"../../assets/digits/head.safetensors\"",
+            &format!("weights = {:?}", weights["head"].as_str().unwrap()),
+        );
+    assert!(!text.contains("assets/digits"), "both files replaced");
+    let registry = Registry::builtin();
+    let checked = maas_engine::load_sources(vec![SourceFile::new("digits.toml", text, dir_p)], &registry).unwrap();
+    let served = Sequential::new(&checked.graph, &registry).unwrap();
+    let all = maas::digits::load(&maas::digits::default_path()).unwrap();
+    let (_, test) = maas::digits::split(&all);
+    let x = Tensor::from_slice(&test.pixels, (test.len(), maas::digits::PIXELS), &Device::Cpu).unwrap();
+    let labels: Vec<u32> =
+        served.run("classify", Values::from([("pixels".to_string(), Value::Tensor(x))])).unwrap()["label"]
+            .as_tensor()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    let correct = labels.iter().zip(&test.labels).filter(|(a, b)| a == b).count();
+    let served_accuracy = correct as f64 / test.len() as f64;
+    assert!((served_accuracy - accuracy).abs() < 1e-9, "served {served_accuracy} vs reported {accuracy}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
