@@ -178,6 +178,74 @@ fn train_with_token(args: Vec<String>) -> (i32, serde_json::Value, String) {
     common::maas_json(&args, &[("MAAS_ADMIN_TOKEN", "train-secret")])
 }
 
+/// 16 callers posting `body` to `classify` in a loop until stopped, counting answers.
+struct Callers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Callers {
+    fn start(url: &str, body: &str) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let client = reqwest::Client::new();
+        let mut callers =
+            Self { stop: Default::default(), ok: Default::default(), failed: Default::default(), tasks: Vec::new() };
+        for _ in 0..16 {
+            let (stop, ok, failed) = (callers.stop.clone(), callers.ok.clone(), callers.failed.clone());
+            let (client, body, endpoint) =
+                (client.clone(), body.to_string(), format!("{url}/v1/pipelines/classify/infer"));
+            callers.tasks.push(tokio::spawn(async move {
+                while !stop.load(SeqCst) {
+                    let r = client
+                        .post(&endpoint)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => ok.fetch_add(1, SeqCst),
+                        _ => failed.fetch_add(1, SeqCst),
+                    };
+                }
+            }));
+        }
+        callers
+    }
+
+    /// Stops them; (answered, failed).
+    async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.stop.store(true, SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (self.ok.load(SeqCst), self.failed.load(SeqCst))
+    }
+}
+
+/// `classify` at `url` answers `body` with `version` of `head`, computing what the weights in
+/// `head` compute.
+async fn serves_the_trained_head(url: &str, body: &str, version: &str, head: &Path) {
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/v1/pipelines/classify/infer"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["model_versions"]["head"], version, "{r}");
+    let want = probs_with_head(head);
+    let got: Vec<Vec<f32>> = serde_json::from_value(r["outputs"]["probs"].clone()).unwrap();
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        assert!((g - w).abs() < 1e-5, "served {g} vs trained weights {w}");
+    }
+}
+
 /// The committed two-image input of examples/inputs/digits.json.
 fn two_images() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(root().join("examples/inputs/digits.json")).unwrap()).unwrap()
@@ -185,8 +253,6 @@ fn two_images() -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trained_head_is_swapped_into_a_live_server_with_no_failed_request() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
     let out = common::TempDir::new("swap-into");
     let options = maas_engine::EngineOptions {
         file_roots: Some(vec![root().join("examples/pipelines"), root().join("assets"), out.0.clone()]),
@@ -203,30 +269,7 @@ async fn a_trained_head_is_swapped_into_a_live_server_with_no_failed_request() {
     let body = serde_json::json!({ "inputs": { "pixels": two_images() } }).to_string();
 
     // 16 callers on `classify` for as long as the job trains and swaps.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let client = reqwest::Client::new();
-    let callers: Vec<_> = (0..16)
-        .map(|_| {
-            let (stop, ok, failed, client, body) =
-                (stop.clone(), ok.clone(), failed.clone(), client.clone(), body.clone());
-            let endpoint = format!("{url}/v1/pipelines/classify/infer");
-            tokio::spawn(async move {
-                while !stop.load(SeqCst) {
-                    let r = client
-                        .post(&endpoint)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status().is_success() => ok.fetch_add(1, SeqCst),
-                        _ => failed.fetch_add(1, SeqCst),
-                    };
-                }
-            })
-        })
-        .collect();
+    let callers = Callers::start(&url, &body);
 
     let args: Vec<String> =
         ["examples/training/digits.toml", "--job", "head", "--epochs", "3", "--swap-into", &url, "--out"]
@@ -235,49 +278,14 @@ async fn a_trained_head_is_swapped_into_a_live_server_with_no_failed_request() {
             .chain([out.0.join("head").display().to_string()])
             .collect();
     let (code, report, stderr) = tokio::task::spawn_blocking(move || train_with_token(args)).await.unwrap();
-    stop.store(true, SeqCst);
-    for c in callers {
-        c.await.unwrap();
-    }
+    let (ok, failed) = callers.stop().await;
     assert_eq!(code, 0, "{stderr}");
     let version = report["version"].as_str().unwrap().to_string();
     assert_eq!(report["swapped"]["head"]["version"], version.as_str(), "{report}");
-    assert_eq!(failed.load(SeqCst), 0, "requests failed while the job trained and swapped");
-    assert!(ok.load(SeqCst) > 0);
+    assert_eq!(failed, 0, "requests failed while the job trained and swapped");
+    assert!(ok > 0);
 
-    // Served now: the new version, computing what the trained weights compute.
-    let r: serde_json::Value = client
-        .post(format!("{url}/v1/pipelines/classify/infer"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(r["model_versions"]["head"], version.as_str(), "{r}");
-    let head = PathBuf::from(report["weights"]["head"].as_str().unwrap());
-    let dir = root().join("examples/pipelines");
-    let text = std::fs::read_to_string(dir.join("digits.toml")).unwrap().replace(
-        "weights = \"../../assets/digits/head.safetensors\"",
-        &format!("weights = {:?}", head.display().to_string()),
-    );
-    let registry = Registry::builtin();
-    let checked = maas_engine::load_sources(vec![SourceFile::new("digits.toml", text, dir)], &registry).unwrap();
-    let direct = Sequential::new(&checked.graph, &registry).unwrap();
-    let pixels: Vec<Vec<f32>> = serde_json::from_value(two_images()).unwrap();
-    let x = Tensor::new(pixels, &Device::Cpu).unwrap();
-    let want: Vec<Vec<f32>> = direct.run("classify", Values::from([("pixels".to_string(), Value::Tensor(x))])).unwrap()
-        ["probs"]
-        .as_tensor()
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let got: Vec<Vec<f32>> = serde_json::from_value(r["outputs"]["probs"].clone()).unwrap();
-    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-        assert!((g - w).abs() < 1e-5, "served {g} vs trained weights {w}");
-    }
+    serves_the_trained_head(&url, &body, &version, &PathBuf::from(report["weights"]["head"].as_str().unwrap())).await;
     server.shut().await;
 }
 
@@ -354,7 +362,7 @@ fn probs_with_head(head: &Path) -> Vec<Vec<f32>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_started_on_the_live_server_swaps_its_head_in_with_no_failed_request() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
     let trained = common::TempDir::new("live-training");
     let engine = digits_engine(&trained.0).await;
     let config = maas::http::HttpConfig {
@@ -384,31 +392,10 @@ async fn a_job_started_on_the_live_server_swaps_its_head_in_with_no_failed_reque
     assert_eq!(r.status(), 404, "not started yet");
 
     // 16 callers on `classify` while the job trains on the server and swaps.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let callers: Vec<_> = (0..16)
-        .map(|_| {
-            let (stop, ok, failed, client, body) =
-                (stop.clone(), ok.clone(), failed.clone(), client.clone(), body.clone());
-            let endpoint = format!("{url}/v1/pipelines/classify/infer");
-            tokio::spawn(async move {
-                while !stop.load(SeqCst) {
-                    let r = client
-                        .post(&endpoint)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status().is_success() => ok.fetch_add(1, SeqCst),
-                        _ => failed.fetch_add(1, SeqCst),
-                    };
-                }
-            })
-        })
-        .collect();
+    let callers = Callers::start(&url, &body);
+    let through = callers.ok.clone();
     assert!(
-        common::eventually(std::time::Duration::from_secs(30), || ok.load(SeqCst) > 0).await,
+        common::eventually(std::time::Duration::from_secs(30), || through.load(SeqCst) > 0).await,
         "no caller got through"
     );
     let r = admin(client.post(format!("{url}/v1/training/head")))
@@ -430,10 +417,7 @@ async fn a_job_started_on_the_live_server_swaps_its_head_in_with_no_failed_reque
         seen_running = true;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    stop.store(true, SeqCst);
-    for c in callers {
-        c.await.unwrap();
-    }
+    let (ok, failed) = callers.stop().await;
     assert!(seen_running || status["history"].as_array().is_some_and(|h| !h.is_empty()));
     assert_eq!(status["state"], "succeeded", "{status}");
     let history = status["history"].as_array().unwrap();
@@ -443,31 +427,15 @@ async fn a_job_started_on_the_live_server_swaps_its_head_in_with_no_failed_reque
     assert_eq!(status["report"]["workers"], 2);
     assert_eq!(status["report"]["servers"], 2);
     assert_eq!(status["swapped"]["head"]["version"], version.as_str(), "{status}");
-    assert_eq!(failed.load(SeqCst), 0, "requests failed while the job trained and swapped");
-    assert!(ok.load(SeqCst) > 0);
+    assert_eq!(failed, 0, "requests failed while the job trained and swapped");
+    assert!(ok > 0);
     let listed: serde_json::Value =
         admin(client.get(format!("{url}/v1/training"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(listed["runs"][0]["job"], "head", "{listed}");
 
-    // Served now: the new version, computing what the trained weights compute.
-    let r: serde_json::Value = client
-        .post(format!("{url}/v1/pipelines/classify/infer"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(r["model_versions"]["head"], version.as_str(), "{r}");
     let head = PathBuf::from(status["report"]["weights"]["head"].as_str().unwrap());
     assert!(head.starts_with(&trained.0), "{}", head.display());
-    let want = probs_with_head(&head);
-    let got: Vec<Vec<f32>> = serde_json::from_value(r["outputs"]["probs"].clone()).unwrap();
-    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-        assert!((g - w).abs() < 1e-5, "served {g} vs trained weights {w}");
-    }
+    serves_the_trained_head(&url, &body, &version, &head).await;
     server.shut().await;
 }
 
