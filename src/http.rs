@@ -495,7 +495,9 @@ impl From<TrainingError> for ApiError {
     fn from(e: TrainingError) -> Self {
         let status = match &e {
             TrainingError::NotStarted(_) => StatusCode::NOT_FOUND,
-            TrainingError::AlreadyRunning(_) | TrainingError::NotRunning(_) => StatusCode::CONFLICT,
+            TrainingError::AlreadyRunning(_) | TrainingError::NotRunning(_) | TrainingError::NotCancellable(_) => {
+                StatusCode::CONFLICT
+            }
             TrainingError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             TrainingError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -892,6 +894,7 @@ async fn start_training(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
+    let spec = st.config.training_jobs.get(&job).cloned().ok_or_else(|| unknown_job(&st, &job))?;
     // The body: the job's overrides, and `swap` (default true).
     let mut fields: serde_json::Map<String, Json> = if body.iter().all(u8::is_ascii_whitespace) {
         Default::default()
@@ -901,16 +904,9 @@ async fn start_training(
     let swap = match fields.remove("swap") {
         None => true,
         Some(Json::Bool(b)) => b,
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                format!("`swap` must be true or false, got {other}"),
-            ));
-        }
+        Some(other) => return Err(bad_body(format!("`swap` must be true or false, got {other}"))),
     };
     let overrides: maas_train::job::Overrides = serde_json::from_value(Json::Object(fields)).map_err(bad_body)?;
-    let spec = st.config.training_jobs.get(&job).cloned().ok_or_else(|| unknown_job(&st, &job))?;
     let spec = overrides.apply(spec).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))?;
     let out = st.config.training_dir.join(format!("{job}-{}", unix_ms(std::time::SystemTime::now())));
     let status = st.engine.start_training(spec, TrainingOptions { out, swap })?;

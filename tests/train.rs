@@ -654,3 +654,57 @@ fn the_end_to_end_job_trains_features_and_head_from_scratch_to_97_percent() {
     assert!((served_accuracy - accuracy).abs() < 1e-9, "served {served_accuracy} vs reported {accuracy}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn overrides_and_job_settings_are_bounded_and_job_names_checked() {
+    let mut job = digits_jobs().remove("head").unwrap();
+    job.workers = 1;
+    let over = |json: &str| serde_json::from_str::<maas_train::job::Overrides>(json).unwrap().apply(job.clone());
+    assert!(over(r#"{"workers": 65}"#).unwrap_err().contains("at most 64"));
+    assert!(over(r#"{"servers": 1000000}"#).unwrap_err().contains("at most 64"));
+    assert!(over(r#"{"workers": 0}"#).unwrap_err().contains("at least 1"));
+    assert!(over(r#"{"mode": "sometimes"}"#).unwrap_err().contains("sync or async"));
+    assert!(over(r#"{"prune": 1.0}"#).unwrap_err().contains("prune"));
+    assert_eq!(over(r#"{"workers": 64, "compression": "int8"}"#).unwrap().workers, 64);
+    assert!(serde_json::from_str::<maas_train::job::Overrides>(r#"{"wrokers": 2}"#).is_err());
+
+    let text = std::fs::read_to_string(root().join("examples/training/digits.toml")).unwrap();
+    let bad = text
+        .replace("[training.head]", "[training.\"../head\"]")
+        .replace("seed = 7\n\n# Every", "seed = 7\nworkers = 100\n\n# Every");
+    let source = SourceFile::new("digits.toml", bad, root().join("examples/training"));
+    let registry = Registry::builtin();
+    let checked = maas_engine::load_sources(vec![source.clone()], &registry).unwrap();
+    let diags = maas_train::job::check(&[source], &checked, &registry).unwrap_err().to_string();
+    assert!(diags.contains("training job name `../head`"), "{diags}");
+    assert!(diags.contains("`workers` is at most 64, got 100"), "{diags}");
+    assert!(diags.contains("digits.toml:"), "located: {diags}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_jobs_status_is_there_for_a_late_waiter() {
+    use maas_engine::{TrainingOptions, TrainingState};
+    let trained = common::TempDir::new("late-waiter");
+    let engine = digits_engine(&trained.0).await;
+    let mut job = digits_jobs().remove("head").unwrap();
+    job.epochs = 1;
+    engine.start_training(job, TrainingOptions { out: trained.0.join("head"), swap: false }).unwrap();
+    assert!(
+        common::eventually(std::time::Duration::from_secs(60), || engine.training("head").unwrap().state
+            != TrainingState::Running)
+        .await
+    );
+    // Asked after the end: answers at once (a hang here fails the test by its timeout).
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), engine.wait_training("head"))
+        .await
+        .expect("wait_training after the end returns")
+        .unwrap();
+    assert_eq!(status.state, TrainingState::Succeeded, "{status:?}");
+    assert_eq!(status.swap_refused.as_deref(), Some("the job was started without swapping"));
+    assert!(status.swapped.is_empty());
+    assert!(trained.0.join("head/head.safetensors").exists());
+    // Nothing but the weights in the output directory (the staging directory is gone).
+    let names: Vec<_> = std::fs::read_dir(trained.0.join("head")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["head.safetensors"]);
+    engine.shutdown().await;
+}

@@ -9,13 +9,15 @@
 //! nothing (a swap changes one submodel).
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use maas_train::job::Job;
-use maas_train::trainer::{Progress, Report, TrainError};
+use maas_train::trainer::{Cancel, Progress, Report, TrainError};
 
 use crate::change::SwapRequest;
 use crate::engine::Engine;
@@ -101,6 +103,9 @@ pub enum TrainingError {
     /// The job has ended.
     #[error("training job `{0}` is not running")]
     NotRunning(String),
+    /// The job has finished training and is writing (and swapping in) its results.
+    #[error("training job `{0}` has finished training and is writing its results; it can no longer be cancelled")]
+    NotCancellable(String),
     /// The job does not fit the graph served now.
     #[error("training job `{job}`: {reason}")]
     Invalid {
@@ -121,6 +126,7 @@ impl TrainingError {
             Self::AlreadyRunning(_) => "already_running",
             Self::NotStarted(_) => "unknown_training",
             Self::NotRunning(_) => "not_running",
+            Self::NotCancellable(_) => "not_cancellable",
             Self::Invalid { .. } => "invalid_training",
             Self::ShuttingDown => "shutting_down",
         }
@@ -130,7 +136,7 @@ impl TrainingError {
 struct Entry {
     status: TrainingStatus,
     started: Instant,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<Cancel>,
     done: tokio::sync::watch::Sender<bool>,
 }
 
@@ -156,7 +162,7 @@ impl Trainings {
     /// Cancels every running job (shutdown).
     pub(crate) fn cancel_all(&self) {
         for e in self.lock().values() {
-            e.cancel.store(true, Ordering::Relaxed);
+            e.cancel.request();
         }
     }
 
@@ -170,7 +176,8 @@ impl Trainings {
         if let Some(e) = self.lock().get_mut(job) {
             f(&mut e.status);
             e.status.elapsed_s = e.started.elapsed().as_secs_f64();
-            let _ = e.done.send(true);
+            // Kept even with nobody subscribed yet: a later `wait_training` sees it.
+            e.done.send_replace(true);
         }
     }
 }
@@ -179,9 +186,6 @@ impl Engine {
     /// Starts `job` on this engine's runtime, through the graph served now; returns its
     /// status at once. See the module documentation for what happens on success.
     pub fn start_training(&self, job: Job, options: TrainingOptions) -> Result<TrainingStatus, TrainingError> {
-        if self.inner.shutting_down.load(Ordering::Relaxed) {
-            return Err(TrainingError::ShuttingDown);
-        }
         let graph = self.graph();
         let invalid = |reason: String| TrainingError::Invalid { job: job.name.clone(), reason };
         if !graph.pipelines.contains_key(&job.pipeline) {
@@ -193,9 +197,14 @@ impl Engine {
             }
         }
         let name = job.name.clone();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = Arc::new(Cancel::default());
         let status = {
             let mut all = self.inner.trainings.lock();
+            // Under the lock `shutdown`'s `cancel_all` takes: a job starts before it (and is
+            // cancelled by it) or not at all.
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return Err(TrainingError::ShuttingDown);
+            }
             if all.get(&name).is_some_and(|e| e.status.state == TrainingState::Running) {
                 return Err(TrainingError::AlreadyRunning(name));
             }
@@ -225,93 +234,106 @@ impl Engine {
         tracing::info!(job = %name, out = %options.out.display(), "training started");
         let engine = self.clone();
         tokio::spawn(async move {
-            let progress = {
-                let engine = engine.clone();
-                let name = name.clone();
-                move |p: &Progress| {
-                    tracing::info!(job = %name, "{p}");
-                    engine.inner.trainings.update(&name, |s| {
-                        s.phase = p.phase.to_string();
-                        s.epoch = p.epoch;
-                        s.epochs = p.epochs;
-                        s.loss = Some(p.loss);
-                        s.accuracy = Some(p.accuracy);
-                        s.history.push(p.clone());
-                    });
-                }
-            };
-            let registry = engine.registry().clone();
-            let result = maas_train::trainer::run(
-                Arc::new(graph),
-                job.clone(),
-                registry,
-                options.out,
-                cancel.clone(),
-                &progress,
-            )
-            .await;
-            let report = match result {
-                Ok(report) => report,
-                Err(TrainError::Cancelled) => {
-                    tracing::info!(job = %name, "training cancelled");
-                    engine.inner.trainings.finish(&name, |s| s.state = TrainingState::Cancelled);
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(job = %name, error = %e, "training failed");
-                    engine.inner.trainings.finish(&name, |s| {
-                        s.state = TrainingState::Failed;
-                        s.error = Some(e.to_string());
-                    });
-                    return;
-                }
-            };
-            let refused = if !options.swap {
-                Some("the job was started without swapping".to_string())
-            } else if cancel.load(Ordering::Relaxed) {
-                None
-            } else if let Some(min) = job.min_accuracy.filter(|m| report.accuracy < *m) {
-                Some(format!("held-out accuracy {:.4} is below min_accuracy {min}: nothing swapped", report.accuracy))
-            } else if report.weights.len() != 1 {
-                Some(format!(
-                    "the job trains {} submodels ({}); a swap changes one: nothing swapped",
-                    report.weights.len(),
-                    report.weights.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            } else {
-                None
-            };
-            if cancel.load(Ordering::Relaxed) {
+            let run = engine.clone().run_training(name.clone(), job, options, graph, cancel);
+            // A panic here must not leave the job `running` for ever (every later start refused).
+            if let Err(panic) = AssertUnwindSafe(run).catch_unwind().await {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panicked".into());
+                tracing::error!(job = %name, "training panicked: {why}");
+                engine.inner.trainings.finish(&name, |s| {
+                    s.state = TrainingState::Failed;
+                    s.error = Some(format!("the training task panicked: {why}"));
+                });
+            }
+        });
+        Ok(status)
+    }
+
+    /// The body of a started job: train, then swap (see the module documentation).
+    async fn run_training(
+        self,
+        name: String,
+        job: Job,
+        options: TrainingOptions,
+        graph: maas_graphs::Graph,
+        cancel: Arc<Cancel>,
+    ) {
+        let engine = self;
+        let progress = {
+            let engine = engine.clone();
+            let name = name.clone();
+            move |p: &Progress| {
+                tracing::info!(job = %name, "{p}");
+                engine.inner.trainings.update(&name, |s| {
+                    s.phase = p.phase.to_string();
+                    s.epoch = p.epoch;
+                    s.epochs = p.epochs;
+                    s.loss = Some(p.loss);
+                    s.accuracy = Some(p.accuracy);
+                    s.history.push(p.clone());
+                });
+            }
+        };
+        let registry = engine.registry().clone();
+        let result =
+            maas_train::trainer::run(Arc::new(graph), job.clone(), registry, options.out, cancel, &progress).await;
+        let report = match result {
+            Ok(report) => report,
+            Err(TrainError::Cancelled) => {
+                tracing::info!(job = %name, "training cancelled");
                 engine.inner.trainings.finish(&name, |s| s.state = TrainingState::Cancelled);
                 return;
             }
-            let mut swapped = BTreeMap::new();
-            let mut refused = refused;
-            if refused.is_none() {
-                engine.inner.trainings.update(&name, |s| s.phase = "swap".into());
-                let (submodel, path) = report.weights.iter().next().expect("one submodel");
-                let request = SwapRequest {
-                    weights: Some(path.clone()),
-                    version: Some(report.version.clone()),
-                    params: None,
-                    allow_signature_change: false,
-                };
-                match engine.swap(submodel, request).await {
-                    Ok(s) => {
-                        tracing::info!(job = %name, submodel = %submodel, previous = %s.previous, version = %s.version, "trained submodel swapped in");
-                        swapped.insert(submodel.clone(), TrainedSwap { previous: s.previous, version: s.version });
-                    }
-                    Err(e) => refused = Some(format!("the swap of `{submodel}` was refused: {e}")),
-                }
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "training failed");
+                engine.inner.trainings.finish(&name, |s| {
+                    s.state = TrainingState::Failed;
+                    s.error = Some(e.to_string());
+                });
+                return;
             }
-            engine.inner.trainings.finish(&name, |s| {
-                s.state = TrainingState::Succeeded;
-                s.report = Some(report);
-                s.swapped = swapped;
-                s.swap_refused = refused;
-            });
+        };
+        // The job committed before writing: it can no longer be cancelled.
+        let mut refused = if !options.swap {
+            Some("the job was started without swapping".to_string())
+        } else if let Some(min) = job.min_accuracy.filter(|m| report.accuracy < *m) {
+            Some(format!("held-out accuracy {:.4} is below min_accuracy {min}: nothing swapped", report.accuracy))
+        } else if report.weights.len() != 1 {
+            Some(format!(
+                "the job trains {} submodels ({}); a swap changes one: nothing swapped",
+                report.weights.len(),
+                report.weights.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        } else {
+            None
+        };
+        let mut swapped = BTreeMap::new();
+        if refused.is_none() {
+            engine.inner.trainings.update(&name, |s| s.phase = "swap".into());
+            let (submodel, path) = report.weights.iter().next().expect("one submodel");
+            let request = SwapRequest {
+                weights: Some(path.clone()),
+                version: Some(report.version.clone()),
+                params: None,
+                allow_signature_change: false,
+            };
+            match engine.swap(submodel, request).await {
+                Ok(s) => {
+                    tracing::info!(job = %name, submodel = %submodel, previous = %s.previous, version = %s.version, "trained submodel swapped in");
+                    swapped.insert(submodel.clone(), TrainedSwap { previous: s.previous, version: s.version });
+                }
+                Err(e) => refused = Some(format!("the swap of `{submodel}` was refused: {e}")),
+            }
+        }
+        engine.inner.trainings.finish(&name, |s| {
+            s.state = TrainingState::Succeeded;
+            s.report = Some(report);
+            s.swapped = swapped;
+            s.swap_refused = refused;
         });
-        Ok(status)
     }
 
     /// A job's status (its latest run on this engine).
@@ -331,7 +353,9 @@ impl Engine {
         if e.status.state != TrainingState::Running {
             return Err(TrainingError::NotRunning(job.into()));
         }
-        e.cancel.store(true, Ordering::Relaxed);
+        if !e.cancel.request() {
+            return Err(TrainingError::NotCancellable(job.into()));
+        }
         tracing::info!(job, "training cancel requested");
         Ok(e.snapshot())
     }

@@ -26,7 +26,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use maas_graphs::Graph;
 use maas_kernels::Registry;
@@ -173,8 +172,8 @@ pub struct Shared {
     pub steps_per_epoch: usize,
     /// Entries kept at zero (pruning's fine-tune), over the whole layout.
     pub mask: Option<Vec<bool>>,
-    /// Set to stop the job.
-    pub cancel: Arc<AtomicBool>,
+    /// Requested to stop the job.
+    pub cancel: Arc<crate::trainer::Cancel>,
     /// To the coordinator.
     pub events: UnboundedSender<Event>,
 }
@@ -191,7 +190,9 @@ impl Shared {
                 let epoch = version / self.steps_per_epoch.max(1) as u64;
                 scheduled_lr(&self.job, epoch as f64 / (self.job.epochs.max(2) - 1) as f64)
             }
-            Mode::Async => scheduled_lr(&self.job, version as f64 / self.total_updates().max(1) as f64),
+            Mode::Async => {
+                scheduled_lr(&self.job, version as f64 / self.total_updates().saturating_sub(1).max(1) as f64)
+            }
         }
     }
 }
@@ -362,6 +363,9 @@ pub struct GateState {
     ready: Vec<Option<RpcReplyPort<Option<u64>>>>,
     /// The worker whose push is being applied.
     holder: Option<usize>,
+    /// Workers that read and have not pulled yet: no push is granted meanwhile, so a pull never
+    /// sees half of one.
+    pulling: usize,
     /// The staleness of every granted push.
     staleness: Vec<u64>,
     retries: u64,
@@ -383,6 +387,11 @@ pub enum GateMessage {
         worker: usize,
         /// The answer.
         reply: RpcReplyPort<Option<u64>>,
+    },
+    /// A worker that read has pulled every server's range: pushes may be granted again.
+    Pulled {
+        /// The worker.
+        worker: usize,
     },
     /// The granted push has been applied by every server.
     Applied {
@@ -414,6 +423,15 @@ impl GateState {
             if self.holder.is_some() {
                 return;
             }
+            if self.pulling > 0 {
+                // Reads go on together; grants wait until every reader has pulled.
+                while let Some((w, reply)) = self.reads.pop_front() {
+                    self.in_flight[w] = Some(self.version);
+                    self.pulling += 1;
+                    let _ = reply.send(self.version);
+                }
+                return;
+            }
             let waiting: Vec<usize> = (0..self.ready.len()).filter(|w| self.ready[*w].is_some()).collect();
             if let Some(&w) = waiting.iter().find(|w| !self.push_blocked(**w)) {
                 let reply = self.ready[w].take().expect("waiting");
@@ -432,6 +450,7 @@ impl GateState {
             }
             while let Some((w, reply)) = self.reads.pop_front() {
                 self.in_flight[w] = Some(self.version);
+                self.pulling += 1;
                 let _ = reply.send(self.version);
             }
             return;
@@ -456,6 +475,7 @@ impl Actor for GateActor {
             reads: VecDeque::new(),
             ready: (0..workers).map(|_| None).collect(),
             holder: None,
+            pulling: 0,
             staleness: Vec::new(),
             retries: 0,
         })
@@ -467,9 +487,21 @@ impl Actor for GateActor {
         msg: GateMessage,
         s: &mut GateState,
     ) -> Result<(), ActorProcessingErr> {
+        let workers = s.ready.len();
+        let known = |w: usize| if w < workers { Ok(()) } else { Err(format!("message from unknown worker {w}")) };
         match msg {
-            GateMessage::Read { worker, reply } => s.reads.push_back((worker, reply)),
-            GateMessage::Ready { worker, reply } => s.ready[worker] = Some(reply),
+            GateMessage::Read { worker, reply } => {
+                known(worker)?;
+                s.reads.push_back((worker, reply));
+            }
+            GateMessage::Ready { worker, reply } => {
+                known(worker)?;
+                s.ready[worker] = Some(reply);
+            }
+            GateMessage::Pulled { worker } => {
+                known(worker)?;
+                s.pulling = s.pulling.checked_sub(1).ok_or_else(|| format!("worker {worker} pulled without a read"))?;
+            }
             GateMessage::Applied { worker } => {
                 if s.holder != Some(worker) {
                     return Err(format!("worker {worker} applied a push it was not granted").into());
@@ -532,7 +564,7 @@ fn answer<T>(shared: &Shared, rx: Option<tokio::sync::oneshot::Receiver<T>>) -> 
 
 /// The job is ending (a stopped actor, cancellation).
 fn stopped(shared: &Shared) -> TrainError {
-    if shared.cancel.load(Ordering::Relaxed) { TrainError::Cancelled } else { TrainError::Stopped }
+    if shared.cancel.requested() { TrainError::Cancelled } else { TrainError::Stopped }
 }
 
 /// A worker's stream: its model and its shard's steps.
@@ -589,9 +621,14 @@ impl Stream {
         if !loss.is_finite() {
             return Err(TrainError::Diverged { loss, epoch, step });
         }
-        let grad = self.shared.layout.flatten(&grads).map_err(TrainError::Other)?;
+        let mut grad = self.shared.layout.flatten(&grads).map_err(TrainError::Other)?;
         if !grad.iter().all(|g| g.is_finite()) {
             return Err(TrainError::GradientDiverged { epoch, step });
+        }
+        // Pruned entries stay at zero: their gradient is not sent (nor kept as a residual, nor
+        // counted in a scale or a top-k selection).
+        if let Some(mask) = &self.shared.mask {
+            grad.iter_mut().zip(mask).filter(|(_, zero)| **zero).for_each(|(g, _)| *g = 0.0);
         }
         Ok((loss, grad))
     }
@@ -634,7 +671,7 @@ impl Stream {
             }
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(self.seed(epoch)));
             for step in 0..per_epoch {
-                if self.shared.cancel.load(Ordering::Relaxed) {
+                if self.shared.cancel.requested() {
                     return Err(TrainError::Cancelled);
                 }
                 let rows = self.rows(&order, step);
@@ -672,6 +709,7 @@ impl Stream {
         loop {
             answer(&self.shared, ask(&gate, |reply| GateMessage::Read { worker: w, reply }))?;
             let flat = self.pull()?;
+            gate.send_message(GateMessage::Pulled { worker: w }).map_err(|_| stopped(&self.shared))?;
             let (loss, grad) = self.compute(&flat, rows, epoch, step)?;
             let granted = answer(&self.shared, ask(&gate, |reply| GateMessage::Ready { worker: w, reply }))?;
             if granted.is_none() {

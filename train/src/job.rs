@@ -232,6 +232,10 @@ pub fn check(sources: &[SourceFile], checked: &Checked, registry: &Registry) -> 
     if diags.is_empty() { Ok(jobs) } else { Err(Diagnostics(diags)) }
 }
 
+/// The most workers, and the most parameter servers, a job may have (each is a thread or an
+/// actor with its own copy of state).
+pub const MAX_WORKERS: usize = 64;
+
 /// A positive integer setting.
 fn count(v: Option<Spanned<i64>>, default: usize, key: &str, report: &mut Report<'_>) -> usize {
     match v {
@@ -467,8 +471,22 @@ fn check_job(
     };
     let epochs = count(job.epochs, 10, "epochs", report);
     let batch_size = count(job.batch_size, 32, "batch_size", report);
+    let spans = (job.workers.as_ref().map(Spanned::span), job.servers.as_ref().map(Spanned::span));
     let workers = count(job.workers, 1, "workers", report);
     let servers = count(job.servers, 1, "servers", report);
+    for (key, span, n) in [("workers", spans.0, workers), ("servers", spans.1, servers)] {
+        if n > MAX_WORKERS
+            && let Some(span) = span
+        {
+            report.error(span, format!("`{key}` is at most {MAX_WORKERS}, got {n}"));
+        }
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || name.is_empty() {
+        report.error(
+            job_span.clone(),
+            format!("training job name `{name}`: use letters, digits, `_` and `-` only (it names files and threads)"),
+        );
+    }
     let held_out = match job.held_out {
         None => 0.2,
         Some(h) if *h.get_ref() > 0.0 && *h.get_ref() < 1.0 => *h.get_ref(),
@@ -599,11 +617,14 @@ impl Overrides {
     /// `job` with these settings; the first bad value says why.
     pub fn apply(&self, mut job: Job) -> Result<Job, String> {
         let positive = |v: usize, key: &str| if v == 0 { Err(format!("`{key}` must be at least 1")) } else { Ok(v) };
+        let bounded = |v: usize, key: &str| {
+            if v > MAX_WORKERS { Err(format!("`{key}` is at most {MAX_WORKERS}, got {v}")) } else { positive(v, key) }
+        };
         if let Some(w) = self.workers {
-            job.workers = positive(w, "workers")?;
+            job.workers = bounded(w, "workers")?;
         }
         if let Some(k) = self.servers {
-            job.servers = positive(k, "servers")?;
+            job.servers = bounded(k, "servers")?;
         }
         if let Some(e) = self.epochs {
             job.epochs = positive(e, "epochs")?;

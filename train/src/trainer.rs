@@ -33,7 +33,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -51,6 +50,35 @@ use crate::data::{self, Table};
 use crate::job::{Job, Mode};
 use crate::model::{Model, ModelError};
 use crate::partition::{Layout, ranges};
+
+/// A job's cancellation: requested by its owner, checked by the workers at each step, and
+/// closed by the job itself when it starts writing (from then on a request is refused: the
+/// job finishes). Shared between the owner and the job.
+#[derive(Debug, Default)]
+pub struct Cancel(std::sync::atomic::AtomicU8);
+
+const RUNNING: u8 = 0;
+const REQUESTED: u8 = 1;
+const COMMITTED: u8 = 2;
+
+impl Cancel {
+    /// Asks the job to stop; `false` when it is writing its results already (too late).
+    pub fn request(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        matches!(self.0.compare_exchange(RUNNING, REQUESTED, SeqCst, SeqCst), Ok(_) | Err(REQUESTED))
+    }
+
+    /// Whether a stop was asked for.
+    pub fn requested(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst) == REQUESTED
+    }
+
+    /// The job starts writing: `false` when a stop was asked for first.
+    pub fn commit(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        matches!(self.0.compare_exchange(RUNNING, COMMITTED, SeqCst, SeqCst), Ok(_) | Err(COMMITTED))
+    }
+}
 
 /// Why a job failed (nothing is written then).
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +343,7 @@ pub fn train(
         .enable_all()
         .build()
         .map_err(|e| TrainError::Other(format!("the training runtime: {e}")))?;
-    let cancel = Arc::new(AtomicBool::new(false));
+    let cancel = Arc::new(Cancel::default());
     runtime.block_on(run(Arc::new(graph.clone()), job.clone(), registry.clone(), out.to_path_buf(), cancel, progress))
 }
 
@@ -355,14 +383,15 @@ async fn evaluate(setup: &Setup, flat: Vec<f32>) -> Result<f64, TrainError> {
 }
 
 /// Runs `job` on `graph`, its workers, parameter servers and gate as actors on the current
-/// runtime, and writes the trained submodels into `out`. Setting `cancel` stops it with
-/// [`TrainError::Cancelled`]; a failed or cancelled job writes nothing.
+/// runtime, and writes the trained submodels into `out`. Requesting `cancel` stops it with
+/// [`TrainError::Cancelled`]; a failed or cancelled job writes nothing. The files are written
+/// under temporary names and renamed into `out` once all are written.
 pub async fn run(
     graph: Arc<Graph>,
     job: Job,
     registry: Registry,
     out: PathBuf,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<Cancel>,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Report, TrainError> {
     let start = Instant::now();
@@ -371,11 +400,22 @@ pub async fn run(
         tokio::task::spawn_blocking(move || -> Result<Setup, TrainError> {
             let table = Arc::new(data::load(&job.data.path, &job.data.columns)?);
             let (train_rows, test_rows) = split(table.rows(), job.held_out, job.split_seed);
-            if train_rows.is_empty() {
-                return Err(TrainError::Other("no training rows are left after the held-out split".into()));
+            if train_rows.len() < job.workers {
+                return Err(TrainError::Other(format!(
+                    "{} training rows are left after the held-out split, fewer than the {} workers (each needs a shard)",
+                    train_rows.len(),
+                    job.workers
+                )));
             }
             let model = Model::new(&graph, &job, &registry)?;
             let layout = Layout::new(&model.shapes());
+            if layout.len() < job.servers {
+                return Err(TrainError::Other(format!(
+                    "the learning submodels have {} parameters, fewer than the {} servers (each needs a range)",
+                    layout.len(),
+                    job.servers
+                )));
+            }
             let init = layout.flatten(&model.values()?).map_err(TrainError::Other)?;
             // Shards: round robin over a seeded shuffle of the training rows.
             let mut shuffled = train_rows.clone();
@@ -436,14 +476,15 @@ pub async fn run(
     }
 
     let flat = last.flat;
+    // The point of no return: from here a cancellation is refused and the job finishes.
+    if !cancel.commit() {
+        return Err(TrainError::Cancelled);
+    }
     let weights = {
         let (model, values, out) = (setup.model.clone(), setup.layout.unflatten(&flat), out.clone());
-        tokio::task::spawn_blocking(move || -> Result<_, TrainError> {
-            model.set_values(&values)?;
-            Ok(model.save(&out)?)
-        })
-        .await
-        .map_err(|e| TrainError::Other(format!("saving: {e}")))??
+        tokio::task::spawn_blocking(move || save(&model, &values, &out))
+            .await
+            .map_err(|e| TrainError::Other(format!("saving: {e}")))??
     };
     let staleness = Staleness {
         max: total.staleness.iter().copied().max().unwrap_or(0),
@@ -480,6 +521,36 @@ pub async fn run(
         version: format!("{}-{:016x}", job.name, digest(&flat)),
         pruning,
     })
+}
+
+/// Writes every learning submodel's file into a fresh directory inside `out`, then renames
+/// each into `out`: a failure leaves no file of this job in `out`.
+fn save(
+    model: &Model,
+    values: &BTreeMap<String, Vec<f32>>,
+    out: &Path,
+) -> Result<BTreeMap<String, PathBuf>, TrainError> {
+    model.set_values(values)?;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Other(format!("creating {}: {e}", out.display())))?;
+    let stage = out.join(format!(".maas-train-{}-{}", std::process::id(), start_nanos()));
+    let written = model.save(&stage);
+    let result = written.map_err(TrainError::from).and_then(|files| {
+        let mut done = BTreeMap::new();
+        for (submodel, staged) in files {
+            let path = out.join(staged.file_name().expect("a file name"));
+            std::fs::rename(&staged, &path)
+                .map_err(|e| TrainError::Other(format!("moving {} into place: {e}", path.display())))?;
+            done.insert(submodel, path);
+        }
+        Ok(done)
+    });
+    let _ = std::fs::remove_dir_all(&stage);
+    result
+}
+
+/// Nanoseconds since the epoch (a unique-enough name for a staging directory).
+fn start_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 impl Phase {
@@ -519,7 +590,7 @@ async fn phase(
     init: Vec<f32>,
     mask: Option<Vec<bool>>,
     name: &'static str,
-    cancel: &Arc<AtomicBool>,
+    cancel: &Arc<Cancel>,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Phase, TrainError> {
     let parts = ranges(setup.layout.len(), job.servers);
