@@ -184,7 +184,8 @@ impl Trainings {
 
 impl Engine {
     /// Starts `job` on this engine's runtime, through the graph served now; returns its
-    /// status at once. See the module documentation for what happens on success.
+    /// status at once. See the module documentation for what happens on success. Call it from
+    /// within the tokio runtime the engine serves on (the job is a task on it).
     pub fn start_training(&self, job: Job, options: TrainingOptions) -> Result<TrainingStatus, TrainingError> {
         let graph = self.graph();
         let invalid = |reason: String| TrainingError::Invalid { job: job.name.clone(), reason };
