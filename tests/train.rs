@@ -708,3 +708,63 @@ async fn a_finished_jobs_status_is_there_for_a_late_waiter() {
     assert_eq!(names, ["head.safetensors"]);
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_training_two_submodels_swaps_them_in_together_with_no_mixed_response() {
+    use maas_engine::{TrainingOptions, TrainingState};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let trained = common::TempDir::new("together");
+    let engine = digits_engine(&trained.0).await;
+    let mut job = digits_jobs().remove("end_to_end").unwrap();
+    job.epochs = 2;
+    let pixels: Vec<Vec<f32>> = serde_json::from_value(two_images()).unwrap();
+    let x = Tensor::new(pixels, &Device::Cpu).unwrap();
+    // 8 callers: every answer must come from one consistent pair (both old or both new).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, mixed, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let (engine, x, stop, ok, mixed, failed) =
+                (engine.clone(), x.clone(), stop.clone(), ok.clone(), mixed.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(SeqCst) {
+                    match engine
+                        .infer("classify", Values::from([("pixels".to_string(), Value::Tensor(x.clone()))]))
+                        .await
+                    {
+                        Ok(r) if r.versions["features"] == r.versions["head"] => ok.fetch_add(1, SeqCst),
+                        Ok(_) => mixed.fetch_add(1, SeqCst),
+                        Err(_) => failed.fetch_add(1, SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+    let out = trained.0.join("e2e");
+    engine.start_training(job, TrainingOptions { out: out.clone(), swap: true }).unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(300), engine.wait_training("end_to_end"))
+        .await
+        .expect("the job ends")
+        .unwrap();
+    // A little more traffic after the switch.
+    let after = ok.load(SeqCst);
+    assert!(common::eventually(std::time::Duration::from_secs(30), || ok.load(SeqCst) > after + 50).await);
+    stop.store(true, SeqCst);
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert_eq!(status.state, TrainingState::Succeeded, "{status:?}");
+    assert_eq!(status.swap_refused, None, "{status:?}");
+    let version = status.report.as_ref().unwrap().version.clone();
+    assert_eq!(status.swapped.keys().collect::<Vec<_>>(), ["features", "head"], "{status:?}");
+    for s in ["features", "head"] {
+        assert_eq!(status.swapped[s].version, version);
+        assert_eq!(engine.versions(s).unwrap().serving.version, version);
+    }
+    assert_eq!(failed.load(SeqCst), 0, "requests failed during the swap");
+    assert_eq!(mixed.load(SeqCst), 0, "a response mixed an old and a new submodel");
+    let r = engine.infer("classify", Values::from([("pixels".to_string(), Value::Tensor(x))])).await.unwrap();
+    assert_eq!((r.versions["features"].as_str(), r.versions["head"].as_str()), (version.as_str(), version.as_str()));
+    engine.shutdown().await;
+}

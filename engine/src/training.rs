@@ -5,8 +5,9 @@
 //! per job name and can be watched and cancelled. On success, unless the job's `min_accuracy`
 //! is not reached or it was cancelled, the trained submodel is hot-swapped in as a new version
 //! through [`Engine::swap`]: every guarantee of a swap holds (no request fails, each request
-//! runs one version). A job that trains more than one submodel writes its weights but swaps
-//! nothing (a swap changes one submodel).
+//! runs one version). A job that trains several submodels swaps them in together: the graph
+//! served now with their weights and versions replaced, applied as one recomposition (every
+//! pipeline switches at once, so no request sees one new and one old).
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -19,8 +20,9 @@ use futures_util::FutureExt;
 use maas_train::job::Job;
 use maas_train::trainer::{Cancel, Progress, Report, TrainError};
 
-use crate::change::SwapRequest;
+use crate::change::{ChangeError, RecomposeOptions, SwapRequest};
 use crate::engine::Engine;
+use maas_graphs::SourceFile;
 
 /// How a job started on the engine runs.
 #[derive(Debug, Clone)]
@@ -302,17 +304,22 @@ impl Engine {
             Some("the job was started without swapping".to_string())
         } else if let Some(min) = job.min_accuracy.filter(|m| report.accuracy < *m) {
             Some(format!("held-out accuracy {:.4} is below min_accuracy {min}: nothing swapped", report.accuracy))
-        } else if report.weights.len() != 1 {
-            Some(format!(
-                "the job trains {} submodels ({}); a swap changes one: nothing swapped",
-                report.weights.len(),
-                report.weights.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
         } else {
             None
         };
         let mut swapped = BTreeMap::new();
-        if refused.is_none() {
+        if refused.is_none() && report.weights.len() > 1 {
+            // Several submodels: one recomposition switches them all at once, so no request
+            // sees one new and one old.
+            engine.inner.trainings.update(&name, |s| s.phase = "swap".into());
+            match engine.swap_together(&report).await {
+                Ok(s) => {
+                    tracing::info!(job = %name, swapped = ?s, "trained submodels swapped in together");
+                    swapped = s;
+                }
+                Err(e) => refused = Some(format!("the trained submodels were not swapped in: {e}")),
+            }
+        } else if refused.is_none() {
             engine.inner.trainings.update(&name, |s| s.phase = "swap".into());
             let (submodel, path) = report.weights.iter().next().expect("one submodel");
             let request = SwapRequest {
@@ -335,6 +342,40 @@ impl Engine {
             s.swapped = swapped;
             s.swap_refused = refused;
         });
+    }
+
+    /// Swaps every submodel of `report` in at once, as versions named `report.version`: the
+    /// graph served now with their weights replaced, applied as one recomposition (confined
+    /// to the file roots like any change).
+    async fn swap_together(&self, report: &Report) -> Result<BTreeMap<String, TrainedSwap>, ChangeError> {
+        let mut graph = self.graph();
+        let mut swapped = BTreeMap::new();
+        for (submodel, path) in &report.weights {
+            let spec = graph
+                .submodels
+                .iter_mut()
+                .find(|(n, _)| n.as_str() == submodel)
+                .map(|(_, s)| s)
+                .ok_or_else(|| ChangeError::UnknownSubmodel(submodel.clone()))?;
+            let path = path.canonicalize().map_err(|e| ChangeError::InvalidWeights {
+                submodel: submodel.clone(),
+                message: format!("{}: {e}", path.display()),
+            })?;
+            swapped.insert(
+                submodel.clone(),
+                TrainedSwap { previous: spec.version.clone(), version: report.version.clone() },
+            );
+            spec.weights = Some(path);
+            spec.version = report.version.clone();
+        }
+        let source = SourceFile::new(
+            format!("the graph served, with the submodels trained by `{}`", report.job),
+            maas_graphs::to_toml(&graph),
+            std::env::current_dir().unwrap_or_default(),
+        );
+        let options = RecomposeOptions { dry_run: false, allow_signature_change: false };
+        self.recompose_with_options(vec![source], options).await?;
+        Ok(swapped)
     }
 
     /// A job's status (its latest run on this engine).
