@@ -519,7 +519,7 @@ impl Engine {
     ) -> Result<Recomposed, ChangeError> {
         let started = Instant::now();
         let dry_run = options.dry_run;
-        let result = self.recompose_locked(sources, options, confine, started).await;
+        let result = self.recompose_locked(|_| Ok(sources), options, confine, started).await;
         if !dry_run {
             self.inner.change_counts.record("recompose", &result);
         }
@@ -732,9 +732,21 @@ impl Engine {
         })
     }
 
+    /// Recomposes to the graph `sources` makes of the graph served now (read under the change
+    /// lock, so no other change comes between the reading and the switch).
+    pub(crate) async fn recompose_from_served(
+        &self,
+        sources: impl FnOnce(&maas_graphs::Graph) -> Result<Vec<SourceFile>, ChangeError> + Send,
+        options: RecomposeOptions,
+    ) -> Result<Recomposed, ChangeError> {
+        let result = self.recompose_locked(sources, options, true, Instant::now()).await;
+        self.inner.change_counts.record("recompose", &result);
+        result
+    }
+
     async fn recompose_locked(
         &self,
-        sources: Vec<SourceFile>,
+        sources: impl FnOnce(&maas_graphs::Graph) -> Result<Vec<SourceFile>, ChangeError> + Send,
         options: RecomposeOptions,
         confine: bool,
         started: Instant,
@@ -742,6 +754,7 @@ impl Engine {
         let _lock = self.inner.change_lock.lock().await;
         self.not_shutting_down()?;
         let served = self.inner.served.load_full();
+        let sources = sources(&served.graph)?;
         // Confine before reading anything: the files the sources declare, then (for what a
         // broken source hides from that scan) every file the checker would open.
         let known = served_files(&served);

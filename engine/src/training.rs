@@ -348,33 +348,42 @@ impl Engine {
     /// graph served now with their weights replaced, applied as one recomposition (confined
     /// to the file roots like any change).
     async fn swap_together(&self, report: &Report) -> Result<BTreeMap<String, TrainedSwap>, ChangeError> {
-        let mut graph = self.graph();
-        let mut swapped = BTreeMap::new();
+        let mut weights = BTreeMap::new();
         for (submodel, path) in &report.weights {
-            let spec = graph
-                .submodels
-                .iter_mut()
-                .find(|(n, _)| n.as_str() == submodel)
-                .map(|(_, s)| s)
-                .ok_or_else(|| ChangeError::UnknownSubmodel(submodel.clone()))?;
             let path = path.canonicalize().map_err(|e| ChangeError::InvalidWeights {
                 submodel: submodel.clone(),
                 message: format!("{}: {e}", path.display()),
             })?;
-            swapped.insert(
-                submodel.clone(),
-                TrainedSwap { previous: spec.version.clone(), version: report.version.clone() },
-            );
-            spec.weights = Some(path);
-            spec.version = report.version.clone();
+            weights.insert(submodel.clone(), path);
         }
-        let source = SourceFile::new(
-            format!("the graph served, with the submodels trained by `{}`", report.job),
-            maas_graphs::to_toml(&graph),
-            std::env::current_dir().unwrap_or_default(),
-        );
+        let (version, job) = (report.version.clone(), report.job.clone());
+        let swapped = Arc::new(Mutex::new(BTreeMap::new()));
+        let noted = swapped.clone();
+        // The served graph is read and rewritten under the change lock: no other change comes
+        // between (and would be undone).
+        let edit = move |served: &maas_graphs::Graph| {
+            let mut graph = served.clone();
+            let mut noted = noted.lock().unwrap_or_else(|p| p.into_inner());
+            for (submodel, path) in weights {
+                let spec = graph
+                    .submodels
+                    .iter_mut()
+                    .find(|(n, _)| n.as_str() == submodel)
+                    .map(|(_, s)| s)
+                    .ok_or_else(|| ChangeError::UnknownSubmodel(submodel.clone()))?;
+                noted.insert(submodel, TrainedSwap { previous: spec.version.clone(), version: version.clone() });
+                spec.weights = Some(path);
+                spec.version = version.clone();
+            }
+            Ok(vec![SourceFile::new(
+                format!("the graph served, with the submodels trained by `{job}`"),
+                maas_graphs::to_toml(&graph),
+                std::env::current_dir().unwrap_or_default(),
+            )])
+        };
         let options = RecomposeOptions { dry_run: false, allow_signature_change: false };
-        self.recompose_with_options(vec![source], options).await?;
+        self.recompose_from_served(edit, options).await?;
+        let swapped = std::mem::take(&mut *swapped.lock().unwrap_or_else(|p| p.into_inner()));
         Ok(swapped)
     }
 
