@@ -11,6 +11,9 @@
 //!     version (422 bad weights, 404 unknown submodel, 409 a signature the pipelines cannot
 //!     accept, a pipeline output type change not allowed, or a label that names other content,
 //!     403 a file outside the roots); a kept version's label alone returns to it;
+//!   - `POST /v1/swaps` `{"submodels": {"<name>": {"weights": "...", "version": "..."}, ...}}`:
+//!     several submodels swapped at once (one recomposition: no request sees one new and one
+//!     old); 200 `{"swapped": {"<name>": {"previous", "version"}}, "elapsed_ms"}`;
 //!   - `POST /v1/submodels/{name}/rollback` (any body, ignored): back to the previous version;
 //!   - `GET /v1/submodels/{name}/versions`: the serving and kept versions;
 //!   - `GET /v1/graph`: the graph served now, as TOML; `PUT /v1/graph` (TOML body,
@@ -321,6 +324,7 @@ pub fn router_with(engine: Engine, config: HttpConfig) -> Router {
     let admin = Router::new()
         .route("/v1/graph", get(get_graph).put(put_graph))
         .route("/v1/submodels/{name}", axum::routing::put(swap))
+        .route("/v1/swaps", post(swap_together))
         .route("/v1/submodels/{name}/rollback", post(rollback))
         .route("/v1/submodels/{name}/versions", get(versions))
         .route("/v1/training", get(list_trainings))
@@ -809,6 +813,36 @@ struct SwapBody {
     params: Option<serde_json::Map<String, Json>>,
     #[serde(default)]
     allow_signature_change: bool,
+}
+
+/// The body of `POST /v1/swaps`: each submodel's new weights and version.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapsBody {
+    submodels: BTreeMap<String, SwapTo>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapTo {
+    weights: std::path::PathBuf,
+    version: String,
+}
+
+async fn swap_together(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body?;
+    let req: SwapsBody = serde_json::from_slice(&body).map_err(bad_body)?;
+    let started = std::time::Instant::now();
+    let swaps = req.submodels.into_iter().map(|(name, to)| (name, (to.weights, to.version))).collect();
+    let swapped = detached(async move { st.engine.swap_together(swaps).await }).await??;
+    let swapped: serde_json::Map<String, Json> = swapped
+        .into_iter()
+        .map(|(name, previous, version)| (name, json!({ "previous": previous, "version": version })))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "swapped": swapped, "elapsed_ms": started.elapsed().as_secs_f64() * 1e3 }),
+    ))
 }
 
 fn bad_body(e: impl std::fmt::Display) -> ApiError {

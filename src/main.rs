@@ -83,10 +83,10 @@ enum Command {
         /// `trained/<job>`.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Then hot-swap the trained submodel into the `maas serve` at URL through its admin API
+        /// Then hot-swap the trained submodels into the `maas serve` at URL through its admin API
         /// (token from MAAS_ADMIN_TOKEN; the server must accept files from `--out`, e.g. with
         /// `--model-root`), only if the held-out accuracy reaches the job's `min_accuracy`.
-        /// One learning submodel per job (a swap changes one submodel atomically).
+        /// Several learning submodels are swapped together (`POST /v1/swaps`).
         #[arg(long, value_name = "URL")]
         swap_into: Option<String>,
     },
@@ -611,26 +611,41 @@ fn training_jobs(
 async fn swap_over_http(
     url: &str,
     token: &str,
-    name: &str,
-    weights: &Path,
+    weights: &std::collections::BTreeMap<String, PathBuf>,
     version: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    let endpoint = format!("{}/v1/submodels/{name}", url.trim_end_matches('/'));
-    let body = serde_json::json!({ "weights": weights.display().to_string(), "version": version });
-    let response = reqwest::Client::new()
-        .put(&endpoint)
+    // One submodel: its own swap; several: swapped together (no request sees one new and one old).
+    let (endpoint, body) = match weights.iter().collect::<Vec<_>>().as_slice() {
+        [(name, path)] => (
+            format!("{}/v1/submodels/{name}", url.trim_end_matches('/')),
+            serde_json::json!({ "weights": path.display().to_string(), "version": version }),
+        ),
+        _ => (
+            format!("{}/v1/swaps", url.trim_end_matches('/')),
+            serde_json::json!({ "submodels": weights.iter().map(|(name, path)| {
+                (name.clone(), serde_json::json!({ "weights": path.display().to_string(), "version": version }))
+            }).collect::<serde_json::Map<_, _>>() }),
+        ),
+    };
+    let client = reqwest::Client::new();
+    let request = if weights.len() == 1 { client.put(&endpoint) } else { client.post(&endpoint) };
+    let response = request
         .bearer_auth(token)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
         .await
-        .with_context(|| format!("PUT {endpoint}"))?;
+        .with_context(|| format!("{endpoint}"))?;
     let status = response.status();
-    let answer: serde_json::Value = response.json().await.with_context(|| format!("PUT {endpoint}: the answer"))?;
+    let answer: serde_json::Value = response.json().await.with_context(|| format!("{endpoint}: the answer"))?;
     if !status.is_success() {
-        bail!("PUT {endpoint}: {status}: {answer}");
+        bail!("{endpoint}: {status}: {answer}");
     }
-    Ok(answer)
+    // As one map: submodel -> the server's answer for it.
+    Ok(match weights.keys().next() {
+        Some(name) if weights.len() == 1 => serde_json::json!({ name: answer }),
+        _ => answer["swapped"].clone(),
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -733,12 +748,6 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let j = overrides.apply(j).map_err(|e| anyhow::anyhow!("job `{job}`: {e}"))?;
             let token = match &swap_into {
                 None => None,
-                Some(_) if j.learn.len() != 1 => bail!(
-                    "--swap-into swaps one submodel; job `{}` trains {} ({}): change the served graph instead",
-                    j.name,
-                    j.learn.len(),
-                    j.learn.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                ),
                 Some(_) => Some(std::env::var("MAAS_ADMIN_TOKEN").context("--swap-into needs MAAS_ADMIN_TOKEN")?),
             };
             let out = out.unwrap_or_else(|| PathBuf::from("trained").join(&j.name));
@@ -780,15 +789,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                         json["swap_refused"] = serde_json::Value::String(why);
                     }
                     _ => {
-                        let (name, path) = report.weights.iter().next().context("the job wrote no weights")?;
-                        let path = path.canonicalize().with_context(|| format!("{}", path.display()))?;
-                        let swapped =
-                            runtime()?.block_on(swap_over_http(&url, &token, name, &path, &report.version))?;
-                        eprintln!(
-                            "{job}: swapped into {url}: {name} {} -> {}",
-                            swapped["previous"], swapped["version"]
-                        );
-                        json["swapped"] = serde_json::json!({ name: swapped });
+                        let mut weights = std::collections::BTreeMap::new();
+                        for (name, path) in &report.weights {
+                            let path = path.canonicalize().with_context(|| format!("{}", path.display()))?;
+                            weights.insert(name.clone(), path);
+                        }
+                        let swapped = runtime()?.block_on(swap_over_http(&url, &token, &weights, &report.version))?;
+                        for (name, s) in swapped.as_object().into_iter().flatten() {
+                            eprintln!("{job}: swapped into {url}: {name} {} -> {}", s["previous"], s["version"]);
+                        }
+                        json["swapped"] = swapped;
                     }
                 }
             }

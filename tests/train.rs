@@ -768,3 +768,56 @@ async fn a_job_training_two_submodels_swaps_them_in_together_with_no_mixed_respo
     assert_eq!((r.versions["features"].as_str(), r.versions["head"].as_str()), (version.as_str(), version.as_str()));
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_into_puts_both_submodels_of_end_to_end_in_together() {
+    let out = common::TempDir::new("swap-into-together");
+    let options = maas_engine::EngineOptions {
+        file_roots: Some(vec![root().join("examples/pipelines"), root().join("assets"), out.0.clone()]),
+        ..Default::default()
+    };
+    let engine = maas_engine::Engine::builder()
+        .options(options)
+        .from_files(&[root().join("examples/pipelines/digits.toml")])
+        .await
+        .expect("digits serves");
+    let config = maas::http::HttpConfig { admin_token: Some("train-secret".into()), ..Default::default() };
+    let server = common::serve(engine.clone(), config).await;
+    let url = format!("http://{}", server.addr);
+    let args: Vec<String> =
+        ["examples/training/digits.toml", "--job", "end_to_end", "--epochs", "1", "--swap-into", &url, "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([out.0.join("e2e").display().to_string()])
+            .collect();
+    let (code, report, stderr) = tokio::task::spawn_blocking(move || train_with_token(args)).await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let version = report["version"].as_str().unwrap();
+    for s in ["features", "head"] {
+        assert_eq!(report["swapped"][s]["version"], version, "{report}");
+        assert_eq!(report["swapped"][s]["previous"], "v1", "{report}");
+        assert_eq!(engine.versions(s).unwrap().serving.version, version);
+    }
+    // Refused as a whole: an unknown submodel, or a label serving already, changes nothing.
+    let client = reqwest::Client::new();
+    let w = report["weights"]["head"].as_str().unwrap();
+    for (body, status) in [
+        (
+            serde_json::json!({"submodels": {"head": {"weights": w, "version": "x2"}, "nope": {"weights": w, "version": "x2"}}}),
+            404,
+        ),
+        (serde_json::json!({"submodels": {"head": {"weights": w, "version": version}}}), 400),
+        (serde_json::json!({"submodels": {}}), 400),
+    ] {
+        let r = client
+            .post(format!("{url}/v1/swaps"))
+            .bearer_auth("train-secret")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{body}: {}", r.text().await.unwrap());
+        assert_eq!(engine.versions("head").unwrap().serving.version, version);
+    }
+    server.shut().await;
+}

@@ -418,6 +418,15 @@ enum Mode {
     Rollback(usize),
 }
 
+fn log_swap_together(result: &Result<Recomposed, ChangeError>) {
+    match result {
+        Ok(r) => {
+            tracing::info!(changed = ?r.diff.submodels.changed, elapsed = ?r.elapsed, "submodels swapped together")
+        }
+        Err(e) => tracing::warn!(error = %e, "swap of several submodels refused"),
+    }
+}
+
 impl Engine {
     /// Hot-swaps a submodel: checks and loads the new version on its own replicas (warmed up,
     /// off the serving path), checks it against every pipeline that uses it, then switches.
@@ -730,6 +739,64 @@ impl Engine {
             replicas,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Swaps several submodels at once, each to new weights (absolute, or relative to the
+    /// working directory) under a new version label: the graph served now with those replaced,
+    /// applied as one recomposition, so every pipeline switches at once and no request runs one
+    /// new and one old. Files are confined to the file roots; each swap must name its version
+    /// (different from the one serving). Answers `(submodel, previous, version)` for each.
+    pub async fn swap_together(
+        &self,
+        swaps: BTreeMap<String, (PathBuf, String)>,
+    ) -> Result<Vec<(String, String, String)>, ChangeError> {
+        if swaps.is_empty() {
+            return Err(ChangeError::InvalidRequest("no submodel to swap".into()));
+        }
+        let mut resolved = BTreeMap::new();
+        for (submodel, (weights, version)) in swaps {
+            if version.trim().is_empty() || version.len() > MAX_LABEL {
+                return Err(ChangeError::InvalidRequest(format!(
+                    "`{submodel}`: a version label of 1 to {MAX_LABEL} bytes is needed"
+                )));
+            }
+            let path =
+                if weights.is_absolute() { weights } else { std::env::current_dir().unwrap_or_default().join(weights) };
+            resolved.insert(submodel, (path, version));
+        }
+        let noted = Arc::new(Mutex::new(Vec::new()));
+        let answer = noted.clone();
+        let edit = move |served: &maas_graphs::Graph| {
+            let mut graph = served.clone();
+            let mut noted = noted.lock().unwrap_or_else(|p| p.into_inner());
+            for (submodel, (path, version)) in resolved {
+                let spec = graph
+                    .submodels
+                    .iter_mut()
+                    .find(|(n, _)| n.as_str() == submodel)
+                    .map(|(_, s)| s)
+                    .ok_or_else(|| ChangeError::UnknownSubmodel(submodel.clone()))?;
+                if spec.version == version {
+                    return Err(ChangeError::InvalidRequest(format!(
+                        "version `{version}` of `{submodel}` is serving already; label the new version differently"
+                    )));
+                }
+                noted.push((submodel, spec.version.clone(), version.clone()));
+                spec.weights = Some(path);
+                spec.version = version;
+            }
+            Ok(vec![SourceFile::new(
+                "the graph served, with the submodels swapped together",
+                maas_graphs::to_toml(&graph),
+                std::env::current_dir().unwrap_or_default(),
+            )])
+        };
+        let options = RecomposeOptions { dry_run: false, allow_signature_change: false };
+        let result = self.recompose_from_served(edit, options).await;
+        log_swap_together(&result);
+        result?;
+        let answer = std::mem::take(&mut *answer.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(answer)
     }
 
     /// Recomposes to the graph `sources` makes of the graph served now (read under the change

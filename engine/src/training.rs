@@ -20,9 +20,8 @@ use futures_util::FutureExt;
 use maas_train::job::Job;
 use maas_train::trainer::{Cancel, Progress, Report, TrainError};
 
-use crate::change::{ChangeError, RecomposeOptions, SwapRequest};
+use crate::change::{ChangeError, SwapRequest};
 use crate::engine::Engine;
-use maas_graphs::SourceFile;
 
 /// How a job started on the engine runs.
 #[derive(Debug, Clone)]
@@ -312,7 +311,7 @@ impl Engine {
             // Several submodels: one recomposition switches them all at once, so no request
             // sees one new and one old.
             engine.inner.trainings.update(&name, |s| s.phase = "swap".into());
-            match engine.swap_together(&report).await {
+            match engine.swap_trained(&report).await {
                 Ok(s) => {
                     tracing::info!(job = %name, swapped = ?s, "trained submodels swapped in together");
                     swapped = s;
@@ -344,47 +343,23 @@ impl Engine {
         });
     }
 
-    /// Swaps every submodel of `report` in at once, as versions named `report.version`: the
-    /// graph served now with their weights replaced, applied as one recomposition (confined
-    /// to the file roots like any change).
-    async fn swap_together(&self, report: &Report) -> Result<BTreeMap<String, TrainedSwap>, ChangeError> {
-        let mut weights = BTreeMap::new();
+    /// Swaps every submodel of `report` in at once, as versions named `report.version`
+    /// ([`Engine::swap_together`]).
+    async fn swap_trained(&self, report: &Report) -> Result<BTreeMap<String, TrainedSwap>, ChangeError> {
+        let mut swaps = BTreeMap::new();
         for (submodel, path) in &report.weights {
             let path = path.canonicalize().map_err(|e| ChangeError::InvalidWeights {
                 submodel: submodel.clone(),
                 message: format!("{}: {e}", path.display()),
             })?;
-            weights.insert(submodel.clone(), path);
+            swaps.insert(submodel.clone(), (path, report.version.clone()));
         }
-        let (version, job) = (report.version.clone(), report.job.clone());
-        let swapped = Arc::new(Mutex::new(BTreeMap::new()));
-        let noted = swapped.clone();
-        // The served graph is read and rewritten under the change lock: no other change comes
-        // between (and would be undone).
-        let edit = move |served: &maas_graphs::Graph| {
-            let mut graph = served.clone();
-            let mut noted = noted.lock().unwrap_or_else(|p| p.into_inner());
-            for (submodel, path) in weights {
-                let spec = graph
-                    .submodels
-                    .iter_mut()
-                    .find(|(n, _)| n.as_str() == submodel)
-                    .map(|(_, s)| s)
-                    .ok_or_else(|| ChangeError::UnknownSubmodel(submodel.clone()))?;
-                noted.insert(submodel, TrainedSwap { previous: spec.version.clone(), version: version.clone() });
-                spec.weights = Some(path);
-                spec.version = version.clone();
-            }
-            Ok(vec![SourceFile::new(
-                format!("the graph served, with the submodels trained by `{job}`"),
-                maas_graphs::to_toml(&graph),
-                std::env::current_dir().unwrap_or_default(),
-            )])
-        };
-        let options = RecomposeOptions { dry_run: false, allow_signature_change: false };
-        self.recompose_from_served(edit, options).await?;
-        let swapped = std::mem::take(&mut *swapped.lock().unwrap_or_else(|p| p.into_inner()));
-        Ok(swapped)
+        Ok(self
+            .swap_together(swaps)
+            .await?
+            .into_iter()
+            .map(|(submodel, previous, version)| (submodel, TrainedSwap { previous, version }))
+            .collect())
     }
 
     /// A job's status (its latest run on this engine).
