@@ -635,7 +635,7 @@ async fn swap_over_http(
         .body(body.to_string())
         .send()
         .await
-        .with_context(|| format!("{endpoint}"))?;
+        .with_context(|| endpoint.clone())?;
     let status = response.status();
     let answer: serde_json::Value = response.json().await.with_context(|| format!("{endpoint}: the answer"))?;
     if !status.is_success() {
