@@ -246,16 +246,11 @@ async fn serves_the_trained_head(url: &str, body: &str, version: &str, head: &Pa
     }
 }
 
-/// The committed two-image input of examples/inputs/digits.json.
-fn two_images() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("examples/inputs/digits.json")).unwrap()).unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trained_head_is_swapped_into_a_live_server_with_no_failed_request() {
-    let out = common::TempDir::new("swap-into");
+/// examples/pipelines/digits.toml served over HTTP (admin token `train-secret`), its swaps
+/// allowed to read `trained`: the engine, the server and its URL.
+async fn pipelines_server(trained: &Path) -> (maas_engine::Engine, common::Server, String) {
     let options = maas_engine::EngineOptions {
-        file_roots: Some(vec![root().join("examples/pipelines"), root().join("assets"), out.0.clone()]),
+        file_roots: Some(vec![root().join("examples/pipelines"), root().join("assets"), trained.to_path_buf()]),
         ..Default::default()
     };
     let engine = maas_engine::Engine::builder()
@@ -264,8 +259,20 @@ async fn a_trained_head_is_swapped_into_a_live_server_with_no_failed_request() {
         .await
         .expect("digits serves");
     let config = maas::http::HttpConfig { admin_token: Some("train-secret".into()), ..Default::default() };
-    let server = common::serve(engine, config).await;
+    let server = common::serve(engine.clone(), config).await;
     let url = format!("http://{}", server.addr);
+    (engine, server, url)
+}
+
+/// The committed two-image input of examples/inputs/digits.json.
+fn two_images() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("examples/inputs/digits.json")).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trained_head_is_swapped_into_a_live_server_with_no_failed_request() {
+    let out = common::TempDir::new("swap-into");
+    let (_, server, url) = pipelines_server(&out.0).await;
     let body = serde_json::json!({ "inputs": { "pixels": two_images() } }).to_string();
 
     // 16 callers on `classify` for as long as the job trains and swaps.
@@ -772,18 +779,7 @@ async fn a_job_training_two_submodels_swaps_them_in_together_with_no_mixed_respo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swap_into_puts_both_submodels_of_end_to_end_in_together() {
     let out = common::TempDir::new("swap-into-together");
-    let options = maas_engine::EngineOptions {
-        file_roots: Some(vec![root().join("examples/pipelines"), root().join("assets"), out.0.clone()]),
-        ..Default::default()
-    };
-    let engine = maas_engine::Engine::builder()
-        .options(options)
-        .from_files(&[root().join("examples/pipelines/digits.toml")])
-        .await
-        .expect("digits serves");
-    let config = maas::http::HttpConfig { admin_token: Some("train-secret".into()), ..Default::default() };
-    let server = common::serve(engine.clone(), config).await;
-    let url = format!("http://{}", server.addr);
+    let (engine, server, url) = pipelines_server(&out.0).await;
     let args: Vec<String> =
         ["examples/training/digits.toml", "--job", "end_to_end", "--epochs", "1", "--swap-into", &url, "--out"]
             .iter()
