@@ -461,7 +461,9 @@ impl From<InferError> for ApiError {
         let status = match &e {
             InferError::UnknownPipeline(_) => StatusCode::NOT_FOUND,
             InferError::InvalidInput(_) => StatusCode::BAD_REQUEST,
-            InferError::Overloaded(_) | InferError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            InferError::Overloaded(_) | InferError::ShuttingDown | InferError::NodeLost { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             InferError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             InferError::SubmodelFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -157,6 +157,27 @@ enum Command {
         #[command(flatten)]
         limits: ServeLimits,
     },
+    /// Host submodels for serving processes: graphs that declare this node (`[nodes.NAME]
+    /// addr = "HOST:PORT"`) and place submodels on it (`node = "NAME"`) run them here.
+    ///
+    /// Peers authenticate with the shared secret in MAAS_CLUSTER_SECRET (required); weights are
+    /// read from this machine, only under the --model-root directories.
+    Node {
+        /// This node's name, as graphs declare it.
+        #[arg(long)]
+        name: String,
+        /// Where to listen (loopback unless told otherwise).
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        listen: std::net::SocketAddr,
+        /// A directory submodels' files may be read from (repeatable; default: the working
+        /// directory).
+        #[arg(long = "model-root", value_name = "DIR")]
+        model_roots: Vec<PathBuf>,
+        /// The largest frame a peer may send, in bytes or with a unit (64MiB); a larger one
+        /// closes that peer's connection.
+        #[arg(long, value_name = "SIZE", value_parser = maas::engine::parse_bytes, default_value = "64MiB")]
+        max_frame: u64,
+    },
     /// Drive a pipeline (in process, or a server with --url) and print throughput and latency
     /// percentiles as JSON.
     Bench {
@@ -396,7 +417,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         // Changes may read files under the graph files' directories and the model roots.
         let mut roots = model_roots;
-        let mut options = maas::engine::EngineOptions { state_dir: state_dir.clone(), ..Default::default() };
+        let mut options = maas::engine::EngineOptions { state_dir: state_dir.clone(), ..engine_options() };
         if max_load_memory.is_some() {
             options.max_load_bytes = max_load_memory;
         }
@@ -529,6 +550,48 @@ fn parse_swap(arg: Option<&str>, params: Option<&str>, every: f64) -> anyhow::Re
         bail!("--swap-every must be a positive number of seconds");
     }
     bench::Swap::parse(arg, params).map(Some)
+}
+
+/// Engine settings from the environment: the cluster secret (`MAAS_CLUSTER_SECRET`), used when a
+/// graph places submodels on nodes.
+fn engine_options() -> maas::engine::EngineOptions {
+    let mut options = maas::engine::EngineOptions::default();
+    options.cluster.secret = std::env::var("MAAS_CLUSTER_SECRET").ok().filter(|s| !s.is_empty());
+    options
+}
+
+/// `maas node`: hosts submodels until SIGINT or SIGTERM.
+fn node(
+    name: String,
+    listen: std::net::SocketAddr,
+    model_roots: Vec<PathBuf>,
+    max_frame: u64,
+) -> anyhow::Result<ExitCode> {
+    maas_graphs::check_name(&name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    let Some(secret) = std::env::var("MAAS_CLUSTER_SECRET").ok().filter(|s| !s.is_empty()) else {
+        bail!(
+            "set MAAS_CLUSTER_SECRET to the secret shared by the serving processes and their nodes (a node never runs without one)"
+        );
+    };
+    let model_roots = if model_roots.is_empty() { vec![std::env::current_dir()?] } else { model_roots };
+    let config = maas::engine::NodeConfig {
+        name: name.clone(),
+        listen,
+        model_roots: model_roots.clone(),
+        secret,
+        max_frame,
+        options: maas::engine::EngineOptions::default(),
+    };
+    runtime()?.block_on(async {
+        let stop = shutdown_signal();
+        let node = maas::engine::Node::start(config, Registry::builtin()).await.map_err(|e| anyhow::anyhow!(e))?;
+        let roots = model_roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ");
+        logging::notice(format_args!("node `{name}` listening on {listen} (model roots: {roots})"));
+        stop.await;
+        logging::notice(format_args!("node `{name}` stopping"));
+        node.stop().await;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// Listens for SIGINT and SIGTERM from the call on (so a signal sent as soon as the address is
@@ -811,13 +874,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", maas_graphs::to_dot(&checked.graph, p));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Node { name, listen, model_roots, max_frame } => node(name, listen, model_roots, max_frame),
         Command::Run { files, pipeline, inputs } => {
             let checked = load(&files, &registry)?;
             let p = find_pipeline(&checked.graph, &pipeline, &files)?;
             let values = parse_inputs(p, &inputs)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let engine = Engine::builder().from_graph(checked.graph.clone()).await?;
+                let engine = Engine::builder().options(engine_options()).from_graph(checked.graph.clone()).await?;
                 let response = engine.infer(&pipeline, values).await;
                 engine.shutdown().await;
                 let response = response?;
@@ -931,8 +995,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let base = if baseline { Some(measure_baseline(&checked.graph, &registry, &values, &cfg)?) } else { None };
             let rt = runtime()?;
             rt.block_on(async {
-                let engine =
-                    Engine::builder().register(maas_kernels::FixedCost).from_graph(checked.graph.clone()).await?;
+                let engine = Engine::builder()
+                    .register(maas_kernels::FixedCost)
+                    .options(engine_options())
+                    .from_graph(checked.graph.clone())
+                    .await?;
                 // Warm up every submodel once before measuring.
                 let _ = engine.infer(&pipeline, values.clone()).await;
                 let changes = swap.map(|swap| bench::Changes {

@@ -32,6 +32,9 @@ pub enum JobError {
     /// The submodel cannot serve (every replica failed, or it is shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// The process hosting it was lost while it ran the job, or no process hosting it is up.
+    #[error("{0}")]
+    Lost(String),
 }
 
 /// One request's rows for one node: the unit that is queued, batched and answered.
@@ -98,3 +101,6 @@ pub enum SubmodelMessage {
         result: Result<crate::replica::Started, String>,
     },
 }
+
+// Local only: never sent to another process.
+impl ractor::Message for SubmodelMessage {}

@@ -40,6 +40,9 @@ pub enum ReplicaMessage {
     StreamEnded(Option<String>),
 }
 
+// Local only: never sent to another process.
+impl ractor::Message for ReplicaMessage {}
+
 /// A started replica, as its supervisor keeps it.
 #[derive(Debug)]
 pub struct Started {

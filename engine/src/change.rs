@@ -711,6 +711,7 @@ impl Engine {
             options,
             current.metrics.clone(),
             &self.inner.held_jobs,
+            Some((&*self.inner.cluster, &served.graph.nodes)),
         )
         .await
         .map_err(|e| invalid(load_error(e)))?;
@@ -894,6 +895,7 @@ impl Engine {
                         options,
                         metrics,
                         &self.inner.held_jobs,
+                        Some((&*self.inner.cluster, &checked.graph.nodes)),
                     )
                     .await
                     .map_err(|e| ChangeError::InvalidWeights { submodel: name.to_string(), message: load_error(e) })?;

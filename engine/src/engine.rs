@@ -74,6 +74,9 @@ pub struct EngineOptions {
     /// job that arrives meanwhile starts without a thread wake-up. Zero parks at once (no CPU
     /// spent waiting).
     pub stream_spin: Duration,
+    /// How this process reaches the nodes its graph places submodels on (the shared secret, the
+    /// frame limit).
+    pub cluster: crate::cluster::ClusterOptions,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +90,7 @@ impl Default for EngineOptions {
             state_dir: None,
             max_load_bytes: crate::memory::default_max_load_bytes(),
             stream_spin: Duration::from_micros(50),
+            cluster: crate::cluster::ClusterOptions::default(),
         }
     }
 }
@@ -152,10 +156,12 @@ impl EngineBuilder {
         };
         crate::memory::check(&self.registry, graph.submodels.values(), options.max_load_bytes)?;
         let held: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let cluster = Arc::new(crate::cluster::Cluster::new(options.cluster.clone()));
         let mut submodels: BTreeMap<String, Arc<Submodel>> = BTreeMap::new();
         for (name, spec) in &graph.submodels {
             let metrics = Arc::new(SubmodelMetrics::default());
-            match start_submodel(Arc::new(spec.clone()), &self.registry, &options, metrics, &held).await {
+            let placed = Some((&*cluster, &graph.nodes));
+            match start_submodel(Arc::new(spec.clone()), &self.registry, &options, metrics, &held, placed).await {
                 Ok(sub) => {
                     submodels.insert(name.to_string(), Arc::new(sub));
                 }
@@ -164,6 +170,8 @@ impl EngineBuilder {
                     for s in submodels.values() {
                         s.stop().await;
                     }
+                    drop(submodels);
+                    cluster.shutdown().await;
                     return Err(e);
                 }
             }
@@ -197,6 +205,7 @@ impl EngineBuilder {
                 change_counts: ChangeCounts::default(),
                 revision: AtomicU64::new(revision),
                 trainings: Default::default(),
+                cluster,
             }),
         })
     }
@@ -208,6 +217,9 @@ enum Exec {
     Inline(Loaded),
     /// A supervised actor with replicas; jobs go into its queue, which its streams batch.
     Actor(ActorRef<SubmodelMessage>, Arc<SubmodelQueue>),
+    /// Replicas on other processes (nodes); each job is one call to the least busy node up,
+    /// which batches it with its other jobs.
+    Remote(crate::cluster::Remote),
 }
 
 /// A running submodel: one version of it. A swap starts a new one beside it; the old one stops
@@ -242,7 +254,88 @@ impl Submodel {
             Exec::Actor(a, _) => {
                 let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
             }
-            Exec::Inline(_) => self.status.set_stopped(),
+            Exec::Inline(_) | Exec::Remote(_) => self.status.set_stopped(),
+        }
+    }
+
+    /// Its state; a remote submodel's is its nodes': ready when every node is up, degraded when
+    /// some are, failed when none is.
+    pub(crate) fn state(&self) -> SubmodelState {
+        match &self.exec {
+            Exec::Remote(r) if self.status.state() != SubmodelState::Stopped => match r.up() {
+                0 => SubmodelState::Failed,
+                n if n == r.sites.len() => SubmodelState::Ready,
+                _ => SubmodelState::Degraded,
+            },
+            _ => self.status.state(),
+        }
+    }
+
+    /// Replicas serving now.
+    pub(crate) fn ready_replicas(&self) -> usize {
+        match &self.exec {
+            Exec::Remote(r) => r.up() * self.spec.replicas,
+            _ => self.status.ready_replicas(),
+        }
+    }
+
+    /// The last failure, if any.
+    pub(crate) fn last_error(&self) -> Option<String> {
+        match &self.exec {
+            Exec::Remote(r) if r.up() < r.sites.len() => Some(r.why_down()),
+            _ => self.status.last_error(),
+        }
+    }
+
+    /// Where its replicas run: the nodes, with their states (empty: this process).
+    pub(crate) fn placement(&self) -> Vec<crate::cluster::NodeStatus> {
+        match &self.exec {
+            Exec::Remote(r) => r.sites.iter().map(|l| l.status()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Runs one job on this process (what a node does with the jobs it is sent): inline, or
+    /// through the queue, batched with the other jobs.
+    pub(crate) async fn run_here(
+        &self,
+        values: Values,
+        deadline: Option<Instant>,
+    ) -> Result<(Values, String), JobError> {
+        match &self.exec {
+            Exec::Inline(kernel) => {
+                let m = &self.metrics;
+                let started = Instant::now();
+                let result = catch_unwind(AssertUnwindSafe(|| kernel.forward(&values)));
+                m.compute_seconds.observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(Ok(out)) => {
+                        m.jobs_ok.fetch_add(1, Relaxed);
+                        Ok((out, self.spec.version.clone()))
+                    }
+                    Ok(Err(e)) if e.is_input() => Err(JobError::InvalidInput(e.to_string())),
+                    Ok(Err(e)) => {
+                        m.jobs_failed.fetch_add(1, Relaxed);
+                        Err(JobError::Failed(e.to_string()))
+                    }
+                    Err(_) => {
+                        m.jobs_failed.fetch_add(1, Relaxed);
+                        Err(JobError::Failed("kernel panicked".into()))
+                    }
+                }
+            }
+            Exec::Actor(_, queue) => {
+                let rows = values.values().next().and_then(Value::rows).unwrap_or(0);
+                self.metrics.queued.fetch_add(1, Relaxed);
+                let (job, rx) = Job::new(values, rows, deadline);
+                queue.push(job);
+                match rx.await {
+                    Ok(Ok(out)) => Ok((out.values, out.version.to_string())),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(JobError::Failed("the replica running this job was lost".into())),
+                }
+            }
+            Exec::Remote(r) => r.run(&values, deadline).await,
         }
     }
 }
@@ -254,8 +347,30 @@ pub(crate) async fn start_submodel(
     options: &EngineOptions,
     metrics: Arc<SubmodelMetrics>,
     held: &Arc<std::sync::atomic::AtomicUsize>,
+    cluster: Option<(&crate::cluster::Cluster, &BTreeMap<String, maas_graphs::NodeSpec>)>,
 ) -> Result<Submodel> {
     let name = spec.name.to_string();
+    if spec.is_remote() {
+        let (cluster, nodes) = cluster.ok_or_else(|| EngineError::Start {
+            submodel: name.clone(),
+            message: "placed on a node, where no cluster is set up".into(),
+        })?;
+        let signature = maas_graphs::Catalog::signature(registry, &spec)
+            .map_err(|e| EngineError::Start { submodel: name.clone(), message: format!("{e:?}") })?;
+        let remote =
+            cluster.start(&spec, nodes).await.map_err(|message| EngineError::Start { submodel: name, message })?;
+        let status = Arc::new(SubmodelStatus::default());
+        let stamps = crate::change::FileStamp::of(&spec);
+        return Ok(Submodel {
+            spec,
+            signature: Arc::new(signature),
+            exec: Exec::Remote(remote),
+            metrics,
+            status,
+            since: SystemTime::now(),
+            stamps,
+        });
+    }
     let kind = registry.get(&spec.kind).ok_or_else(|| EngineError::Start {
         submodel: name.clone(),
         message: format!("unknown kind `{}`", spec.kind),
@@ -347,7 +462,7 @@ impl DemandPlan {
     fn of(nodes: &[PlanNode]) -> Self {
         let queue = |i: usize| match &nodes[i].submodel.exec {
             Exec::Actor(_, q) => Some(q.clone()),
-            Exec::Inline(_) => None,
+            Exec::Inline(_) | Exec::Remote(_) => None,
         };
         let mut users: Vec<Arc<SubmodelQueue>> = Vec::new();
         for i in 0..nodes.len() {
@@ -528,6 +643,8 @@ pub(crate) struct Inner {
     pub(crate) revision: AtomicU64,
     /// Training jobs started on this engine, by job name (the latest run of each).
     pub(crate) trainings: crate::training::Trainings,
+    /// The nodes submodels are placed on, and this process's endpoint to them.
+    pub(crate) cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// The engine a service embeds: serves pipelines from a checked graph with supervised,
@@ -588,6 +705,8 @@ pub struct SubmodelInfo {
     pub inline: bool,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// The nodes its replicas run on, with their states (empty: this process).
+    pub nodes: Vec<crate::cluster::NodeStatus>,
 }
 
 impl Engine {
@@ -678,10 +797,11 @@ impl Engine {
                 version: s.spec.version.clone(),
                 device: s.spec.device.to_string(),
                 replicas: s.spec.replicas,
-                ready_replicas: s.status.ready_replicas(),
-                state: s.status.state().as_str().to_string(),
+                ready_replicas: s.ready_replicas(),
+                state: s.state().as_str().to_string(),
                 inline: matches!(s.exec, Exec::Inline(_)),
-                last_error: s.status.last_error(),
+                last_error: s.last_error(),
+                nodes: s.placement(),
             })
             .collect()
     }
@@ -692,7 +812,7 @@ impl Engine {
         let served = self.inner.served.load();
         !self.inner.shutting_down.load(Relaxed)
             && !served.plans.is_empty()
-            && served.submodels.values().all(|s| s.status.state().serving())
+            && served.submodels.values().all(|s| s.state().serving())
     }
 
     /// Every metric now.
@@ -733,7 +853,13 @@ impl Engine {
         for s in served.submodels.values() {
             s.stop().await;
         }
+        self.inner.cluster.shutdown().await;
         left
+    }
+
+    /// The nodes this engine's submodels are placed on, with their states.
+    pub fn nodes(&self) -> Vec<crate::cluster::NodeStatus> {
+        self.inner.cluster.nodes()
     }
 }
 
@@ -778,9 +904,12 @@ async fn run_plan(plan: &Plan, inputs: Values, deadline: Option<Instant>) -> Res
                     let out = run_inline(node, kernel, &args)?;
                     running.push(futures_util::future::Either::Left(std::future::ready((i, Ok(out)))));
                 }
-                Exec::Actor(_, queue) => {
+                exec => {
                     let span = tracing::debug_span!("node", node = %node.name, submodel = %node.submodel.spec.name);
-                    let answers = send_jobs(node, queue, args, deadline, || announced.sending(i))?;
+                    let answers = match exec {
+                        Exec::Actor(_, queue) => send_jobs(node, queue, args, deadline, || announced.sending(i))?,
+                        _ => send_remote(node, args, deadline)?,
+                    };
                     let fut = async move { (i, receive_jobs(node, answers, deadline).await) }.instrument(span);
                     running.push(futures_util::future::Either::Right(fut));
                 }
@@ -902,6 +1031,58 @@ fn send_jobs(
     Ok(answers)
 }
 
+/// Sends a node's rows to the nodes hosting its submodel (split into chunks of at most
+/// `max_size` rows, each one call), or refuses at once. The queue bound counts the calls under
+/// way, so a slow node pushes back as a local queue does.
+fn send_remote(node: &PlanNode, args: Values, deadline: Option<Instant>) -> Result<Vec<Answer>, InferError> {
+    let sub = &node.submodel;
+    if sub.state() == SubmodelState::Failed {
+        let why = sub.last_error().unwrap_or_default();
+        return Err(InferError::NodeLost {
+            node: node.name.clone(),
+            submodel: sub.spec.name.to_string(),
+            message: format!("no node serving it is up: {why}"),
+        });
+    }
+    let rows = args.values().next().and_then(Value::rows).unwrap_or(0);
+    let max = sub.spec.batch.map_or(usize::MAX, |b| b.max_size.max(1));
+    let chunks = if rows <= max { vec![args] } else { split_rows(&args, rows, max).map_err(|e| failed(node, e))? };
+    let n = chunks.len() as u64;
+    let before = sub.metrics.queued.fetch_add(n, Relaxed);
+    if before + n > sub.spec.queue as u64 {
+        sub.metrics.queued.fetch_sub(n, Relaxed);
+        sub.metrics.jobs_rejected.fetch_add(n, Relaxed);
+        return Err(InferError::Overloaded(format!(
+            "submodel `{}` has {} jobs waiting (queue = {})",
+            sub.spec.name, before, sub.spec.queue
+        )));
+    }
+    let mut answers = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sub = sub.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let Exec::Remote(remote) = &sub.exec else {
+                unreachable!("send_remote is only called for remote submodels")
+            };
+            let result = remote.run(&chunk, deadline).await;
+            sub.metrics.queued.fetch_sub(1, Relaxed);
+            sub.metrics.compute_seconds.observe(started.elapsed().as_secs_f64());
+            match &result {
+                Ok(_) => sub.metrics.jobs_ok.fetch_add(1, Relaxed),
+                Err(JobError::Failed(_) | JobError::Lost(_) | JobError::Unavailable(_)) => {
+                    sub.metrics.jobs_failed.fetch_add(1, Relaxed)
+                }
+                Err(_) => 0,
+            };
+            let _ = tx.send(result.map(|(values, version)| maas_actors::JobOutput { values, version: version.into() }));
+        });
+        answers.push(rx);
+    }
+    Ok(answers)
+}
+
 /// Waits for a node's answers and joins them.
 async fn receive_jobs(
     node: &PlanNode,
@@ -922,6 +1103,13 @@ async fn receive_jobs(
                 ));
             }
             Ok(Err(JobError::InvalidInput(e))) => return Err(invalid_at(node, e)),
+            Ok(Err(JobError::Lost(message))) => {
+                return Err(InferError::NodeLost {
+                    node: node.name.clone(),
+                    submodel: node.submodel.spec.name.to_string(),
+                    message,
+                });
+            }
             Ok(Err(e)) => return Err(failed(node, e.to_string())),
             Err(()) => return Err(failed(node, "the replica running this request was lost")),
         }

@@ -66,6 +66,17 @@ pub enum InferError {
     /// The engine is shutting down and takes no new requests.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// The node (another process) running this request's job for a submodel was lost, and no
+    /// other node hosting the submodel could take it; or none is up.
+    #[error("node `{node}` (submodel `{submodel}`): {message}")]
+    NodeLost {
+        /// The pipeline node.
+        node: String,
+        /// Its submodel.
+        submodel: String,
+        /// Which process was lost, and when.
+        message: String,
+    },
 }
 
 impl InferError {
@@ -79,12 +90,20 @@ impl InferError {
             InferError::DeadlineExceeded(_) => "deadline_exceeded",
             InferError::SubmodelFailed { .. } => "submodel_failed",
             InferError::ShuttingDown => "shutting_down",
+            InferError::NodeLost { .. } => "node_lost",
         }
     }
 
     /// Every kind, in a fixed order (for metrics).
-    pub const KINDS: [&'static str; 6] =
-        ["unknown_pipeline", "invalid_input", "overloaded", "deadline_exceeded", "submodel_failed", "shutting_down"];
+    pub const KINDS: [&'static str; 7] = [
+        "unknown_pipeline",
+        "invalid_input",
+        "overloaded",
+        "deadline_exceeded",
+        "submodel_failed",
+        "shutting_down",
+        "node_lost",
+    ];
 }
 
 /// `Result` with [`EngineError`].

@@ -33,6 +33,7 @@
 //! ```
 
 mod change;
+pub mod cluster;
 mod engine;
 mod error;
 pub mod json;
@@ -45,6 +46,7 @@ mod training;
 pub use change::{
     ChangeError, OutputTypeChange, RecomposeOptions, Recomposed, SwapRequest, Swapped, VersionInfo, Versions,
 };
+pub use cluster::{ClusterOptions, Node, NodeConfig, NodeStatus};
 pub use engine::{Engine, EngineBuilder, EngineOptions, InferOptions, PipelineInfo, Response, SubmodelInfo};
 pub use error::{EngineError, InferError, Result};
 pub use maas_actors::RestartPolicy;

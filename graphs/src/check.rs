@@ -61,9 +61,21 @@ pub fn check(sources: Vec<SourceFile>, catalog: &dyn Catalog) -> Result<Checked,
     let mut diags = Vec::new();
     let mut submodels: BTreeMap<SubmodelName, RawSubmodel> = BTreeMap::new();
     let mut pipelines: BTreeMap<PipelineName, RawPipeline> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, parse::RawNodeDecl> = BTreeMap::new();
     for src in sources {
         let file = Arc::new(src);
         let raw = parse::parse_file(&file, &mut diags);
+        for n in raw.nodes {
+            if let Some(first) = nodes.get(&n.spec.name) {
+                let at = first.file.locate(&first.name_span);
+                diags.push(Diagnostic::error(
+                    Some(n.file.locate(&n.name_span)),
+                    format!("node `{}` is declared twice (first at {at})", n.spec.name),
+                ));
+            } else {
+                nodes.insert(n.spec.name.clone(), n);
+            }
+        }
         for s in raw.submodels {
             if let Some(first) = submodels.get(&s.spec.name) {
                 let at = first.file.locate(&first.name_span);
@@ -88,6 +100,7 @@ pub fn check(sources: Vec<SourceFile>, catalog: &dyn Catalog) -> Result<Checked,
         }
     }
 
+    check_placements(&submodels, &nodes, &mut diags);
     let signatures = submodel_signatures(&submodels, catalog, &mut diags);
 
     let mut used: HashSet<&SubmodelName> = HashSet::new();
@@ -111,12 +124,48 @@ pub fn check(sources: Vec<SourceFile>, catalog: &dyn Catalog) -> Result<Checked,
         }
         graph.submodels.insert(name.clone(), s.spec.clone());
     }
+    graph.nodes = nodes.into_iter().map(|(name, n)| (name, n.spec)).collect();
 
     diagnostic::sort(&mut diags);
     if diags.iter().any(Diagnostic::is_error) {
         return Err(Diagnostics(diags));
     }
     Ok(Checked { graph, warnings: diags, signatures })
+}
+
+/// Every node a submodel names is declared (or is the serving process, `local`); a submodel
+/// placed on another process has no `device` there but the CPU (a node's devices are its own
+/// business; the setting is refused rather than ignored).
+fn check_placements(
+    submodels: &BTreeMap<SubmodelName, RawSubmodel>,
+    nodes: &BTreeMap<String, parse::RawNodeDecl>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    for (name, s) in submodels {
+        for n in &s.spec.node {
+            if n == crate::spec::LOCAL_NODE || nodes.contains_key(n) {
+                continue;
+            }
+            let mut known: Vec<&str> = nodes.keys().map(String::as_str).collect();
+            known.push(crate::spec::LOCAL_NODE);
+            diags.push(Diagnostic::error(
+                Some(s.file.locate(&s.span_of(Some(&format!("node.{n}"))))),
+                format!(
+                    "submodel `{name}` is placed on node `{n}`, which no `[nodes.{n}]` declares; known: {}{}",
+                    known.join(", "),
+                    hint(n, known.iter().copied())
+                ),
+            ));
+        }
+        if s.spec.is_remote() && s.spec.node.iter().any(|n| n == crate::spec::LOCAL_NODE) {
+            diags.push(Diagnostic::error(
+                Some(s.file.locate(&s.span_of(Some("node")))),
+                format!(
+                    "submodel `{name}` mixes `local` with other nodes; place it on the serving process or on nodes"
+                ),
+            ));
+        }
+    }
 }
 
 fn submodel_signatures(

@@ -72,8 +72,8 @@ pub use names::{NodeName, PipelineName, PortName, SubmodelName, check_name};
 pub use parse::parse_source;
 pub use signature::{BATCH, DType, Dim, PortSpec, PortType, Ragged, Signature, TypeParseError, ty};
 pub use spec::{
-    BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Edge, FILE_PARAMS, Graph, Node, Pipeline, PipelineInput,
-    PipelineOutput, Source, SubmodelSpec, Vertex,
+    BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Edge, FILE_PARAMS, Graph, LOCAL_NODE, Node, NodeSpec,
+    Pipeline, PipelineInput, PipelineOutput, Source, SubmodelSpec, Vertex,
 };
 pub use suggest::{did_you_mean, hint};
 pub use to_toml::{submodel_table, to_toml};

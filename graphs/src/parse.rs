@@ -14,7 +14,7 @@ use toml::de::{DeTable, DeValue};
 use crate::diagnostic::{Diagnostic, SourceFile};
 use crate::names::{NodeName, PipelineName, PortName, SubmodelName};
 use crate::signature::PortType;
-use crate::spec::{BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, Source, SubmodelSpec};
+use crate::spec::{BatchSpec, DEFAULT_QUEUE, DEFAULT_VERSION, DeviceSpec, LOCAL_NODE, NodeSpec, Source, SubmodelSpec};
 use crate::suggest::did_you_mean;
 
 pub(crate) type Span = Range<usize>;
@@ -83,15 +83,25 @@ pub(crate) struct RawPipeline {
     pub(crate) nodes: Vec<RawNode>,
 }
 
+/// A node as written (`[nodes.NAME]`).
+pub(crate) struct RawNodeDecl {
+    pub(crate) spec: NodeSpec,
+    pub(crate) file: Arc<SourceFile>,
+    pub(crate) name_span: Span,
+}
+
 /// Everything parsed from one file.
 #[derive(Default)]
 pub(crate) struct RawFile {
     pub(crate) submodels: Vec<RawSubmodel>,
     pub(crate) pipelines: Vec<RawPipeline>,
+    pub(crate) nodes: Vec<RawNodeDecl>,
 }
 
-const ROOT_KEYS: &[&str] = &["submodels", "pipelines", "training"];
-const SUBMODEL_KEYS: &[&str] = &["kind", "weights", "version", "device", "replicas", "batch", "queue", "params"];
+const ROOT_KEYS: &[&str] = &["submodels", "pipelines", "nodes", "training"];
+const SUBMODEL_KEYS: &[&str] =
+    &["kind", "weights", "version", "device", "replicas", "batch", "queue", "params", "node"];
+const NODE_DECL_KEYS: &[&str] = &["addr"];
 const BATCH_KEYS: &[&str] = &["max_size", "max_delay_ms"];
 const PIPELINE_KEYS: &[&str] = &["inputs", "outputs", "deadline_ms", "nodes"];
 const NODE_KEYS: &[&str] = &["submodel", "inputs"];
@@ -143,6 +153,15 @@ impl Parser<'_> {
                         for (k, v) in t.iter() {
                             if let Some(s) = self.submodel(k, v) {
                                 out.submodels.push(s);
+                            }
+                        }
+                    }
+                }
+                "nodes" => {
+                    if let Some(t) = self.table(value, "`nodes`") {
+                        for (k, v) in t.iter() {
+                            if let Some(n) = self.node_decl(k, v) {
+                                out.nodes.push(n);
                             }
                         }
                     }
@@ -301,6 +320,14 @@ impl Parser<'_> {
                     }
                 }
                 "batch" => spec.batch = self.batch(val, &what),
+                "node" => {
+                    if let Some(nodes) = self.node_names(val, &kw) {
+                        for (n, span) in &nodes {
+                            keys.insert(format!("node.{n}"), span.clone());
+                        }
+                        spec.node = nodes.into_iter().map(|(n, _)| n).collect();
+                    }
+                }
                 "params" => {
                     if let Some(pt) = self.table(val, &kw) {
                         for (pk, pv) in pt.iter() {
@@ -326,6 +353,74 @@ impl Parser<'_> {
         }
         let complete = !spec.kind.is_empty();
         Some(RawSubmodel { spec, file: self.file.clone(), name_span: k.span(), keys, complete })
+    }
+
+    /// `[nodes.NAME] addr = "HOST:PORT"`.
+    fn node_decl(&mut self, k: &Spanned<std::borrow::Cow<'_, str>>, v: &Spanned<DeValue<'_>>) -> Option<RawNodeDecl> {
+        let name = k.get_ref().to_string();
+        if let Err(e) = crate::names::check_name(&name) {
+            self.error(&k.span(), format!("invalid node name `{name}`: {e}"));
+            return None;
+        }
+        if name == LOCAL_NODE {
+            self.error(&k.span(), format!("`{LOCAL_NODE}` names the serving process and cannot be declared as a node"));
+            return None;
+        }
+        let what = format!("node `{name}`");
+        let t = self.table(v, &what)?;
+        let mut addr = None;
+        for (key, val) in self.known(t, &what, NODE_DECL_KEYS) {
+            let kw = format!("`{key}` of {what}");
+            if let Some(a) = self.string(val, &kw) {
+                match a.rsplit_once(':') {
+                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                        addr = Some(a);
+                    }
+                    _ => self.error(&val.span(), format!("{kw}: `{a}` is not HOST:PORT (e.g. \"127.0.0.1:7101\")")),
+                }
+            }
+        }
+        if addr.is_none() && !t.contains_key("addr") {
+            self.error(&k.span(), format!("{what} is missing the required key `addr`"));
+        }
+        Some(RawNodeDecl { spec: NodeSpec { name, addr: addr? }, file: self.file.clone(), name_span: k.span() })
+    }
+
+    /// A submodel's `node`: one name or a non-empty list of distinct names.
+    fn node_names(&mut self, v: &Spanned<DeValue<'_>>, what: &str) -> Option<Vec<(String, Span)>> {
+        let names = match v.get_ref() {
+            DeValue::String(s) => vec![(s.to_string(), v.span())],
+            DeValue::Array(items) => {
+                let mut names = Vec::new();
+                for item in items.iter() {
+                    let DeValue::String(s) = item.get_ref() else {
+                        self.error(
+                            &item.span(),
+                            format!("{what}: expected node names (strings), found {}", type_name(item.get_ref())),
+                        );
+                        return None;
+                    };
+                    if names.iter().any(|(n, _): &(String, Span)| n == s.as_ref()) {
+                        self.error(&item.span(), format!("{what}: node `{s}` is named twice"));
+                        return None;
+                    }
+                    names.push((s.to_string(), item.span()));
+                }
+                if names.is_empty() {
+                    self.error(&v.span(), format!("{what}: the list of nodes may not be empty"));
+                    return None;
+                }
+                names
+            }
+            other => {
+                self.error(
+                    &v.span(),
+                    format!("{what}: expected a node name or a list of them, found {}", type_name(other)),
+                );
+                return None;
+            }
+        };
+        Some(names)
     }
 
     fn batch(&mut self, v: &Spanned<DeValue<'_>>, owner: &str) -> Option<BatchSpec> {

@@ -30,6 +30,21 @@ pub struct Graph {
     pub submodels: BTreeMap<SubmodelName, SubmodelSpec>,
     /// Pipelines by name.
     pub pipelines: BTreeMap<PipelineName, Pipeline>,
+    /// Nodes (other processes that host submodels) by name (`[nodes.NAME]`).
+    pub nodes: BTreeMap<String, NodeSpec>,
+}
+
+/// The name that places a submodel on the serving process itself (`node = "local"`).
+pub const LOCAL_NODE: &str = "local";
+
+/// A node: a `maas node` process that hosts submodels for the serving process
+/// (`[nodes.NAME] addr = "HOST:PORT"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Its name, as submodels' `node` keys name it.
+    pub name: String,
+    /// Where it listens, `HOST:PORT`.
+    pub addr: String,
 }
 
 /// Where a submodel runs.
@@ -99,6 +114,9 @@ pub struct SubmodelSpec {
     pub params: toml::Table,
     /// The directory relative paths in `params` resolve against (the graph file's directory).
     pub base_dir: PathBuf,
+    /// The nodes its replicas run on (`node = "a"` or `node = ["a", "b"]`), each hosting
+    /// `replicas` of them; empty (or `["local"]`): the serving process.
+    pub node: Vec<String>,
 }
 
 impl SubmodelSpec {
@@ -115,7 +133,19 @@ impl SubmodelSpec {
             queue: DEFAULT_QUEUE,
             params: toml::Table::new(),
             base_dir: PathBuf::from("."),
+            node: Vec::new(),
         }
+    }
+
+    /// The nodes this submodel is placed on other than the serving process (empty: it runs
+    /// in the serving process).
+    pub fn remote_nodes(&self) -> impl Iterator<Item = &str> {
+        self.node.iter().map(String::as_str).filter(|n| *n != LOCAL_NODE)
+    }
+
+    /// Whether any of its replicas runs on another process.
+    pub fn is_remote(&self) -> bool {
+        self.remote_nodes().next().is_some()
     }
 
     /// Resolves a path written in this submodel's graph file.

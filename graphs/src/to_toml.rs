@@ -45,6 +45,18 @@ pub fn to_toml(graph: &Graph) -> String {
         pipelines.insert(name.to_string(), Value::Table(t));
     }
     let mut root = Table::new();
+    if !graph.nodes.is_empty() {
+        let nodes: Table = graph
+            .nodes
+            .values()
+            .map(|n| {
+                let mut t = Table::new();
+                t.insert("addr".into(), Value::from(n.addr.clone()));
+                (n.name.clone(), Value::Table(t))
+            })
+            .collect();
+        root.insert("nodes".into(), Value::Table(nodes));
+    }
     root.insert("submodels".into(), Value::Table(submodels));
     root.insert("pipelines".into(), Value::Table(pipelines));
     toml::to_string(&root).unwrap_or_default()
@@ -67,6 +79,9 @@ pub fn submodel_table(s: &SubmodelSpec) -> Table {
         t.insert("batch".into(), Value::Table(bt));
     }
     t.insert("queue".into(), Value::from(s.queue as i64));
+    if !s.node.is_empty() {
+        t.insert("node".into(), Value::Array(s.node.iter().map(|n| Value::from(n.clone())).collect()));
+    }
     if !s.params.is_empty() {
         // Relative file params are written resolved, so the TOML means the same anywhere.
         let mut params = s.params.clone();

@@ -84,7 +84,7 @@ fn status(e: InferError) -> Status {
         InferError::UnknownPipeline(_) => Status::not_found(message),
         InferError::InvalidInput(_) => Status::invalid_argument(message),
         InferError::Overloaded(_) => Status::resource_exhausted(message),
-        InferError::ShuttingDown => Status::unavailable(message),
+        InferError::ShuttingDown | InferError::NodeLost { .. } => Status::unavailable(message),
         InferError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
         InferError::SubmodelFailed { .. } => Status::internal(message),
     }

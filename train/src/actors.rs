@@ -245,6 +245,9 @@ pub enum ServerMessage {
     },
 }
 
+// Local only: never sent to another process.
+impl ractor::Message for ServerMessage {}
+
 impl ServerState {
     /// One optimizer step; an error when it leaves a parameter NaN or infinite.
     fn apply(&mut self, grad: &[f32]) -> Result<(), String> {
@@ -402,6 +405,9 @@ pub enum GateMessage {
     Report(RpcReplyPort<(Vec<u64>, u64)>),
 }
 
+// Local only: never sent to another process.
+impl ractor::Message for GateMessage {}
+
 impl GateState {
     /// Whether `w`'s push would leave another gradient in flight more than `bound` behind.
     fn push_blocked(&self, w: usize) -> bool {
@@ -545,6 +551,9 @@ pub enum WorkerMessage {
     /// Its stream ended: with a panic message if it panicked.
     StreamEnded(Option<String>),
 }
+
+// Local only: never sent to another process.
+impl ractor::Message for WorkerMessage {}
 
 /// Sends a message built around a reply port and waits for the answer on this (non-runtime)
 /// thread. `None`: the actor stopped (the job is ending).
@@ -813,6 +822,9 @@ pub enum JobMessage {
     /// Its servers and gate.
     Children(RpcReplyPort<Children>),
 }
+
+// Local only: never sent to another process.
+impl ractor::Message for JobMessage {}
 
 impl Actor for JobActor {
     type Msg = JobMessage;

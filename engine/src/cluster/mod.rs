@@ -1,0 +1,506 @@
+//! Submodels on other processes and machines, over ractor's distributed layer
+//! (`ractor_cluster`).
+//!
+//! A node (`maas node`, [`Node`]) hosts submodel instances; the serving process keeps one
+//! [`Cluster`]: its own cluster endpoint, and a link per declared node that connects,
+//! authenticates (the shared secret), finds the node's agent, (re)starts the instances placed
+//! there, and watches the connection. A submodel placed on nodes is a [`Remote`]: each job goes
+//! to the least busy node that is up, as one RPC; the node batches it with its other jobs. A node
+//! that goes away is marked down as soon as its connection ends, and jobs go to the others; a
+//! job whose node was lost under it is tried once more elsewhere, else ends with
+//! `JobError::Lost`. A link keeps reconnecting, so a node that comes back serves again.
+
+pub mod node;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use maas_actors::JobError;
+use maas_graphs::{Graph, NodeSpec, SubmodelSpec};
+use maas_kernels::Values;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use tokio::sync::{broadcast, watch};
+
+pub use node::{AgentMessage, DEFAULT_MAX_FRAME, Node, NodeConfig};
+
+/// How long a link waits for a connection to become ready (authenticated, state exchanged).
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a link waits before reconnecting.
+const RETRY: Duration = Duration::from_millis(250);
+/// How long an instance may take to load on a node.
+const START_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest a job without a deadline waits for its node.
+const NO_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Cluster settings of a serving process.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// The shared secret (`MAAS_CLUSTER_SECRET`); needed once a graph places a submodel on a node.
+    pub secret: Option<String>,
+    /// The largest frame accepted from a node (default [`DEFAULT_MAX_FRAME`]).
+    pub max_frame: Option<u64>,
+}
+
+/// A node as the serving process sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStatus {
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub addr: String,
+    /// `up`, `connecting` or `down`.
+    pub state: String,
+    /// Why it is not up, if it is not.
+    pub last_error: Option<String>,
+    /// Instances it should host for this process.
+    pub instances: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Ready { addr: String, node_id: u64, name: String },
+    Down { addr: String, node_id: u64 },
+}
+
+struct Endpoint {
+    server: ActorRef<NodeServerMessage>,
+    events: broadcast::Sender<Event>,
+}
+
+/// The serving process's side of the cluster: its endpoint and one link per node.
+pub(crate) struct Cluster {
+    options: ClusterOptions,
+    /// This process's name in the cluster (unique per process: nodes key instances by it).
+    pub(crate) name: String,
+    endpoint: tokio::sync::OnceCell<Endpoint>,
+    links: Mutex<BTreeMap<String, Arc<NodeLink>>>,
+    next_instance: AtomicU64,
+}
+
+impl Cluster {
+    pub(crate) fn new(options: ClusterOptions) -> Self {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        Self {
+            options,
+            name: format!("maas-serve-{}-{:x}", std::process::id(), nanos & 0xffff_ffff),
+            endpoint: tokio::sync::OnceCell::new(),
+            links: Mutex::default(),
+            next_instance: AtomicU64::new(1),
+        }
+    }
+
+    async fn endpoint(&self) -> Result<&Endpoint, String> {
+        self.endpoint
+            .get_or_try_init(|| async {
+                let secret = self.options.secret.clone().filter(|s| !s.is_empty()).ok_or(
+                    "the graph places submodels on nodes: set the cluster secret (MAAS_CLUSTER_SECRET) to the one the nodes use",
+                )?;
+                // Nobody connects to the serving process: it listens on an ephemeral loopback port.
+                let server = NodeServer::new(
+                    0,
+                    secret,
+                    self.name.clone(),
+                    "127.0.0.1".into(),
+                    None,
+                    Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+                )
+                .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into())
+                .with_max_inbound_frame_size(self.options.max_frame.unwrap_or(DEFAULT_MAX_FRAME));
+                let (server, _) = Actor::spawn(None, server, ()).await.map_err(|e| format!("cluster endpoint: {e}"))?;
+                let (events, _) = broadcast::channel(256);
+                server
+                    .cast(NodeServerMessage::SubscribeToEvents {
+                        id: "maas-serve".into(),
+                        subscription: Box::new(Forward(events.clone())),
+                    })
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(Endpoint { server, events })
+            })
+            .await
+    }
+
+    /// The link to a node, started on first use (and replaced when its address changed).
+    async fn link(&self, node: &NodeSpec) -> Result<Arc<NodeLink>, String> {
+        let endpoint = self.endpoint().await?;
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = links.get(&node.name).filter(|l| l.addr == node.addr) {
+            return Ok(l.clone());
+        }
+        let link = Arc::new(NodeLink::new(node));
+        tokio::spawn(run_link(Arc::downgrade(&link), endpoint.server.clone(), endpoint.events.clone()));
+        links.insert(node.name.clone(), link.clone());
+        Ok(link)
+    }
+
+    /// Starts a submodel's instance on every node it is placed on: a [`Remote`] once at least
+    /// one of them serves it (the others start it when they come up).
+    pub(crate) async fn start(
+        &self,
+        spec: &SubmodelSpec,
+        graph_nodes: &BTreeMap<String, NodeSpec>,
+    ) -> Result<Remote, String> {
+        let instance = self.next_instance.fetch_add(1, Relaxed);
+        let mut one = Graph::default();
+        one.submodels.insert(spec.name.clone(), SubmodelSpec { node: Vec::new(), ..spec.clone() });
+        let start = wire::Start {
+            owner: self.name.clone(),
+            instance,
+            source: maas_graphs::to_toml(&one),
+            submodel: spec.name.to_string(),
+        };
+        let payload = Arc::new(serde_json::to_vec(&start).map_err(|e| e.to_string())?);
+        let mut sites = Vec::new();
+        for name in spec.remote_nodes() {
+            let node = graph_nodes.get(name).ok_or_else(|| format!("node `{name}` is not declared"))?;
+            sites.push(self.link(node).await?);
+        }
+        let remote = Remote { owner: self.name.clone(), instance, sites, next: AtomicUsize::new(0) };
+        let mut errors = Vec::new();
+        for link in &remote.sites {
+            link.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(instance, payload.clone());
+            match link.wait_up(READY_TIMEOUT * 2).await {
+                Some(agent) => match start_on(&agent, &payload).await {
+                    Ok(()) => {}
+                    Err(e) => errors.push(format!("node `{}` ({}): {e}", link.name, link.addr)),
+                },
+                None => errors.push(format!(
+                    "node `{}` ({}): {}",
+                    link.name,
+                    link.addr,
+                    link.status().last_error.unwrap_or_default()
+                )),
+            }
+        }
+        if errors.len() == remote.sites.len() {
+            // Nothing serves it: forget the instance everywhere (dropping `remote` does).
+            return Err(errors.join("; "));
+        }
+        for e in &errors {
+            tracing::warn!(submodel = %spec.name, error = %e, "a node did not start its replica; it will when it comes back");
+        }
+        Ok(remote)
+    }
+
+    /// Every node linked, with its state.
+    pub(crate) fn nodes(&self) -> Vec<NodeStatus> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).values().map(|l| l.status()).collect()
+    }
+
+    /// Stops the endpoint (links end with it).
+    pub(crate) async fn shutdown(&self) {
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Some(e) = self.endpoint.get() {
+            let _ = e.server.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
+    }
+}
+
+async fn start_on(agent: &ActorRef<AgentMessage>, payload: &[u8]) -> Result<(), String> {
+    let bytes = payload.to_vec();
+    match agent.call(|port| AgentMessage::Start(bytes, port), Some(START_TIMEOUT)).await {
+        Ok(CallResult::Success(answer)) => {
+            let started: wire::Started = serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
+            started.error.map_or(Ok(()), Err)
+        }
+        Ok(CallResult::Timeout) => Err("timed out starting the instance".into()),
+        Ok(CallResult::SenderError) | Err(_) => Err("the connection was lost while starting the instance".into()),
+    }
+}
+
+/// Forwards the endpoint's session events to the links.
+struct Forward(broadcast::Sender<Event>);
+
+impl NodeEventSubscription for Forward {
+    fn node_session_opened(&self, _: NodeServerSessionInformation) {}
+    fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let _ = self.0.send(Event::Down { addr: ses.peer_addr, node_id: ses.node_id });
+    }
+    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
+        // Peers are named `NAME@HOST`.
+        let name = ses.peer_name.map(|n| n.name).unwrap_or_default();
+        let name = name.split_once('@').map_or(name.as_str(), |(n, _)| n).to_string();
+        let _ = self.0.send(Event::Ready { addr: ses.peer_addr, node_id: ses.node_id, name });
+    }
+}
+
+#[derive(Default)]
+struct LinkState {
+    agent: Option<ActorRef<AgentMessage>>,
+    connecting: bool,
+    last_error: Option<String>,
+}
+
+/// The serving process's connection to one node.
+pub(crate) struct NodeLink {
+    pub(crate) name: String,
+    pub(crate) addr: String,
+    state: Mutex<LinkState>,
+    up: watch::Sender<Option<ActorRef<AgentMessage>>>,
+    /// Instances this process placed there: started again whenever the node comes back.
+    instances: Mutex<BTreeMap<u64, Arc<Vec<u8>>>>,
+    /// Jobs sent and not answered.
+    busy: AtomicUsize,
+}
+
+impl NodeLink {
+    fn new(node: &NodeSpec) -> Self {
+        Self {
+            name: node.name.clone(),
+            addr: node.addr.clone(),
+            state: Mutex::new(LinkState { connecting: true, ..Default::default() }),
+            up: watch::channel(None).0,
+            instances: Mutex::default(),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn agent(&self) -> Option<ActorRef<AgentMessage>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).agent.clone()
+    }
+
+    fn set(&self, agent: Option<ActorRef<AgentMessage>>, connecting: bool, error: Option<String>) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.agent = agent.clone();
+        s.connecting = connecting;
+        if error.is_some() || agent.is_some() {
+            s.last_error = error;
+        }
+        drop(s);
+        self.up.send_replace(agent);
+    }
+
+    async fn wait_up(&self, timeout: Duration) -> Option<ActorRef<AgentMessage>> {
+        let mut rx = self.up.subscribe();
+        let wait = rx.wait_for(|a| a.is_some());
+        tokio::time::timeout(timeout, wait).await.ok()?.ok().and_then(|a| a.clone())
+    }
+
+    pub(crate) fn status(&self) -> NodeStatus {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = if s.agent.is_some() {
+            "up"
+        } else if s.connecting {
+            "connecting"
+        } else {
+            "down"
+        };
+        NodeStatus {
+            name: self.name.clone(),
+            addr: self.addr.clone(),
+            state: state.into(),
+            last_error: if s.agent.is_some() { None } else { s.last_error.clone() },
+            instances: self.instances.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        }
+    }
+}
+
+/// Connects, finds the agent, (re)starts the instances, watches; again after every loss, for as
+/// long as the link is in use.
+async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, events: broadcast::Sender<Event>) {
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::time::sleep(RETRY).await;
+        }
+        first = false;
+        let Some(l) = link.upgrade() else { return };
+        let mut rx = events.subscribe();
+        let addr = match tokio::net::lookup_host(l.addr.as_str()).await.ok().and_then(|mut a| a.next()) {
+            Some(a) => a,
+            None => {
+                l.set(None, false, Some(format!("cannot resolve `{}`", l.addr)));
+                continue;
+            }
+        };
+        let peer = addr.to_string();
+        if let Err(e) = ractor_cluster::client_connect(&server, addr).await {
+            l.set(None, false, Some(format!("cannot connect: {e}")));
+            continue;
+        }
+        let ready = tokio::time::timeout(READY_TIMEOUT, async {
+            loop {
+                match rx.recv().await {
+                    Ok(Event::Ready { addr, node_id, name }) if addr == peer => return Ok((node_id, name)),
+                    Ok(Event::Down { addr, .. }) if addr == peer => {
+                        return Err("it closed the connection during authentication (is MAAS_CLUSTER_SECRET the same on both sides?)".to_string());
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err("the cluster endpoint stopped".to_string()),
+                }
+            }
+        })
+        .await;
+        let (node_id, name) = match ready {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(node = %l.name, addr = %l.addr, error = %e, "node refused");
+                l.set(None, false, Some(e));
+                continue;
+            }
+            Err(_) => {
+                l.set(None, false, Some("no answer to the cluster handshake in time".into()));
+                continue;
+            }
+        };
+        if name != l.name {
+            let e = format!("the process at {} is node `{name}`, not `{}`", l.addr, l.name);
+            tracing::warn!(error = %e, "wrong node");
+            l.set(None, false, Some(e));
+            // Leave the session; retry later (the right node may take the address).
+            tokio::time::sleep(READY_TIMEOUT).await;
+            continue;
+        }
+        let Some(agent) = find_agent(node_id).await else {
+            l.set(None, false, Some(format!("node `{name}` runs no maas agent")));
+            continue;
+        };
+        // (Re)start every instance placed there before it takes jobs.
+        let payloads: Vec<_> = l.instances.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for p in payloads {
+            if let Err(e) = start_on(&agent, &p).await {
+                tracing::warn!(node = %l.name, error = %e, "an instance did not start again on a returning node");
+            }
+        }
+        tracing::info!(node = %l.name, addr = %l.addr, "node up");
+        l.set(Some(agent), false, None);
+        let owner_alive = Arc::downgrade(&l);
+        drop(l);
+        // Watch until the connection ends (or the link is no longer used).
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Ok(Event::Down { node_id: id, .. })) if id == node_id => break,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                _ => {
+                    if owner_alive.strong_count() == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+        let Some(l) = link.upgrade() else { return };
+        tracing::warn!(node = %l.name, addr = %l.addr, "node lost");
+        let at = humantime_now();
+        l.set(None, true, Some(format!("connection lost at {at}")));
+    }
+}
+
+fn humantime_now() -> String {
+    let s = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    format!("{s:.3} s since the epoch")
+}
+
+/// The node's agent among the remote members of the agent group.
+async fn find_agent(node_id: u64) -> Option<ActorRef<AgentMessage>> {
+    let started = Instant::now();
+    while started.elapsed() < READY_TIMEOUT {
+        let found = ractor::pg::get_members(&node::AGENT_GROUP.to_string())
+            .into_iter()
+            .find(|c| !c.get_id().is_local() && c.get_id().node() == node_id);
+        if let Some(cell) = found {
+            return Some(ActorRef::from(cell));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// A submodel version whose replicas run on nodes: one instance per node.
+pub(crate) struct Remote {
+    owner: String,
+    instance: u64,
+    pub(crate) sites: Vec<Arc<NodeLink>>,
+    next: AtomicUsize,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let stop =
+            serde_json::to_vec(&wire::Stop { owner: self.owner.clone(), instance: self.instance }).unwrap_or_default();
+        for link in &self.sites {
+            link.instances.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.instance);
+            if let Some(agent) = link.agent() {
+                let _ = agent.cast(AgentMessage::Stop(stop.clone()));
+            }
+        }
+    }
+}
+
+impl Remote {
+    /// Nodes serving it now.
+    pub(crate) fn up(&self) -> usize {
+        self.sites.iter().filter(|l| l.agent().is_some()).count()
+    }
+
+    /// Why it cannot serve, if no node serves it.
+    pub(crate) fn why_down(&self) -> String {
+        self.sites
+            .iter()
+            .map(|l| {
+                format!(
+                    "node `{}` ({}): {}",
+                    l.name,
+                    l.addr,
+                    l.status().last_error.unwrap_or_else(|| "connecting".into())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The least busy node that is up (ties go round robin), other than `not`.
+    fn pick(&self, not: Option<&str>) -> Option<(Arc<NodeLink>, ActorRef<AgentMessage>)> {
+        let n = self.sites.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        let mut best: Option<(usize, Arc<NodeLink>, ActorRef<AgentMessage>)> = None;
+        for k in 0..n {
+            let l = &self.sites[(start + k) % n];
+            if Some(l.name.as_str()) == not {
+                continue;
+            }
+            let Some(agent) = l.agent() else { continue };
+            let busy = l.busy.load(Relaxed);
+            if best.as_ref().is_none_or(|(b, _, _)| busy < *b) {
+                best = Some((busy, l.clone(), agent));
+            }
+        }
+        best.map(|(_, l, a)| (l, a))
+    }
+
+    /// Runs one job on a node. A job whose node was lost under it is tried once more on another
+    /// node that is up (jobs are pure functions of their inputs).
+    pub(crate) async fn run(&self, values: &Values, deadline: Option<Instant>) -> Result<(Values, String), JobError> {
+        let mut lost: Option<(String, String)> = None;
+        for _ in 0..2 {
+            let Some((link, agent)) = self.pick(lost.as_ref().map(|(n, _)| n.as_str())) else {
+                return Err(match lost {
+                    Some((_, why)) => JobError::Lost(why),
+                    None => JobError::Lost(format!("no node serving it is up: {}", self.why_down())),
+                });
+            };
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Err(JobError::DeadlineExceeded);
+            }
+            let job = wire::encode_job(&self.owner, self.instance, left, values).map_err(JobError::Failed)?;
+            link.busy.fetch_add(1, Relaxed);
+            let answer = agent.call(|port| AgentMessage::Infer(job, port), Some(left.unwrap_or(NO_DEADLINE))).await;
+            link.busy.fetch_sub(1, Relaxed);
+            match answer {
+                Ok(CallResult::Success(bytes)) => return wire::decode_answer(&bytes, &candle_core::Device::Cpu),
+                Ok(CallResult::Timeout) => return Err(JobError::DeadlineExceeded),
+                Ok(CallResult::SenderError) | Err(_) => {
+                    let why = format!("node `{}` ({}) was lost while running this job", link.name, link.addr);
+                    lost = Some((link.name.clone(), why));
+                }
+            }
+        }
+        Err(JobError::Lost(lost.map(|(_, w)| w).unwrap_or_default()))
+    }
+}

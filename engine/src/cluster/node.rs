@@ -1,0 +1,287 @@
+//! The node side: a process (`maas node`) that hosts submodel instances for serving processes.
+//!
+//! One [`NodeAgent`] actor per node, in the process group [`AGENT_GROUP`] so that connected
+//! serving processes find it. It starts instances (each an ordinary local submodel: actors,
+//! queue, batching, supervision, on this node's streams), runs jobs on them, and stops them; a
+//! serving process's instances stop when its connection ends. Files are read from this node's
+//! filesystem, confined to its model roots.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use maas_actors::JobError;
+use maas_actors::metrics::SubmodelMetrics;
+use maas_graphs::{Catalog, KindError, Signature, SignatureError, SourceFile, SubmodelSpec};
+use maas_kernels::Registry;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+
+use super::wire;
+use crate::EngineOptions;
+use crate::engine::{Submodel, start_submodel};
+
+/// The process group every node's agent joins.
+pub const AGENT_GROUP: &str = "maas.node.agent";
+
+/// The largest cluster frame a node or serving process accepts by default (a job or an answer
+/// is one frame): 64 MiB.
+pub const DEFAULT_MAX_FRAME: u64 = 64 << 20;
+
+/// What a node's agent is asked. Every payload is bytes (see [`wire`]).
+#[derive(ractor_cluster::RactorClusterMessage)]
+pub enum AgentMessage {
+    /// Start an instance ([`wire::Start`] as JSON); answers [`wire::Started`] as JSON.
+    #[rpc]
+    Start(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Run one job ([`wire::encode_job`]); answers [`wire::encode_answer`].
+    #[rpc]
+    Infer(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Stop an instance ([`wire::Stop`] as JSON).
+    Stop(Vec<u8>),
+}
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Its name (serving processes' graphs name it in `[nodes.NAME]`).
+    pub name: String,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The directories its submodels' files must lie under (canonical prefixes).
+    pub model_roots: Vec<PathBuf>,
+    /// The shared secret every peer must present.
+    pub secret: String,
+    /// The largest frame accepted from a peer.
+    pub max_frame: u64,
+    /// Engine settings for the instances (restart policy, stream spin).
+    pub options: EngineOptions,
+}
+
+/// A running node.
+pub struct Node {
+    server: ActorRef<NodeServerMessage>,
+    agent: ActorRef<AgentMessage>,
+    host: Arc<Host>,
+}
+
+impl Node {
+    /// Starts the node: its cluster listener and its agent.
+    pub async fn start(config: NodeConfig, registry: Registry) -> Result<Node, String> {
+        if config.secret.is_empty() {
+            return Err("the cluster secret may not be empty".into());
+        }
+        let roots = crate::change::canonical_roots(&config.model_roots)?;
+        let host = Arc::new(Host {
+            registry,
+            roots,
+            options: config.options.clone(),
+            held: Arc::default(),
+            instances: Mutex::default(),
+        });
+        let server = NodeServer::new(
+            config.listen.port(),
+            config.secret.clone(),
+            config.name.clone(),
+            config.listen.ip().to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.listen.ip())
+        .with_max_inbound_frame_size(config.max_frame);
+        let (server, _) = Actor::spawn(None, server, ()).await.map_err(|e| format!("cluster listener: {e}"))?;
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "maas-node".into(),
+                subscription: Box::new(Watch { host: host.clone(), authenticated: Mutex::default() }),
+            })
+            .map_err(|e| e.to_string())?;
+        let (agent, _) = Actor::spawn(None, NodeAgent, host.clone()).await.map_err(|e| format!("node agent: {e}"))?;
+        ractor::pg::join(AGENT_GROUP.to_string(), vec![agent.get_cell()]);
+        Ok(Node { server, agent, host })
+    }
+
+    /// Instances running now.
+    pub fn instances(&self) -> usize {
+        self.host.instances.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Stops the agent, every instance and the listener.
+    pub async fn stop(self) {
+        let instances: Vec<_> = self.host.instances.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        drop(instances);
+        let _ = self.agent.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        let _ = self.server.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+    }
+}
+
+/// What the agent shares with the event watcher.
+struct Host {
+    registry: Registry,
+    roots: Vec<PathBuf>,
+    options: EngineOptions,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    /// Instances by (owner, id).
+    instances: Mutex<HashMap<(String, u64), Arc<Submodel>>>,
+}
+
+impl Host {
+    fn instance(&self, owner: &str, id: u64) -> Option<Arc<Submodel>> {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(&(owner.to_string(), id)).cloned()
+    }
+
+    async fn start(&self, start: wire::Start) -> Result<(), String> {
+        if self.instance(&start.owner, start.instance).is_some() {
+            return Ok(());
+        }
+        let catalog = Rooted { registry: &self.registry, roots: &self.roots };
+        let source = SourceFile::new(format!("{}#{}", start.owner, start.submodel), start.source, ".");
+        let checked = maas_graphs::check(vec![source], &catalog).map_err(|d| d.to_string())?;
+        let mut spec = checked
+            .graph
+            .submodels
+            .into_values()
+            .find(|s| s.name.as_str() == start.submodel)
+            .ok_or_else(|| format!("the source defines no submodel `{}`", start.submodel))?;
+        spec.node.clear();
+        let metrics = Arc::new(SubmodelMetrics::default());
+        let sub = start_submodel(Arc::new(spec), &self.registry, &self.options, metrics, &self.held, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(owner = %start.owner, instance = start.instance, submodel = %start.submodel, version = %sub.spec.version, "instance started");
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert((start.owner, start.instance), Arc::new(sub));
+        Ok(())
+    }
+}
+
+/// The registry, refusing any submodel whose files lie outside the node's model roots (before
+/// its kind reads them).
+struct Rooted<'a> {
+    registry: &'a Registry,
+    roots: &'a [PathBuf],
+}
+
+impl Catalog for Rooted<'_> {
+    fn kinds(&self) -> Vec<String> {
+        self.registry.kinds()
+    }
+
+    fn signature(&self, submodel: &SubmodelSpec) -> Result<Signature, SignatureError> {
+        for file in submodel.files() {
+            if !under_roots(&file, self.roots) {
+                let roots = self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ");
+                return Err(SignatureError::Invalid(vec![KindError::whole(format!(
+                    "`{}` is outside this node's model roots ({roots})",
+                    file.display()
+                ))]));
+            }
+        }
+        Catalog::signature(self.registry, submodel)
+    }
+}
+
+fn under_roots(file: &Path, roots: &[PathBuf]) -> bool {
+    std::fs::canonicalize(file).is_ok_and(|c| roots.iter().any(|r| c.starts_with(r)))
+}
+
+/// Logs peers that fail to authenticate, and stops a serving process's instances when its
+/// connection ends.
+struct Watch {
+    host: Arc<Host>,
+    authenticated: Mutex<std::collections::HashSet<ractor::ActorId>>,
+}
+
+impl NodeEventSubscription for Watch {
+    fn node_session_opened(&self, _: NodeServerSessionInformation) {}
+
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        self.authenticated.lock().unwrap_or_else(|p| p.into_inner()).insert(ses.actor.get_id());
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let was = self.authenticated.lock().unwrap_or_else(|p| p.into_inner()).remove(&ses.actor.get_id());
+        if !was {
+            tracing::warn!(peer = %ses.peer_addr, "refused a peer that did not authenticate (wrong MAAS_CLUSTER_SECRET, or not a maas peer)");
+            return;
+        }
+        let Some(owner) = ses.peer_name.map(|n| n.name) else { return };
+        let gone: Vec<_> = {
+            let mut map = self.host.instances.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<_> = map.keys().filter(|(o, _)| *o == owner).cloned().collect();
+            keys.into_iter().filter_map(|k| map.remove(&k)).collect()
+        };
+        tracing::info!(peer = %ses.peer_addr, owner = %owner, instances = gone.len(), "a serving process disconnected; its instances stop");
+    }
+}
+
+/// The node's agent actor.
+struct NodeAgent;
+
+impl Actor for NodeAgent {
+    type Msg = AgentMessage;
+    type State = Arc<Host>;
+    type Arguments = Arc<Host>;
+
+    async fn pre_start(&self, _: ActorRef<Self::Msg>, host: Arc<Host>) -> Result<Arc<Host>, ActorProcessingErr> {
+        Ok(host)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: AgentMessage,
+        host: &mut Arc<Host>,
+    ) -> Result<(), ActorProcessingErr> {
+        // Nothing slow runs on the agent itself: loads and jobs run on tasks of their own, so
+        // one instance's load never holds up another's jobs.
+        match msg {
+            AgentMessage::Start(bytes, reply) => {
+                let host = host.clone();
+                tokio::spawn(async move {
+                    let result = match serde_json::from_slice::<wire::Start>(&bytes) {
+                        Ok(start) => host.start(start).await,
+                        Err(e) => Err(format!("a start message that does not decode: {e}")),
+                    };
+                    if let Err(e) = &result {
+                        tracing::warn!(error = %e, "an instance failed to start");
+                    }
+                    let answer = wire::Started { error: result.err() };
+                    let _ = reply.send(serde_json::to_vec(&answer).unwrap_or_default());
+                });
+            }
+            AgentMessage::Infer(bytes, reply) => {
+                let host = host.clone();
+                tokio::spawn(async move {
+                    let answer = run_job(&host, &bytes).await;
+                    let _ = reply.send(wire::encode_answer(&answer));
+                });
+            }
+            AgentMessage::Stop(bytes) => {
+                if let Ok(stop) = serde_json::from_slice::<wire::Stop>(&bytes) {
+                    let gone = host
+                        .instances
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&(stop.owner.clone(), stop.instance));
+                    if gone.is_some() {
+                        tracing::info!(owner = %stop.owner, instance = stop.instance, "instance stopped");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One job: decoded, run on its instance (batched with the instance's other jobs), answered.
+async fn run_job(host: &Host, bytes: &[u8]) -> Result<(maas_kernels::Values, String), JobError> {
+    let (owner, instance, left, values) = wire::decode_job(bytes).map_err(JobError::Failed)?;
+    let deadline = left.map(|d| Instant::now() + d);
+    let sub = host
+        .instance(&owner, instance)
+        .ok_or_else(|| JobError::Unavailable(format!("no instance {instance} on this node (it restarted?)")))?;
+    sub.run_here(values, deadline).await
+}
