@@ -771,11 +771,11 @@ async fn list_submodels(State(st): State<AppState>) -> Response {
             json!({
                 "name": s.name, "kind": s.kind, "version": s.version, "device": s.device,
                 "replicas": s.replicas, "ready_replicas": s.ready_replicas, "state": s.state,
-                "inline": s.inline, "last_error": s.last_error,
+                "inline": s.inline, "last_error": s.last_error, "nodes": s.nodes,
             })
         })
         .collect();
-    json_response(StatusCode::OK, json!({ "submodels": list }))
+    json_response(StatusCode::OK, json!({ "submodels": list, "nodes": st.engine.nodes() }))
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
@@ -784,7 +784,7 @@ async fn readyz(State(st): State<AppState>) -> Response {
         .submodels()
         .into_iter()
         .filter(|s| s.state != "ready" && s.state != "degraded")
-        .map(|s| json!({ "name": s.name, "state": s.state }))
+        .map(|s| json!({ "name": s.name, "state": s.state, "last_error": s.last_error }))
         .collect();
     if st.engine.ready() {
         json_response(StatusCode::OK, json!({ "ready": true }))

@@ -62,6 +62,24 @@ pub fn render(engine: &Engine) -> String {
         let up = u8::from(s.state == "ready" || s.state == "degraded");
         let _ = writeln!(out, "maas_submodel_up{{submodel=\"{}\",state=\"{}\"}} {up}", escape(&s.name), s.state);
     }
+    header(&mut out, "maas_submodel_node_up", "gauge", "1 when the node hosting a replica of the submodel is up.");
+    for s in &states {
+        for n in &s.nodes {
+            let up = u8::from(n.state == "up");
+            let _ = writeln!(
+                out,
+                "maas_submodel_node_up{{submodel=\"{}\",node=\"{}\",addr=\"{}\"}} {up}",
+                escape(&s.name),
+                escape(&n.name),
+                escape(&n.addr)
+            );
+        }
+    }
+    header(&mut out, "maas_node_up", "gauge", "1 when the node is up (connected, authenticated, its agent found).");
+    for n in engine.nodes() {
+        let up = u8::from(n.state == "up");
+        let _ = writeln!(out, "maas_node_up{{node=\"{}\",addr=\"{}\",state=\"{}\"}} {up}", escape(&n.name), escape(&n.addr), n.state);
+    }
     header(&mut out, "maas_submodel_queued_jobs", "gauge", "Jobs waiting in the submodel's queue.");
     for (n, s) in &m.submodels {
         let _ = writeln!(out, "maas_submodel_queued_jobs{{submodel=\"{}\"}} {}", escape(n), s.queued);

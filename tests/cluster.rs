@@ -1,0 +1,429 @@
+//! Submodels on other processes: real `maas node` processes on loopback, a serving engine in
+//! this process, and the same answers as the single-process pipeline; a node killed under load,
+//! restarted, refused for a wrong secret or an oversized frame.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use maas_engine::{Engine, EngineOptions, InferError, SwapRequest};
+use maas_kernels::{Value, Values};
+
+const SECRET: &str = "test-cluster-secret";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A `maas node` process, killed when dropped.
+struct NodeProc {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl NodeProc {
+    fn start(name: &str, port: u16, secret: &str, dir: &Path, extra: &[&str]) -> Self {
+        let log = dir.join(format!("{name}-{port}-{}.log", Instant::now().elapsed().as_nanos()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_maas"));
+        cmd.args(["node", "--name", name, "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--model-root", root().join("assets").to_str().unwrap()])
+            .args(["--model-root", root().join("models").to_str().unwrap()])
+            .args(extra)
+            .env("MAAS_CLUSTER_SECRET", secret)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        let child = cmd.spawn().expect("spawn maas node");
+        let node = NodeProc { child, port, log };
+        node.wait_listening();
+        node
+    }
+
+    fn wait_listening(&self) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("node on port {} did not listen; log:\n{}", self.port, self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn options() -> EngineOptions {
+    let mut o = EngineOptions::default();
+    o.cluster.secret = Some(SECRET.into());
+    o
+}
+
+/// The digits graph (paths absolute), with `[nodes]` and placements added.
+fn digits_graph(nodes: &[(&str, u16)], features: &str, head: &str) -> String {
+    let assets = root().join("assets/digits");
+    let mut s = String::new();
+    for (name, port) in nodes {
+        s += &format!("[nodes.{name}]\naddr = \"127.0.0.1:{port}\"\n\n");
+    }
+    s += &format!(
+        r#"
+[submodels.features]
+kind = "digits_cnn"
+weights = "{f}"
+batch = {{ max_size = 64, max_delay_ms = 1 }}
+{features}
+
+[submodels.head]
+kind = "linear"
+weights = "{h}"
+{head}
+
+[submodels.probs]
+kind = "softmax"
+
+[submodels.label]
+kind = "argmax"
+
+[pipelines.classify]
+inputs = {{ pixels = "f32[B,64]" }}
+outputs = {{ label = "label.out", probs = "probs.out" }}
+deadline_ms = 5000
+
+[pipelines.classify.nodes]
+features = {{ submodel = "features", inputs = {{ x = "$pixels" }} }}
+head = {{ submodel = "head", inputs = {{ x = "features.features" }} }}
+probs = {{ submodel = "probs", inputs = {{ x = "head.out" }} }}
+label = {{ submodel = "label", inputs = {{ x = "head.out" }} }}
+"#,
+        f = assets.join("features.safetensors").display(),
+        h = assets.join("head.safetensors").display(),
+    );
+    s
+}
+
+async fn engine_of(text: &str) -> Result<Engine, maas_engine::EngineError> {
+    let src = maas_graphs::SourceFile::new("cluster.toml", text, root());
+    Engine::builder().options(options()).from_sources(vec![src]).await
+}
+
+/// The held-out digits rows (pixels 0..16) used across the tests.
+fn digits_rows(n: usize) -> Tensor {
+    let all = maas::digits::load(&maas::digits::default_path()).expect("digits data");
+    let n = n.min(all.len());
+    Tensor::from_slice(&all.pixels[..n * maas::digits::PIXELS], (n, maas::digits::PIXELS), &Device::Cpu).expect("rows")
+}
+
+fn pixels(t: Tensor) -> Values {
+    Values::from([("pixels".to_string(), Value::Tensor(t))])
+}
+
+fn labels(v: &Values) -> Vec<u32> {
+    v["label"].as_tensor().unwrap().to_vec1::<u32>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn digits_on_two_nodes_answer_as_the_single_process_pipeline() {
+    let dir = common::TempDir::new("cluster-digits");
+    let (pa, pb) = (free_port(), free_port());
+    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
+    let _b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let local = engine_of(&digits_graph(&[], "", "")).await.unwrap();
+    let remote = engine_of(&digits_graph(&[("a", pa), ("b", pb)], "node = \"a\"", "node = \"b\"")).await.unwrap();
+    let x = digits_rows(100);
+    let want = local.infer("classify", pixels(x.clone())).await.unwrap();
+    let got = remote.infer("classify", pixels(x)).await.unwrap();
+    assert_eq!(labels(&got.outputs), labels(&want.outputs));
+    let diff = (got.outputs["probs"].as_tensor().unwrap() - want.outputs["probs"].as_tensor().unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 1e-6, "probabilities differ by {diff}");
+    assert_eq!(got.versions, want.versions);
+    // Where each replica lives is listed.
+    let subs = remote.submodels();
+    let head = subs.iter().find(|s| s.name == "head").unwrap();
+    assert_eq!(head.nodes.len(), 1);
+    assert_eq!((head.nodes[0].name.as_str(), head.nodes[0].state.as_str()), ("b", "up"));
+    assert!(subs.iter().find(|s| s.name == "probs").unwrap().nodes.is_empty());
+    assert!(remote.ready());
+    remote.shutdown().await;
+    local.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn minilm_embed_with_tokenizer_and_encoder_on_a_node_matches_one_process() {
+    let models = root().join("models/all-MiniLM-L6-v2");
+    assert!(models.join("model.safetensors").is_file(), "run scripts/fetch-models first");
+    let dir = common::TempDir::new("cluster-minilm");
+    let pa = free_port();
+    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
+    let text = std::fs::read_to_string(root().join("examples/pipelines/minilm.toml")).unwrap();
+    let local_src = maas_graphs::SourceFile::new("minilm.toml", text.clone(), root().join("examples/pipelines"));
+    let placed = format!("[nodes.a]\naddr = \"127.0.0.1:{pa}\"\n\n{text}")
+        .replace("[submodels.tokenizer]\n", "[submodels.tokenizer]\nnode = \"a\"\n")
+        .replace("[submodels.encoder]\n", "[submodels.encoder]\nnode = \"a\"\n");
+    let remote_src = maas_graphs::SourceFile::new("minilm-nodes.toml", placed, root().join("examples/pipelines"));
+    let local = Engine::builder().options(options()).from_sources(vec![local_src]).await.unwrap();
+    let remote = Engine::builder().options(options()).from_sources(vec![remote_src]).await.unwrap();
+    let sentences = ["A man is eating food.", "The new movie is awesome", "ünïcode and a much longer sentence here"];
+    let input = Values::from([("text".to_string(), Value::text(sentences))]);
+    let want = local.infer("embed", input.clone()).await.unwrap();
+    let got = remote.infer("embed", input).await.unwrap();
+    let (w, g) = (want.outputs["embedding"].as_tensor().unwrap(), got.outputs["embedding"].as_tensor().unwrap());
+    assert_eq!(w.dims(), g.dims());
+    let diff = (w - g).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-6, "embeddings differ by {diff}");
+    assert_eq!(remote.submodels().iter().find(|s| s.name == "encoder").unwrap().nodes[0].name, "a");
+    remote.shutdown().await;
+    local.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_under_load_fails_only_its_in_flight_requests_and_serves_again_after_restart() {
+    let dir = common::TempDir::new("cluster-kill");
+    let (pa, pb) = (free_port(), free_port());
+    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
+    let mut b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    // The head has a replica on each node; the features run here.
+    let engine = engine_of(&digits_graph(&[("a", pa), ("b", pb)], "", "node = [\"a\", \"b\"]")).await.unwrap();
+    let x = digits_rows(8);
+    let want = labels(&engine.infer("classify", pixels(x.clone())).await.unwrap().outputs);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    // Failures, each with when it was admitted (relative to the kill) and its kind.
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<(Instant, InferError)>::new()));
+    let mut callers = Vec::new();
+    for _ in 0..16 {
+        let (engine, x, want, stop, ok, failures) =
+            (engine.clone(), x.clone(), want.clone(), stop.clone(), ok.clone(), failures.clone());
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                let admitted = Instant::now();
+                match engine.infer("classify", pixels(x.clone())).await {
+                    Ok(r) => {
+                        assert_eq!(labels(&r.outputs), want);
+                        ok.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => failures.lock().unwrap().push((admitted, e)),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_kill = ok.load(Relaxed);
+    assert!(before_kill > 0, "no request served before the kill");
+    let killed = Instant::now();
+    b.kill();
+    // Detected within 2 s: the head degrades to one node.
+    let detected = loop {
+        let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
+        if head.state == "degraded" {
+            break Instant::now();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(2), "the kill was not detected within 2 s: {head:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
+    assert_eq!(head.ready_replicas, 1);
+    assert!(head.last_error.as_deref().unwrap_or("").contains("node `b`"), "{head:?}");
+    assert!(engine.ready(), "a degraded submodel still serves");
+    let served_at_detection = ok.load(Relaxed);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(ok.load(Relaxed) > served_at_detection, "the survivor serves after the detection");
+
+    // Restart b (same name, same address): it rejoins and serves again without any action.
+    let _b2 = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
+        if head.state == "ready" && head.nodes.iter().all(|n| n.state == "up") {
+            break;
+        }
+        assert!(Instant::now() < until, "node b did not rejoin: {head:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    for (admitted, e) in failures.iter() {
+        assert_eq!(e.kind(), "node_lost", "{e}");
+        assert!(*admitted < detected, "a request admitted after the detection failed: {e}");
+    }
+    // Both nodes took jobs again after the rejoin: b's replica serves.
+    let metrics_ok = ok.load(Relaxed);
+    assert!(metrics_ok > before_kill);
+    eprintln!("served {metrics_ok}, failed {} (in flight on the killed node)", failures.len());
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejoined_node_serves_alone_when_the_other_is_gone() {
+    // Only b hosts the head: while it is down every request fails fast with `node_lost` (no
+    // hang), and once it is back the same engine serves again.
+    let dir = common::TempDir::new("cluster-rejoin");
+    let pb = free_port();
+    let mut b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let engine = engine_of(&digits_graph(&[("b", pb)], "", "node = \"b\"")).await.unwrap();
+    let x = digits_rows(4);
+    engine.infer("classify", pixels(x.clone())).await.unwrap();
+    b.kill();
+    let until = Instant::now() + Duration::from_secs(2);
+    while engine.ready() {
+        assert!(Instant::now() < until, "the loss was not detected in 2 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let e = engine.infer("classify", pixels(x.clone())).await.unwrap_err();
+    assert_eq!(e.kind(), "node_lost", "{e}");
+    assert!(e.to_string().contains("node `b`"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(1), "a request to a lost node must fail fast");
+    let _b2 = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let until = Instant::now() + Duration::from_secs(15);
+    while !engine.ready() {
+        assert!(Instant::now() < until, "b did not rejoin");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    engine.infer("classify", pixels(x)).await.unwrap();
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_secret_is_refused_and_logged_and_an_oversized_frame_closes_only_that_peer() {
+    let dir = common::TempDir::new("cluster-auth");
+    let pa = free_port();
+    let a = NodeProc::start("a", pa, "another-secret", &dir.0, &["--max-frame", "1MiB"]);
+    let err = engine_of(&digits_graph(&[("a", pa)], "", "node = \"a\"")).await.err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("node `a`") && msg.contains("MAAS_CLUSTER_SECRET"), "{msg}");
+    let until = Instant::now() + Duration::from_secs(5);
+    while !a.log_text().contains("did not authenticate") {
+        assert!(Instant::now() < until, "the node did not log the refusal:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(a);
+
+    // A frame over the node's limit: the node closes that connection and keeps serving.
+    let pb = free_port();
+    let b = NodeProc::start("b", pb, SECRET, &dir.0, &["--max-frame", "1MiB"]);
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", pb)).unwrap();
+    raw.write_all(&(2u64 << 20).to_be_bytes()).unwrap();
+    raw.write_all(&[0u8; 1024]).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut raw, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the node must close a connection that sent an oversized frame");
+    let engine = engine_of(&digits_graph(&[("b", pb)], "", "node = \"b\"")).await.unwrap();
+    engine.infer("classify", pixels(digits_rows(4))).await.unwrap();
+    // A job over the frame limit is refused by the node (a typed error), and the node stays up.
+    let big = Tensor::zeros((8192, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(engine.infer("classify", pixels(big)).await.is_err());
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        if engine.ready() && engine.infer("classify", pixels(digits_rows(4))).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < until, "the node did not serve again after an oversized job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.shutdown().await;
+    drop(b);
+}
+
+#[test]
+fn a_node_refuses_to_start_without_a_secret_and_validate_names_undeclared_nodes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_maas"))
+        .args(["node", "--name", "a", "--listen", "127.0.0.1:0"])
+        .env_remove("MAAS_CLUSTER_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MAAS_CLUSTER_SECRET"));
+
+    let dir = common::TempDir::new("cluster-validate");
+    let file = dir.0.join("placed.toml");
+    let text = digits_graph(&[("a", 7101)], "node = \"a\"", "node = [\"a\", \"bb\"]");
+    std::fs::write(&file, &text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_maas")).arg("validate").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l.contains("\"bb\"")).unwrap() + 1;
+    let col = text.lines().nth(line - 1).unwrap().find("\"bb\"").unwrap() + 1;
+    let want = format!("placed.toml:{line}:{col}: error: submodel `head` is placed on node `bb`, which no `[nodes.bb]` declares");
+    assert!(stdout.contains(&want), "{stdout}\nwanted: {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_swap_of_a_remote_submodel_under_load_loses_no_request() {
+    let dir = common::TempDir::new("cluster-swap");
+    let (pa, pb) = (free_port(), free_port());
+    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
+    let _b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let engine = engine_of(&digits_graph(&[("a", pa), ("b", pb)], "node = \"a\"", "node = [\"a\", \"b\"]")).await.unwrap();
+    let x = digits_rows(8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..16 {
+        let (engine, x, stop) = (engine.clone(), x.clone(), stop.clone());
+        callers.push(tokio::spawn(async move {
+            let mut versions = Vec::new();
+            while !stop.load(Relaxed) {
+                let r = engine.infer("classify", pixels(x.clone())).await.expect("no request fails during a swap");
+                versions.push(r.versions["head"].clone());
+            }
+            versions
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let weights = root().join("assets/digits/head.safetensors");
+    let swapped = engine.swap("head", SwapRequest { weights: Some(weights), version: Some("v2".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(swapped.version, "v2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rolled = engine.rollback("head").await.unwrap();
+    assert_eq!(rolled.version, "v1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Relaxed);
+    let mut seen = std::collections::BTreeSet::new();
+    for c in callers {
+        seen.extend(c.await.unwrap());
+    }
+    assert!(seen.contains("v1") && seen.contains("v2"), "{seen:?}");
+    let r = engine.infer("classify", pixels(x)).await.unwrap();
+    assert_eq!(r.versions["head"], "v1");
+    engine.shutdown().await;
+}
