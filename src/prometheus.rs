@@ -78,7 +78,13 @@ pub fn render(engine: &Engine) -> String {
     header(&mut out, "maas_node_up", "gauge", "1 when the node is up (connected, authenticated, its agent found).");
     for n in engine.nodes() {
         let up = u8::from(n.state == "up");
-        let _ = writeln!(out, "maas_node_up{{node=\"{}\",addr=\"{}\",state=\"{}\"}} {up}", escape(&n.name), escape(&n.addr), n.state);
+        let _ = writeln!(
+            out,
+            "maas_node_up{{node=\"{}\",addr=\"{}\",state=\"{}\"}} {up}",
+            escape(&n.name),
+            escape(&n.addr),
+            n.state
+        );
     }
     header(&mut out, "maas_submodel_queued_jobs", "gauge", "Jobs waiting in the submodel's queue.");
     for (n, s) in &m.submodels {

@@ -280,7 +280,7 @@ async fn a_node_killed_under_load_fails_only_its_in_flight_requests_and_serves_a
     for c in callers {
         c.await.unwrap();
     }
-    let failures = failures.lock().unwrap();
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
     for (admitted, e) in failures.iter() {
         assert_eq!(e.kind(), "node_lost", "{e}");
         assert!(*admitted < detected, "a request admitted after the detection failed: {e}");
@@ -384,7 +384,9 @@ fn a_node_refuses_to_start_without_a_secret_and_validate_names_undeclared_nodes(
     let stdout = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let line = text.lines().position(|l| l.contains("\"bb\"")).unwrap() + 1;
     let col = text.lines().nth(line - 1).unwrap().find("\"bb\"").unwrap() + 1;
-    let want = format!("placed.toml:{line}:{col}: error: submodel `head` is placed on node `bb`, which no `[nodes.bb]` declares");
+    let want = format!(
+        "placed.toml:{line}:{col}: error: submodel `head` is placed on node `bb`, which no `[nodes.bb]` declares"
+    );
     assert!(stdout.contains(&want), "{stdout}\nwanted: {want}");
 }
 
@@ -394,7 +396,8 @@ async fn a_hot_swap_of_a_remote_submodel_under_load_loses_no_request() {
     let (pa, pb) = (free_port(), free_port());
     let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
     let _b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
-    let engine = engine_of(&digits_graph(&[("a", pa), ("b", pb)], "node = \"a\"", "node = [\"a\", \"b\"]")).await.unwrap();
+    let engine =
+        engine_of(&digits_graph(&[("a", pa), ("b", pb)], "node = \"a\"", "node = [\"a\", \"b\"]")).await.unwrap();
     let x = digits_rows(8);
     let stop = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();
@@ -411,7 +414,10 @@ async fn a_hot_swap_of_a_remote_submodel_under_load_loses_no_request() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let weights = root().join("assets/digits/head.safetensors");
-    let swapped = engine.swap("head", SwapRequest { weights: Some(weights), version: Some("v2".into()), ..Default::default() }).await.unwrap();
+    let swapped = engine
+        .swap("head", SwapRequest { weights: Some(weights), version: Some("v2".into()), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(swapped.version, "v2");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rolled = engine.rollback("head").await.unwrap();

@@ -45,6 +45,10 @@ const RECHECK: Duration = Duration::from_micros(500);
 pub struct Demand {
     upstream: AtomicUsize,
     users: AtomicUsize,
+    /// What the process that sends this submodel its jobs from afar said with its latest job
+    /// (a submodel on a node: see [`Demand::hint`]).
+    hinted_upstream: AtomicUsize,
+    hinted_users: AtomicUsize,
 }
 
 impl Demand {
@@ -69,14 +73,22 @@ impl Demand {
         self.users.fetch_sub(1, Release);
     }
 
+    /// The demand another process counts for this submodel, as it was when it sent its latest
+    /// job (a submodel hosted on a node for a serving process, whose requests are counted
+    /// there). Replaced by each job; a stale value can only hold a batch up to `max_delay`.
+    pub fn hint(&self, upstream: usize, users: usize) {
+        self.hinted_upstream.store(upstream, Release);
+        self.hinted_users.store(users, Release);
+    }
+
     /// Jobs on their way now.
     pub fn upstream(&self) -> usize {
-        self.upstream.load(Acquire)
+        self.upstream.load(Acquire) + self.hinted_upstream.load(Acquire)
     }
 
     /// Admitted requests that use this submodel now.
     pub fn users(&self) -> usize {
-        self.users.load(Acquire)
+        self.users.load(Acquire) + self.hinted_users.load(Acquire)
     }
 }
 

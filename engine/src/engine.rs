@@ -249,6 +249,22 @@ impl Drop for Submodel {
 }
 
 impl Submodel {
+    /// The demand counters of a submodel whose jobs wait in a queue, here or on a node.
+    fn demand(&self) -> Option<&maas_actors::Demand> {
+        match &self.exec {
+            Exec::Actor(_, q) => Some(q.demand()),
+            Exec::Remote(r) => Some(&r.demand),
+            Exec::Inline(_) => None,
+        }
+    }
+
+    /// On a node: the serving process's demand for this submodel, as its latest job said.
+    pub(crate) fn hint_demand(&self, upstream: usize, users: usize) {
+        if let Exec::Actor(_, q) = &self.exec {
+            q.demand().hint(upstream, users);
+        }
+    }
+
     async fn stop(&self) {
         match &self.exec {
             Exec::Actor(a, _) => {
@@ -446,11 +462,12 @@ struct Plan {
     demand: DemandPlan,
 }
 
-/// How a request announces its jobs to the queues of actor-backed submodels, so that a batch
-/// waits for rows that are on their way (see `maas_actors::queue`).
+/// How a request announces its jobs to the queues of actor-backed submodels (here, or on nodes:
+/// each remote job carries the counts to the node's queue), so that a batch waits for rows that
+/// are on their way (see `maas_actors::queue`).
 struct DemandPlan {
-    /// One queue per distinct actor-backed submodel of the plan: the request is one of its users.
-    users: Vec<Arc<SubmodelQueue>>,
+    /// One per distinct queued submodel of the plan: the request is one of its users.
+    users: Vec<Arc<Submodel>>,
     /// Per node: how many of its ancestors use the same submodel. A node is on its way to its
     /// submodel once all of those are done (before, it waits on that very submodel).
     gates: Vec<u16>,
@@ -460,11 +477,8 @@ struct DemandPlan {
 
 impl DemandPlan {
     fn of(nodes: &[PlanNode]) -> Self {
-        let queue = |i: usize| match &nodes[i].submodel.exec {
-            Exec::Actor(_, q) => Some(q.clone()),
-            Exec::Inline(_) | Exec::Remote(_) => None,
-        };
-        let mut users: Vec<Arc<SubmodelQueue>> = Vec::new();
+        let queue = |i: usize| nodes[i].submodel.demand().map(|_| nodes[i].submodel.clone());
+        let mut users: Vec<Arc<Submodel>> = Vec::new();
         for i in 0..nodes.len() {
             if let Some(q) = queue(i)
                 && !users.iter().any(|u| Arc::ptr_eq(u, &q))
@@ -512,15 +526,15 @@ struct Announced<'a> {
 
 impl<'a> Announced<'a> {
     fn start(plan: &'a Plan) -> Self {
-        for q in &plan.demand.users {
-            q.demand().enter();
+        for s in &plan.demand.users {
+            s.demand().expect("a queued submodel").enter();
         }
         let mut on_way = vec![false; plan.nodes.len()];
         for (i, node) in plan.nodes.iter().enumerate() {
-            if let Exec::Actor(_, q) = &node.submodel.exec
+            if let Some(d) = node.submodel.demand()
                 && plan.demand.gates[i] == 0
             {
-                q.demand().expect();
+                d.expect();
                 on_way[i] = true;
             }
         }
@@ -530,9 +544,9 @@ impl<'a> Announced<'a> {
     /// Node `i`'s job is about to be queued.
     fn sending(&mut self, i: usize) {
         if std::mem::take(&mut self.on_way[i])
-            && let Exec::Actor(_, q) = &self.plan.nodes[i].submodel.exec
+            && let Some(d) = self.plan.nodes[i].submodel.demand()
         {
-            q.demand().arrived();
+            d.arrived();
         }
     }
 
@@ -541,9 +555,9 @@ impl<'a> Announced<'a> {
         for &i in &self.plan.demand.same_after[j] {
             self.gates[i] = self.gates[i].saturating_sub(1);
             if self.gates[i] == 0
-                && let Exec::Actor(_, q) = &self.plan.nodes[i].submodel.exec
+                && let Some(d) = self.plan.nodes[i].submodel.demand()
             {
-                q.demand().expect();
+                d.expect();
                 self.on_way[i] = true;
             }
         }
@@ -555,8 +569,8 @@ impl Drop for Announced<'_> {
         for i in 0..self.on_way.len() {
             self.sending(i);
         }
-        for q in &self.plan.demand.users {
-            q.demand().leave();
+        for s in &self.plan.demand.users {
+            s.demand().expect("a queued submodel").leave();
         }
     }
 }
@@ -908,7 +922,7 @@ async fn run_plan(plan: &Plan, inputs: Values, deadline: Option<Instant>) -> Res
                     let span = tracing::debug_span!("node", node = %node.name, submodel = %node.submodel.spec.name);
                     let answers = match exec {
                         Exec::Actor(_, queue) => send_jobs(node, queue, args, deadline, || announced.sending(i))?,
-                        _ => send_remote(node, args, deadline)?,
+                        _ => send_remote(node, args, deadline, || announced.sending(i))?,
                     };
                     let fut = async move { (i, receive_jobs(node, answers, deadline).await) }.instrument(span);
                     running.push(futures_util::future::Either::Right(fut));
@@ -1034,7 +1048,12 @@ fn send_jobs(
 /// Sends a node's rows to the nodes hosting its submodel (split into chunks of at most
 /// `max_size` rows, each one call), or refuses at once. The queue bound counts the calls under
 /// way, so a slow node pushes back as a local queue does.
-fn send_remote(node: &PlanNode, args: Values, deadline: Option<Instant>) -> Result<Vec<Answer>, InferError> {
+fn send_remote(
+    node: &PlanNode,
+    args: Values,
+    deadline: Option<Instant>,
+    sending: impl FnOnce(),
+) -> Result<Vec<Answer>, InferError> {
     let sub = &node.submodel;
     if sub.state() == SubmodelState::Failed {
         let why = sub.last_error().unwrap_or_default();
@@ -1057,6 +1076,7 @@ fn send_remote(node: &PlanNode, args: Values, deadline: Option<Instant>) -> Resu
             sub.spec.name, before, sub.spec.queue
         )));
     }
+    sending();
     let mut answers = Vec::with_capacity(chunks.len());
     for chunk in chunks {
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -160,7 +160,13 @@ impl Cluster {
             let node = graph_nodes.get(name).ok_or_else(|| format!("node `{name}` is not declared"))?;
             sites.push(self.link(node).await?);
         }
-        let remote = Remote { owner: self.name.clone(), instance, sites, next: AtomicUsize::new(0) };
+        let remote = Remote {
+            demand: maas_actors::Demand::default(),
+            owner: self.name.clone(),
+            instance,
+            sites,
+            next: AtomicUsize::new(0),
+        };
         let mut errors = Vec::new();
         for link in &remote.sites {
             link.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(instance, payload.clone());
@@ -413,6 +419,9 @@ async fn find_agent(node_id: u64) -> Option<ActorRef<AgentMessage>> {
 
 /// A submodel version whose replicas run on nodes: one instance per node.
 pub(crate) struct Remote {
+    /// The demand for it counted here (requests that use it, jobs on their way), sent with
+    /// each job so that the node's batching waits for what is coming.
+    pub(crate) demand: maas_actors::Demand,
     owner: String,
     instance: u64,
     pub(crate) sites: Vec<Arc<NodeLink>>,
@@ -488,7 +497,14 @@ impl Remote {
             if left == Some(Duration::ZERO) {
                 return Err(JobError::DeadlineExceeded);
             }
-            let job = wire::encode_job(&self.owner, self.instance, left, values).map_err(JobError::Failed)?;
+            let header = wire::JobHeader {
+                owner: self.owner.clone(),
+                instance: self.instance,
+                deadline: left,
+                upstream: self.demand.upstream().min(u32::MAX as usize) as u32,
+                users: self.demand.users().min(u32::MAX as usize) as u32,
+            };
+            let job = wire::encode_job(&header, values).map_err(JobError::Failed)?;
             link.busy.fetch_add(1, Relaxed);
             let answer = agent.call(|port| AgentMessage::Infer(job, port), Some(left.unwrap_or(NO_DEADLINE))).await;
             link.busy.fetch_sub(1, Relaxed);

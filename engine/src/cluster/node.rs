@@ -207,14 +207,33 @@ impl NodeEventSubscription for Watch {
             tracing::warn!(peer = %ses.peer_addr, "refused a peer that did not authenticate (wrong MAAS_CLUSTER_SECRET, or not a maas peer)");
             return;
         }
-        let Some(owner) = ses.peer_name.map(|n| n.name) else { return };
+        // Peers are named `NAME@HOST`; instances are keyed by the owner's NAME.
+        let Some(owner) = ses.peer_name.map(|n| n.name.split_once('@').map_or(n.name.clone(), |(o, _)| o.to_string()))
+        else {
+            return;
+        };
         let gone: Vec<_> = {
             let mut map = self.host.instances.lock().unwrap_or_else(|p| p.into_inner());
             let keys: Vec<_> = map.keys().filter(|(o, _)| *o == owner).cloned().collect();
             keys.into_iter().filter_map(|k| map.remove(&k)).collect()
         };
         tracing::info!(peer = %ses.peer_addr, owner = %owner, instances = gone.len(), "a serving process disconnected; its instances stop");
+        for sub in &gone {
+            log_stopped(&owner, 0, sub);
+        }
     }
+}
+
+/// What an instance did, logged when it stops.
+fn log_stopped(owner: &str, instance: u64, sub: &Submodel) {
+    let m = crate::metrics::SubmodelSnapshot::of(&sub.metrics);
+    tracing::info!(
+        owner, instance, submodel = %sub.spec.name, version = %sub.spec.version,
+        jobs = m.jobs_ok, failed = m.jobs_failed, batches = m.batch_rows.count,
+        mean_batch_rows = m.batch_rows.mean(), mean_batch_ms = m.compute_seconds.mean() * 1e3,
+        batches_waited = m.batches_waited, mean_wait_ms = m.wait_seconds.mean() * 1e3,
+        "instance stopped"
+    );
 }
 
 /// The node's agent actor.
@@ -266,8 +285,8 @@ impl Actor for NodeAgent {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&(stop.owner.clone(), stop.instance));
-                    if gone.is_some() {
-                        tracing::info!(owner = %stop.owner, instance = stop.instance, "instance stopped");
+                    if let Some(sub) = gone {
+                        log_stopped(&stop.owner, stop.instance, &sub);
                     }
                 }
             }
@@ -278,10 +297,11 @@ impl Actor for NodeAgent {
 
 /// One job: decoded, run on its instance (batched with the instance's other jobs), answered.
 async fn run_job(host: &Host, bytes: &[u8]) -> Result<(maas_kernels::Values, String), JobError> {
-    let (owner, instance, left, values) = wire::decode_job(bytes).map_err(JobError::Failed)?;
-    let deadline = left.map(|d| Instant::now() + d);
+    let (h, values) = wire::decode_job(bytes).map_err(JobError::Failed)?;
+    let deadline = h.deadline.map(|d| Instant::now() + d);
     let sub = host
-        .instance(&owner, instance)
-        .ok_or_else(|| JobError::Unavailable(format!("no instance {instance} on this node (it restarted?)")))?;
+        .instance(&h.owner, h.instance)
+        .ok_or_else(|| JobError::Unavailable(format!("no instance {} on this node (it restarted?)", h.instance)))?;
+    sub.hint_demand(h.upstream as usize, h.users as usize);
     sub.run_here(values, deadline).await
 }

@@ -4,7 +4,9 @@
 //! text ports in its metadata (`text:PORT` = a JSON array of strings): the format the weights
 //! already use, read and written by the `safetensors` crate, checked on the way in (header,
 //! offsets, lengths) before a tensor is built. A job is `[deadline ms u64][instance u64]
-//! [values]`; an answer is `[0][version len u32][version][values]` or `[code][message]`.
+//! [upstream u32][users u32][owner len u16][owner][values]` (upstream and users: the serving
+//! process's demand for the submodel, so the node's batching waits for rows that are coming);
+//! an answer is `[0][version len u32][version][values]` or `[code][message]`.
 //! Control messages (start, stop) are JSON.
 
 use std::collections::HashMap;
@@ -56,31 +58,58 @@ pub fn decode_values(bytes: &[u8], device: &Device) -> Result<Values, String> {
     Ok(out)
 }
 
-/// One job for a submodel instance (of `owner`) on a node.
-pub fn encode_job(owner: &str, instance: u64, deadline: Option<Duration>, values: &Values) -> Result<Vec<u8>, String> {
+/// What a job says besides its values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobHeader {
+    /// The serving process that owns the instance.
+    pub owner: String,
+    /// The instance.
+    pub instance: u64,
+    /// The time left (`None`: no deadline).
+    pub deadline: Option<Duration>,
+    /// Jobs for this submodel on their way at the serving process (see `maas_actors::Demand`).
+    pub upstream: u32,
+    /// Requests admitted there that use this submodel.
+    pub users: u32,
+}
+
+/// One job for a submodel instance on a node.
+pub fn encode_job(h: &JobHeader, values: &Values) -> Result<Vec<u8>, String> {
     let body = encode_values(values)?;
-    let owner = owner.as_bytes();
-    let mut out = Vec::with_capacity(18 + owner.len() + body.len());
-    out.extend_from_slice(&deadline.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128 - 1) as u64).to_le_bytes());
-    out.extend_from_slice(&instance.to_le_bytes());
+    let owner = h.owner.as_bytes();
+    let mut out = Vec::with_capacity(26 + owner.len() + body.len());
+    out.extend_from_slice(
+        &h.deadline.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128 - 1) as u64).to_le_bytes(),
+    );
+    out.extend_from_slice(&h.instance.to_le_bytes());
+    out.extend_from_slice(&h.upstream.to_le_bytes());
+    out.extend_from_slice(&h.users.to_le_bytes());
     out.extend_from_slice(&(owner.len().min(u16::MAX as usize) as u16).to_le_bytes());
     out.extend_from_slice(&owner[..owner.len().min(u16::MAX as usize)]);
     out.extend_from_slice(&body);
     Ok(out)
 }
 
-/// A decoded job: the owner, the instance, the time left (`None`: no deadline) and the values.
-pub fn decode_job(bytes: &[u8]) -> Result<(String, u64, Option<Duration>, Values), String> {
-    if bytes.len() < 18 {
-        return Err(format!("a job of {} bytes is shorter than its 18-byte header", bytes.len()));
+/// A decoded job.
+pub fn decode_job(bytes: &[u8]) -> Result<(JobHeader, Values), String> {
+    const FIXED: usize = 26;
+    if bytes.len() < FIXED {
+        return Err(format!("a job of {} bytes is shorter than its {FIXED}-byte header", bytes.len()));
     }
-    let ms = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let instance = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    let n = u16::from_le_bytes(bytes[16..18].try_into().expect("2 bytes")) as usize;
-    let owner = bytes.get(18..18 + n).ok_or("a job whose owner is truncated")?;
+    let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+    let ms = u64_at(0);
+    let n = u16::from_le_bytes(bytes[24..26].try_into().expect("2 bytes")) as usize;
+    let owner = bytes.get(FIXED..FIXED + n).ok_or("a job whose owner is truncated")?;
     let owner = String::from_utf8(owner.to_vec()).map_err(|e| format!("a job's owner: {e}"))?;
-    let deadline = (ms != u64::MAX).then(|| Duration::from_millis(ms));
-    Ok((owner, instance, deadline, decode_values(&bytes[18 + n..], &Device::Cpu)?))
+    let header = JobHeader {
+        owner,
+        instance: u64_at(8),
+        deadline: (ms != u64::MAX).then(|| Duration::from_millis(ms)),
+        upstream: u32_at(16),
+        users: u32_at(20),
+    };
+    Ok((header, decode_values(&bytes[FIXED + n..], &Device::Cpu)?))
 }
 
 /// Answer codes after the leading byte.
@@ -197,18 +226,25 @@ mod tests {
     #[test]
     fn jobs_and_answers_round_trip_and_garbage_is_an_error() {
         let v = Values::from([("x".to_string(), Value::text(["row"]))]);
-        let (o, i, d, back) =
-            decode_job(&encode_job("serve-1", 7, Some(Duration::from_millis(1500)), &v).unwrap()).unwrap();
-        assert_eq!((o.as_str(), i, d), ("serve-1", 7, Some(Duration::from_millis(1500))));
+        let h = JobHeader {
+            owner: "serve-1".into(),
+            instance: 7,
+            deadline: Some(Duration::from_millis(1500)),
+            upstream: 3,
+            users: 31,
+        };
+        let (back_h, back) = decode_job(&encode_job(&h, &v).unwrap()).unwrap();
+        assert_eq!(back_h, h);
         assert_eq!(back["x"].as_text().unwrap(), ["row"]);
-        assert_eq!(decode_job(&encode_job("o", 1, None, &v).unwrap()).unwrap().2, None);
+        let none = JobHeader { deadline: None, ..h };
+        assert_eq!(decode_job(&encode_job(&none, &v).unwrap()).unwrap().0.deadline, None);
         let ok = decode_answer(&encode_answer(&Ok((v.clone(), "v2".into()))), &Device::Cpu).unwrap();
         assert_eq!(ok.1, "v2");
         let err = decode_answer(&encode_answer(&Err(JobError::InvalidInput("bad ids".into()))), &Device::Cpu);
         assert_eq!(err.unwrap_err(), JobError::InvalidInput("bad ids".into()));
         assert!(decode_job(&[1, 2, 3]).is_err());
         assert!(decode_job(&[0u8; 40]).is_err());
-        assert!(decode_job(&[0u8; 17]).is_err());
+        assert!(decode_job(&[0u8; 25]).is_err());
         assert!(matches!(decode_answer(&[0, 200, 0, 0, 0, 1], &Device::Cpu), Err(JobError::Failed(_))));
         assert!(decode_answer(&[], &Device::Cpu).is_err());
     }
