@@ -2,7 +2,7 @@
 //! (`ractor_cluster`).
 //!
 //! A node (`maas node`, [`Node`]) hosts submodel instances; the serving process keeps one
-//! [`Cluster`]: its own cluster endpoint, and a link per declared node that connects,
+//! cluster endpoint, and a link per declared node that connects,
 //! authenticates (the shared secret), finds the node's agent, (re)starts the instances placed
 //! there, and watches the connection. A submodel placed on nodes is a [`Remote`]: each job goes
 //! to the least busy node that is up, as one RPC; the node batches it with its other jobs. A node
@@ -68,74 +68,134 @@ enum Event {
     Down { addr: String, node_id: u64 },
 }
 
+/// This process's one cluster endpoint, shared by every engine in it: `ractor_cluster` numbers
+/// the sessions of each `NodeServer` from 0 and registers remote actors process-wide by that
+/// number, so two endpoints in one process would mix up their nodes' actors (and two sessions
+/// to one node are refused as duplicates). It runs on a runtime of its own, so it outlives the
+/// runtime of the engine that started it.
 struct Endpoint {
+    /// This process's name in the cluster (nodes key its instances by it).
+    name: String,
+    secret: String,
     server: ActorRef<NodeServerMessage>,
     events: broadcast::Sender<Event>,
-}
-
-/// The serving process's side of the cluster: its endpoint and one link per node.
-pub(crate) struct Cluster {
-    options: ClusterOptions,
-    /// This process's name in the cluster (unique per process: nodes key instances by it).
-    pub(crate) name: String,
-    endpoint: tokio::sync::OnceCell<Endpoint>,
-    links: Mutex<BTreeMap<String, Arc<NodeLink>>>,
+    handle: tokio::runtime::Handle,
+    /// Links by node name and address, shared by the engines of the process.
+    links: Mutex<BTreeMap<(String, String), Weak<NodeLink>>>,
     next_instance: AtomicU64,
 }
 
-impl Cluster {
-    pub(crate) fn new(options: ClusterOptions) -> Self {
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        Self {
-            options,
-            name: format!("maas-serve-{}-{:x}", std::process::id(), nanos & 0xffff_ffff),
-            endpoint: tokio::sync::OnceCell::new(),
-            links: Mutex::default(),
-            next_instance: AtomicU64::new(1),
-        }
-    }
+static ENDPOINT: Mutex<Option<Arc<Endpoint>>> = Mutex::new(None);
 
-    async fn endpoint(&self) -> Result<&Endpoint, String> {
-        self.endpoint
-            .get_or_try_init(|| async {
-                let secret = self.options.secret.clone().filter(|s| !s.is_empty()).ok_or(
-                    "the graph places submodels on nodes: set the cluster secret (MAAS_CLUSTER_SECRET) to the one the nodes use",
-                )?;
-                // Nobody connects to the serving process: it listens on an ephemeral loopback port.
+/// The process's endpoint, started on first use with `options`' secret.
+fn endpoint(options: &ClusterOptions) -> Result<Arc<Endpoint>, String> {
+    let secret = options.secret.clone().filter(|s| !s.is_empty()).ok_or(
+        "the graph places submodels on nodes: set the cluster secret (MAAS_CLUSTER_SECRET) to the one the nodes use",
+    )?;
+    let mut slot = ENDPOINT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = slot.as_ref() {
+        if e.secret != secret {
+            return Err("this process's cluster endpoint already runs with another cluster secret".into());
+        }
+        return Ok(e.clone());
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let name = format!("maas-serve-{}-{:x}", std::process::id(), nanos & 0xffff_ffff);
+    let max_frame = options.max_frame.unwrap_or(DEFAULT_MAX_FRAME);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (n, s) = (name.clone(), secret.clone());
+    std::thread::Builder::new()
+        .name("maas-cluster".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("maas-cluster")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("cluster runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                // Nobody connects to a serving process: it listens on an ephemeral loopback port.
                 let server = NodeServer::new(
                     0,
-                    secret,
-                    self.name.clone(),
+                    s,
+                    n,
                     "127.0.0.1".into(),
                     None,
                     Some(ractor_cluster::node::NodeConnectionMode::Isolated),
                 )
                 .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into())
-                .with_max_inbound_frame_size(self.options.max_frame.unwrap_or(DEFAULT_MAX_FRAME));
-                let (server, _) = Actor::spawn(None, server, ()).await.map_err(|e| format!("cluster endpoint: {e}"))?;
-                let (events, _) = broadcast::channel(256);
-                server
-                    .cast(NodeServerMessage::SubscribeToEvents {
-                        id: "maas-serve".into(),
-                        subscription: Box::new(Forward(events.clone())),
-                    })
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(Endpoint { server, events })
-            })
-            .await
+                .with_max_inbound_frame_size(max_frame);
+                let started = async {
+                    let (server, _) =
+                        Actor::spawn(None, server, ()).await.map_err(|e| format!("cluster endpoint: {e}"))?;
+                    let (events, _) = broadcast::channel(1024);
+                    server
+                        .cast(NodeServerMessage::SubscribeToEvents {
+                            id: "maas-serve".into(),
+                            subscription: Box::new(Forward(events.clone())),
+                        })
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((server, events, tokio::runtime::Handle::current()))
+                }
+                .await;
+                let _ = tx.send(started);
+                // The endpoint lives as long as the process.
+                std::future::pending::<()>().await;
+            });
+        })
+        .map_err(|e| format!("cluster thread: {e}"))?;
+    let (server, events, handle) = rx.recv().map_err(|_| "the cluster endpoint did not start".to_string())??;
+    let e = Arc::new(Endpoint {
+        name,
+        secret,
+        server,
+        events,
+        handle,
+        links: Mutex::default(),
+        next_instance: AtomicU64::new(1),
+    });
+    *slot = Some(e.clone());
+    Ok(e)
+}
+
+/// An engine's side of the cluster: the links to the nodes its submodels are placed on.
+pub(crate) struct Cluster {
+    options: ClusterOptions,
+    links: Mutex<BTreeMap<String, Arc<NodeLink>>>,
+}
+
+impl Cluster {
+    pub(crate) fn new(options: ClusterOptions) -> Self {
+        Self { options, links: Mutex::default() }
     }
 
-    /// The link to a node, started on first use (and replaced when its address changed).
-    async fn link(&self, node: &NodeSpec) -> Result<Arc<NodeLink>, String> {
-        let endpoint = self.endpoint().await?;
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = links.get(&node.name).filter(|l| l.addr == node.addr) {
-            return Ok(l.clone());
-        }
-        let link = Arc::new(NodeLink::new(node));
-        tokio::spawn(run_link(Arc::downgrade(&link), endpoint.server.clone(), endpoint.events.clone()));
-        links.insert(node.name.clone(), link.clone());
-        Ok(link)
+    /// The link to a node, started on first use in this process (and a new one when its address
+    /// changed).
+    fn link(&self, endpoint: &Endpoint, node: &NodeSpec) -> Arc<NodeLink> {
+        let mut shared = endpoint.links.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (node.name.clone(), node.addr.clone());
+        let link = match shared.get(&key).and_then(Weak::upgrade) {
+            Some(l) => l,
+            None => {
+                let link = Arc::new(NodeLink::new(node));
+                endpoint.handle.spawn(run_link(
+                    Arc::downgrade(&link),
+                    endpoint.server.clone(),
+                    endpoint.events.clone(),
+                ));
+                shared.retain(|_, l| l.strong_count() > 0);
+                shared.insert(key, Arc::downgrade(&link));
+                link
+            }
+        };
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).insert(node.name.clone(), link.clone());
+        link
     }
 
     /// Starts a submodel's instance on every node it is placed on: a [`Remote`] once at least
@@ -145,11 +205,13 @@ impl Cluster {
         spec: &SubmodelSpec,
         graph_nodes: &BTreeMap<String, NodeSpec>,
     ) -> Result<Remote, String> {
-        let instance = self.next_instance.fetch_add(1, Relaxed);
+        let options = self.options.clone();
+        let endpoint = tokio::task::spawn_blocking(move || endpoint(&options)).await.map_err(|e| e.to_string())??;
+        let instance = endpoint.next_instance.fetch_add(1, Relaxed);
         let mut one = Graph::default();
         one.submodels.insert(spec.name.clone(), SubmodelSpec { node: Vec::new(), ..spec.clone() });
         let start = wire::Start {
-            owner: self.name.clone(),
+            owner: endpoint.name.clone(),
             instance,
             source: maas_graphs::to_toml(&one),
             submodel: spec.name.to_string(),
@@ -158,11 +220,11 @@ impl Cluster {
         let mut sites = Vec::new();
         for name in spec.remote_nodes() {
             let node = graph_nodes.get(name).ok_or_else(|| format!("node `{name}` is not declared"))?;
-            sites.push(self.link(node).await?);
+            sites.push(self.link(&endpoint, node));
         }
         let remote = Remote {
             demand: maas_actors::Demand::default(),
-            owner: self.name.clone(),
+            owner: endpoint.name.clone(),
             instance,
             sites,
             next: AtomicUsize::new(0),
@@ -193,17 +255,14 @@ impl Cluster {
         Ok(remote)
     }
 
-    /// Every node linked, with its state.
+    /// Every node this engine linked, with its state.
     pub(crate) fn nodes(&self) -> Vec<NodeStatus> {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).values().map(|l| l.status()).collect()
     }
 
-    /// Stops the endpoint (links end with it).
+    /// Lets go of the links (a link no engine uses stops; the process's endpoint stays).
     pub(crate) async fn shutdown(&self) {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        if let Some(e) = self.endpoint.get() {
-            let _ = e.server.stop_and_wait(None, Some(Duration::from_secs(5))).await;
-        }
     }
 }
 
