@@ -433,3 +433,51 @@ async fn a_hot_swap_of_a_remote_submodel_under_load_loses_no_request() {
     assert_eq!(r.versions["head"], "v1");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_versions_survive_a_restart_with_a_state_dir_and_a_recomposition_moves_a_submodel_home() {
+    let dir = common::TempDir::new("cluster-state");
+    let pb = free_port();
+    let _b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let text = digits_graph(&[("b", pb)], "", "node = \"b\"");
+    let state = dir.0.join("state");
+    let build = |text: String| {
+        let state = state.clone();
+        async move {
+            let mut o = options();
+            o.state_dir = Some(state);
+            let src = maas_graphs::SourceFile::new("cluster.toml", text, root());
+            Engine::builder().options(o).from_sources(vec![src]).await.unwrap()
+        }
+    };
+    let engine = build(text.clone()).await;
+    let weights = root().join("assets/digits/head.safetensors");
+    engine
+        .swap("head", SwapRequest { weights: Some(weights), version: Some("v2".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let x = digits_rows(4);
+    let want = labels(&engine.infer("classify", pixels(x.clone())).await.unwrap().outputs);
+    engine.shutdown().await;
+    drop(engine);
+
+    // A new process would serve the recorded graph: the head, still on node b, at v2.
+    let engine = build(text.clone()).await;
+    let r = engine.infer("classify", pixels(x.clone())).await.unwrap();
+    assert_eq!(r.versions["head"], "v2");
+    assert_eq!(labels(&r.outputs), want);
+    let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
+    assert_eq!(head.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["b"]);
+    assert!(maas_graphs::to_toml(&engine.graph()).contains(&format!("addr = \"127.0.0.1:{pb}\"")));
+
+    // Recompose with the head back on the serving process: same answers, no node.
+    let home = digits_graph(&[("b", pb)], "", "");
+    let src = maas_graphs::SourceFile::new("home.toml", home, root());
+    let done = engine.recompose(vec![src], false).await.unwrap();
+    assert!(done.applied);
+    let r = engine.infer("classify", pixels(x)).await.unwrap();
+    assert_eq!(labels(&r.outputs), want);
+    let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
+    assert!(head.nodes.is_empty(), "{head:?}");
+    engine.shutdown().await;
+}

@@ -80,8 +80,10 @@ struct Endpoint {
     server: ActorRef<NodeServerMessage>,
     events: broadcast::Sender<Event>,
     handle: tokio::runtime::Handle,
-    /// Links by node name and address, shared by the engines of the process.
-    links: Mutex<BTreeMap<(String, String), Weak<NodeLink>>>,
+    /// Links by node name and address, shared by the engines of the process and kept for its
+    /// life: a link's session to its node stays open between engines (a second session from
+    /// the same process would be refused as a duplicate).
+    links: Mutex<BTreeMap<(String, String), Arc<NodeLink>>>,
     next_instance: AtomicU64,
 }
 
@@ -180,8 +182,8 @@ impl Cluster {
     fn link(&self, endpoint: &Endpoint, node: &NodeSpec) -> Arc<NodeLink> {
         let mut shared = endpoint.links.lock().unwrap_or_else(|p| p.into_inner());
         let key = (node.name.clone(), node.addr.clone());
-        let link = match shared.get(&key).and_then(Weak::upgrade) {
-            Some(l) => l,
+        let link = match shared.get(&key) {
+            Some(l) => l.clone(),
             None => {
                 let link = Arc::new(NodeLink::new(node));
                 endpoint.handle.spawn(run_link(
@@ -189,8 +191,7 @@ impl Cluster {
                     endpoint.server.clone(),
                     endpoint.events.clone(),
                 ));
-                shared.retain(|_, l| l.strong_count() > 0);
-                shared.insert(key, Arc::downgrade(&link));
+                shared.insert(key, link.clone());
                 link
             }
         };
@@ -372,7 +373,9 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
     let mut first = true;
     loop {
         if !first {
-            tokio::time::sleep(RETRY).await;
+            // A link no submodel uses now retries less often.
+            let idle = link.upgrade().is_none_or(|l| l.instances.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
+            tokio::time::sleep(if idle { RETRY * 8 } else { RETRY }).await;
         }
         first = false;
         let Some(l) = link.upgrade() else { return };
