@@ -34,8 +34,27 @@ struct NodeProc {
 }
 
 impl NodeProc {
+    /// Starts a node on `port` (a first start picks another free port if that one was taken
+    /// meanwhile; a restart must get its own port back).
     fn start(name: &str, port: u16, secret: &str, dir: &Path, extra: &[&str]) -> Self {
-        let log = dir.join(format!("{name}-{port}-{}.log", Instant::now().elapsed().as_nanos()));
+        Self::try_start(name, port, secret, dir, extra)
+            .unwrap_or_else(|log| panic!("node {name} did not start:\n{log}"))
+    }
+
+    fn start_anywhere(name: &str, secret: &str, dir: &Path, extra: &[&str]) -> Self {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::try_start(name, free_port(), secret, dir, extra) {
+                Ok(node) => return node,
+                Err(log) => last = log,
+            }
+        }
+        panic!("node {name} did not start:\n{last}");
+    }
+
+    fn try_start(name: &str, port: u16, secret: &str, dir: &Path, extra: &[&str]) -> Result<Self, String> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let log = dir.join(format!("{name}-{port}-{nanos}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_maas"));
         cmd.args(["node", "--name", name, "--listen", &format!("127.0.0.1:{port}")])
@@ -48,20 +67,21 @@ impl NodeProc {
             .stdout(Stdio::null())
             .stderr(file);
         let child = cmd.spawn().expect("spawn maas node");
-        let node = NodeProc { child, port, log };
-        node.wait_listening();
-        node
-    }
-
-    fn wait_listening(&self) {
-        let until = Instant::now() + Duration::from_secs(20);
+        let mut node = NodeProc { child, port, log };
+        // Listening once it says so (it binds before it prints), unless it exited.
+        let until = Instant::now() + Duration::from_secs(30);
+        let said = format!("listening on 127.0.0.1:{port}");
         while Instant::now() < until {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            if node.log_text().contains(&said) {
+                return Ok(node);
+            }
+            if let Ok(Some(_)) = node.child.try_wait() {
+                return Err(node.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("node on port {} did not listen; log:\n{}", self.port, self.log_text());
+        node.kill();
+        Err(format!("no `{said}` within 30 s:\n{}", node.log_text()))
     }
 
     fn log_text(&self) -> String {
@@ -152,11 +172,13 @@ fn labels(v: &Values) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn digits_on_two_nodes_answer_as_the_single_process_pipeline() {
     let dir = common::TempDir::new("cluster-digits");
-    let (pa, pb) = (free_port(), free_port());
-    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
-    let _b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let _a = NodeProc::start_anywhere("dga", SECRET, &dir.0, &[]);
+    let pa = _a.port;
+    let _b = NodeProc::start_anywhere("dgb", SECRET, &dir.0, &[]);
+    let pb = _b.port;
     let local = engine_of(&digits_graph(&[], "", "")).await.unwrap();
-    let remote = engine_of(&digits_graph(&[("a", pa), ("b", pb)], "node = \"a\"", "node = \"b\"")).await.unwrap();
+    let remote =
+        engine_of(&digits_graph(&[("dga", pa), ("dgb", pb)], "node = \"dga\"", "node = \"dgb\"")).await.unwrap();
     let x = digits_rows(100);
     let want = local.infer("classify", pixels(x.clone())).await.unwrap();
     let got = remote.infer("classify", pixels(x)).await.unwrap();
@@ -175,7 +197,7 @@ async fn digits_on_two_nodes_answer_as_the_single_process_pipeline() {
     let subs = remote.submodels();
     let head = subs.iter().find(|s| s.name == "head").unwrap();
     assert_eq!(head.nodes.len(), 1);
-    assert_eq!((head.nodes[0].name.as_str(), head.nodes[0].state.as_str()), ("b", "up"));
+    assert_eq!((head.nodes[0].name.as_str(), head.nodes[0].state.as_str()), ("dgb", "up"));
     assert!(subs.iter().find(|s| s.name == "probs").unwrap().nodes.is_empty());
     assert!(remote.ready());
     remote.shutdown().await;
@@ -187,13 +209,13 @@ async fn minilm_embed_with_tokenizer_and_encoder_on_a_node_matches_one_process()
     let models = root().join("models/all-MiniLM-L6-v2");
     assert!(models.join("model.safetensors").is_file(), "run scripts/fetch-models first");
     let dir = common::TempDir::new("cluster-minilm");
-    let pa = free_port();
-    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
+    let _a = NodeProc::start_anywhere("mla", SECRET, &dir.0, &[]);
+    let pa = _a.port;
     let text = std::fs::read_to_string(root().join("examples/pipelines/minilm.toml")).unwrap();
     let local_src = maas_graphs::SourceFile::new("minilm.toml", text.clone(), root().join("examples/pipelines"));
-    let placed = format!("[nodes.a]\naddr = \"127.0.0.1:{pa}\"\n\n{text}")
-        .replace("[submodels.tokenizer]\n", "[submodels.tokenizer]\nnode = \"a\"\n")
-        .replace("[submodels.encoder]\n", "[submodels.encoder]\nnode = \"a\"\n");
+    let placed = format!("[nodes.mla]\naddr = \"127.0.0.1:{pa}\"\n\n{text}")
+        .replace("[submodels.tokenizer]\n", "[submodels.tokenizer]\nnode = \"mla\"\n")
+        .replace("[submodels.encoder]\n", "[submodels.encoder]\nnode = \"mla\"\n");
     let remote_src = maas_graphs::SourceFile::new("minilm-nodes.toml", placed, root().join("examples/pipelines"));
     let local = Engine::builder().options(options()).from_sources(vec![local_src]).await.unwrap();
     let remote = Engine::builder().options(options()).from_sources(vec![remote_src]).await.unwrap();
@@ -205,7 +227,7 @@ async fn minilm_embed_with_tokenizer_and_encoder_on_a_node_matches_one_process()
     assert_eq!(w.dims(), g.dims());
     let diff = (w - g).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff <= 1e-6, "embeddings differ by {diff}");
-    assert_eq!(remote.submodels().iter().find(|s| s.name == "encoder").unwrap().nodes[0].name, "a");
+    assert_eq!(remote.submodels().iter().find(|s| s.name == "encoder").unwrap().nodes[0].name, "mla");
     remote.shutdown().await;
     local.shutdown().await;
 }
@@ -213,11 +235,12 @@ async fn minilm_embed_with_tokenizer_and_encoder_on_a_node_matches_one_process()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_killed_under_load_fails_only_its_in_flight_requests_and_serves_again_after_restart() {
     let dir = common::TempDir::new("cluster-kill");
-    let (pa, pb) = (free_port(), free_port());
-    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
-    let mut b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let _a = NodeProc::start_anywhere("kla", SECRET, &dir.0, &[]);
+    let pa = _a.port;
+    let mut b = NodeProc::start_anywhere("klb", SECRET, &dir.0, &[]);
+    let pb = b.port;
     // The head has a replica on each node; the features run here.
-    let engine = engine_of(&digits_graph(&[("a", pa), ("b", pb)], "", "node = [\"a\", \"b\"]")).await.unwrap();
+    let engine = engine_of(&digits_graph(&[("kla", pa), ("klb", pb)], "", "node = [\"kla\", \"klb\"]")).await.unwrap();
     let x = digits_rows(8);
     let want = labels(&engine.infer("classify", pixels(x.clone())).await.unwrap().outputs);
 
@@ -258,14 +281,14 @@ async fn a_node_killed_under_load_fails_only_its_in_flight_requests_and_serves_a
     };
     let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
     assert_eq!(head.ready_replicas, 1);
-    assert!(head.last_error.as_deref().unwrap_or("").contains("node `b`"), "{head:?}");
+    assert!(head.last_error.as_deref().unwrap_or("").contains("node `klb`"), "{head:?}");
     assert!(engine.ready(), "a degraded submodel still serves");
     let served_at_detection = ok.load(Relaxed);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(ok.load(Relaxed) > served_at_detection, "the survivor serves after the detection");
 
     // Restart b (same name, same address): it rejoins and serves again without any action.
-    let _b2 = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let _b2 = NodeProc::start("klb", pb, SECRET, &dir.0, &[]);
     let until = Instant::now() + Duration::from_secs(15);
     loop {
         let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
@@ -275,6 +298,16 @@ async fn a_node_killed_under_load_fails_only_its_in_flight_requests_and_serves_a
         assert!(Instant::now() < until, "node b did not rejoin: {head:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let b_jobs_at_rejoin = engine
+        .submodels()
+        .into_iter()
+        .find(|s| s.name == "head")
+        .unwrap()
+        .nodes
+        .iter()
+        .find(|n| n.name == "klb")
+        .unwrap()
+        .jobs;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Relaxed);
     for c in callers {
@@ -285,7 +318,12 @@ async fn a_node_killed_under_load_fails_only_its_in_flight_requests_and_serves_a
         assert_eq!(e.kind(), "node_lost", "{e}");
         assert!(*admitted < detected, "a request admitted after the detection failed: {e}");
     }
-    // Both nodes took jobs again after the rejoin: b's replica serves.
+    // b took jobs again after the rejoin: its replica serves.
+    let b_jobs = |engine: &Engine| {
+        let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
+        head.nodes.iter().find(|n| n.name == "klb").unwrap().jobs
+    };
+    assert!(b_jobs(&engine) > b_jobs_at_rejoin, "node b served nothing after it rejoined");
     let metrics_ok = ok.load(Relaxed);
     assert!(metrics_ok > before_kill);
     eprintln!("served {metrics_ok}, failed {} (in flight on the killed node)", failures.len());
@@ -297,9 +335,9 @@ async fn a_rejoined_node_serves_alone_when_the_other_is_gone() {
     // Only b hosts the head: while it is down every request fails fast with `node_lost` (no
     // hang), and once it is back the same engine serves again.
     let dir = common::TempDir::new("cluster-rejoin");
-    let pb = free_port();
-    let mut b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
-    let engine = engine_of(&digits_graph(&[("b", pb)], "", "node = \"b\"")).await.unwrap();
+    let mut b = NodeProc::start_anywhere("rjb", SECRET, &dir.0, &[]);
+    let pb = b.port;
+    let engine = engine_of(&digits_graph(&[("rjb", pb)], "", "node = \"rjb\"")).await.unwrap();
     let x = digits_rows(4);
     engine.infer("classify", pixels(x.clone())).await.unwrap();
     b.kill();
@@ -311,9 +349,9 @@ async fn a_rejoined_node_serves_alone_when_the_other_is_gone() {
     let started = Instant::now();
     let e = engine.infer("classify", pixels(x.clone())).await.unwrap_err();
     assert_eq!(e.kind(), "node_lost", "{e}");
-    assert!(e.to_string().contains("node `b`"), "{e}");
+    assert!(e.to_string().contains("node `rjb`"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(1), "a request to a lost node must fail fast");
-    let _b2 = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
+    let _b2 = NodeProc::start("rjb", pb, SECRET, &dir.0, &[]);
     let until = Instant::now() + Duration::from_secs(15);
     while !engine.ready() {
         assert!(Instant::now() < until, "b did not rejoin");
@@ -326,11 +364,11 @@ async fn a_rejoined_node_serves_alone_when_the_other_is_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_secret_is_refused_and_logged_and_an_oversized_frame_closes_only_that_peer() {
     let dir = common::TempDir::new("cluster-auth");
-    let pa = free_port();
-    let a = NodeProc::start("a", pa, "another-secret", &dir.0, &["--max-frame", "1MiB"]);
-    let err = engine_of(&digits_graph(&[("a", pa)], "", "node = \"a\"")).await.err().expect("refused");
+    let a = NodeProc::start_anywhere("wsa", "another-secret", &dir.0, &["--max-frame", "1MiB"]);
+    let pa = a.port;
+    let err = engine_of(&digits_graph(&[("wsa", pa)], "", "node = \"wsa\"")).await.err().expect("refused");
     let msg = err.to_string();
-    assert!(msg.contains("node `a`") && msg.contains("MAAS_CLUSTER_SECRET"), "{msg}");
+    assert!(msg.contains("node `wsa`") && msg.contains("MAAS_CLUSTER_SECRET"), "{msg}");
     let until = Instant::now() + Duration::from_secs(5);
     while !a.log_text().contains("did not authenticate") {
         assert!(Instant::now() < until, "the node did not log the refusal:\n{}", a.log_text());
@@ -339,8 +377,8 @@ async fn a_wrong_secret_is_refused_and_logged_and_an_oversized_frame_closes_only
     drop(a);
 
     // A frame over the node's limit: the node closes that connection and keeps serving.
-    let pb = free_port();
-    let b = NodeProc::start("b", pb, SECRET, &dir.0, &["--max-frame", "1MiB"]);
+    let b = NodeProc::start_anywhere("wsb", SECRET, &dir.0, &["--max-frame", "1MiB"]);
+    let pb = b.port;
     let mut raw = std::net::TcpStream::connect(("127.0.0.1", pb)).unwrap();
     raw.write_all(&(2u64 << 20).to_be_bytes()).unwrap();
     raw.write_all(&[0u8; 1024]).unwrap();
@@ -348,19 +386,17 @@ async fn a_wrong_secret_is_refused_and_logged_and_an_oversized_frame_closes_only
     let mut buf = [0u8; 16];
     let n = std::io::Read::read(&mut raw, &mut buf).unwrap_or(0);
     assert_eq!(n, 0, "the node must close a connection that sent an oversized frame");
-    let engine = engine_of(&digits_graph(&[("b", pb)], "", "node = \"b\"")).await.unwrap();
+    let engine = engine_of(&digits_graph(&[("wsb", pb)], "", "node = \"wsb\"")).await.unwrap();
     engine.infer("classify", pixels(digits_rows(4))).await.unwrap();
-    // A job over the frame limit is refused by the node (a typed error), and the node stays up.
+    // A job over the node's frame limit is refused before it is sent (a frame that large would
+    // close the session), and the node serves the next request at once. (The head reads only
+    // the features' output, so the graph is at fault, not the caller: `submodel_failed`.)
     let big = Tensor::zeros((8192, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
-    assert!(engine.infer("classify", pixels(big)).await.is_err());
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        if engine.ready() && engine.infer("classify", pixels(digits_rows(4))).await.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < until, "the node did not serve again after an oversized job");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let e = engine.infer("classify", pixels(big)).await.unwrap_err();
+    assert_eq!(e.kind(), "submodel_failed", "{e}");
+    assert!(e.to_string().contains("frame to node `wsb`"), "{e}");
+    assert!(engine.ready());
+    engine.infer("classify", pixels(digits_rows(4))).await.unwrap();
     engine.shutdown().await;
     drop(b);
 }
@@ -393,11 +429,13 @@ fn a_node_refuses_to_start_without_a_secret_and_validate_names_undeclared_nodes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hot_swap_of_a_remote_submodel_under_load_loses_no_request() {
     let dir = common::TempDir::new("cluster-swap");
-    let (pa, pb) = (free_port(), free_port());
-    let _a = NodeProc::start("a", pa, SECRET, &dir.0, &[]);
-    let _b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
-    let engine =
-        engine_of(&digits_graph(&[("a", pa), ("b", pb)], "node = \"a\"", "node = [\"a\", \"b\"]")).await.unwrap();
+    let _a = NodeProc::start_anywhere("hsa", SECRET, &dir.0, &[]);
+    let pa = _a.port;
+    let _b = NodeProc::start_anywhere("hsb", SECRET, &dir.0, &[]);
+    let pb = _b.port;
+    let engine = engine_of(&digits_graph(&[("hsa", pa), ("hsb", pb)], "node = \"hsa\"", "node = [\"hsa\", \"hsb\"]"))
+        .await
+        .unwrap();
     let x = digits_rows(8);
     let stop = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();
@@ -437,9 +475,9 @@ async fn a_hot_swap_of_a_remote_submodel_under_load_loses_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_versions_survive_a_restart_with_a_state_dir_and_a_recomposition_moves_a_submodel_home() {
     let dir = common::TempDir::new("cluster-state");
-    let pb = free_port();
-    let _b = NodeProc::start("b", pb, SECRET, &dir.0, &[]);
-    let text = digits_graph(&[("b", pb)], "", "node = \"b\"");
+    let _b = NodeProc::start_anywhere("sdb", SECRET, &dir.0, &[]);
+    let pb = _b.port;
+    let text = digits_graph(&[("sdb", pb)], "", "node = \"sdb\"");
     let state = dir.0.join("state");
     let build = |text: String| {
         let state = state.clone();
@@ -467,11 +505,11 @@ async fn remote_versions_survive_a_restart_with_a_state_dir_and_a_recomposition_
     assert_eq!(r.versions["head"], "v2");
     assert_eq!(labels(&r.outputs), want);
     let head = engine.submodels().into_iter().find(|s| s.name == "head").unwrap();
-    assert_eq!(head.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["b"]);
+    assert_eq!(head.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["sdb"]);
     assert!(maas_graphs::to_toml(&engine.graph()).contains(&format!("addr = \"127.0.0.1:{pb}\"")));
 
     // Recompose with the head back on the serving process: same answers, no node.
-    let home = digits_graph(&[("b", pb)], "", "");
+    let home = digits_graph(&[("sdb", pb)], "", "");
     let src = maas_graphs::SourceFile::new("home.toml", home, root());
     let done = engine.recompose(vec![src], false).await.unwrap();
     assert!(done.applied);

@@ -270,7 +270,11 @@ impl Submodel {
             Exec::Actor(a, _) => {
                 let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
             }
-            Exec::Inline(_) | Exec::Remote(_) => self.status.set_stopped(),
+            Exec::Remote(r) => {
+                r.stop();
+                self.status.set_stopped();
+            }
+            Exec::Inline(_) => self.status.set_stopped(),
         }
     }
 
@@ -1067,6 +1071,12 @@ fn send_remote(
     let max = sub.spec.batch.map_or(usize::MAX, |b| b.max_size.max(1));
     let chunks = if rows <= max { vec![args] } else { split_rows(&args, rows, max).map_err(|e| failed(node, e))? };
     let n = chunks.len() as u64;
+    if n > sub.spec.queue as u64 {
+        return Err(InferError::InvalidInput(format!(
+            "{rows} rows need {n} batches of at most {max} at submodel `{}`, more than its queue holds ({})",
+            sub.spec.name, sub.spec.queue
+        )));
+    }
     let before = sub.metrics.queued.fetch_add(n, Relaxed);
     if before + n > sub.spec.queue as u64 {
         sub.metrics.queued.fetch_sub(n, Relaxed);

@@ -68,7 +68,7 @@ pub enum InferError {
     ShuttingDown,
     /// The node (another process) running this request's job for a submodel was lost, and no
     /// other node hosting the submodel could take it; or none is up.
-    #[error("node `{node}` (submodel `{submodel}`): {message}")]
+    #[error("submodel `{submodel}` (pipeline node `{node}`): {message}")]
     NodeLost {
         /// The pipeline node.
         node: String,

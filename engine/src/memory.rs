@@ -105,7 +105,8 @@ pub(crate) fn check<'a>(
     let mut total = 0u64;
     let mut largest: Option<(String, u64, usize)> = None;
     let mut count = 0;
-    for spec in specs {
+    // A submodel placed on nodes loads there (and is checked there), not here.
+    for spec in specs.into_iter().filter(|s| !s.is_remote()) {
         let one = registry
             .memory_estimate(spec)
             .map_err(|source| Refused::Estimate { submodel: spec.name.to_string(), source: Box::new(source) })?;

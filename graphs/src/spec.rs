@@ -20,8 +20,9 @@ pub const DEFAULT_VERSION: &str = "v1";
 /// Default `queue` of a submodel: requests that may wait at it.
 pub const DEFAULT_QUEUE: usize = 1024;
 /// The `params` keys that name files (resolved against the graph file's directory), by the
-/// convention every built-in kind follows: `path` (e.g. a tokenizer) and `config`.
-pub const FILE_PARAMS: &[&str] = &["path", "config"];
+/// convention every built-in kind follows: `path` (e.g. a tokenizer), `config`, and `runtime`
+/// (the ONNX Runtime library an `onnx` submodel loads).
+pub const FILE_PARAMS: &[&str] = &["path", "config", "runtime"];
 
 /// A validated set of submodels and the pipelines that wire them.
 #[derive(Debug, Clone, PartialEq, Default)]

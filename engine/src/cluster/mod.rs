@@ -37,6 +37,8 @@ const RETRY: Duration = Duration::from_millis(250);
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest a job without a deadline waits for its node.
 const NO_DEADLINE: Duration = Duration::from_secs(600);
+/// What a frame holds besides a job's or an answer's bytes (the RPC envelope), at most.
+pub(crate) const FRAME_OVERHEAD: u64 = 4096;
 
 /// Cluster settings of a serving process.
 #[derive(Debug, Clone, Default)]
@@ -60,6 +62,8 @@ pub struct NodeStatus {
     pub last_error: Option<String>,
     /// Instances it should host for this process.
     pub instances: usize,
+    /// Jobs it answered for this process.
+    pub jobs: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -210,7 +214,8 @@ impl Cluster {
         let endpoint = tokio::task::spawn_blocking(move || endpoint(&options)).await.map_err(|e| e.to_string())??;
         let instance = endpoint.next_instance.fetch_add(1, Relaxed);
         let mut one = Graph::default();
-        one.submodels.insert(spec.name.clone(), SubmodelSpec { node: Vec::new(), ..spec.clone() });
+        // Paths canonical: the node resolves nothing against its own working directory.
+        one.submodels.insert(spec.name.clone(), SubmodelSpec { node: Vec::new(), ..spec.normalized() });
         let start = wire::Start {
             owner: endpoint.name.clone(),
             instance,
@@ -224,6 +229,7 @@ impl Cluster {
             sites.push(self.link(&endpoint, node));
         }
         let remote = Remote {
+            max_frame: self.options.max_frame.unwrap_or(DEFAULT_MAX_FRAME),
             demand: maas_actors::Demand::default(),
             owner: endpoint.name.clone(),
             instance,
@@ -234,7 +240,7 @@ impl Cluster {
         for link in &remote.sites {
             link.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(instance, payload.clone());
             match link.wait_up(READY_TIMEOUT * 2).await {
-                Some(agent) => match start_on(&agent, &payload).await {
+                Some(agent) => match link.start(&agent, instance, &payload).await {
                     Ok(()) => {}
                     Err(e) => errors.push(format!("node `{}` ({}): {e}", link.name, link.addr)),
                 },
@@ -267,12 +273,16 @@ impl Cluster {
     }
 }
 
-async fn start_on(agent: &ActorRef<AgentMessage>, payload: &[u8]) -> Result<(), String> {
+/// Starts an instance; answers the node's frame limit.
+async fn start_on(agent: &ActorRef<AgentMessage>, payload: &[u8]) -> Result<u64, String> {
     let bytes = payload.to_vec();
     match agent.call(|port| AgentMessage::Start(bytes, port), Some(START_TIMEOUT)).await {
         Ok(CallResult::Success(answer)) => {
             let started: wire::Started = serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
-            started.error.map_or(Ok(()), Err)
+            match started.error {
+                Some(e) => Err(e),
+                None => Ok(started.max_frame.unwrap_or(DEFAULT_MAX_FRAME)),
+            }
         }
         Ok(CallResult::Timeout) => Err("timed out starting the instance".into()),
         Ok(CallResult::SenderError) | Err(_) => Err("the connection was lost while starting the instance".into()),
@@ -313,6 +323,14 @@ pub(crate) struct NodeLink {
     instances: Mutex<BTreeMap<u64, Arc<Vec<u8>>>>,
     /// Jobs sent and not answered.
     busy: AtomicUsize,
+    /// Jobs answered.
+    jobs: AtomicU64,
+    /// Attempts to reach the node that failed.
+    failures: AtomicU64,
+    /// Instances running there now (started since the node last came up).
+    started: Mutex<std::collections::HashSet<u64>>,
+    /// The largest frame the node accepts (from its answer to a start).
+    max_frame: AtomicU64,
 }
 
 impl NodeLink {
@@ -324,7 +342,33 @@ impl NodeLink {
             up: watch::channel(None).0,
             instances: Mutex::default(),
             busy: AtomicUsize::new(0),
+            jobs: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            started: Mutex::default(),
+            max_frame: AtomicU64::new(DEFAULT_MAX_FRAME),
         }
+    }
+
+    /// Whether the node is up and runs `instance`.
+    fn serves(&self, instance: u64) -> Option<ActorRef<AgentMessage>> {
+        let agent = self.agent()?;
+        self.started.lock().unwrap_or_else(|p| p.into_inner()).contains(&instance).then_some(agent)
+    }
+
+    /// Starts `instance` on the node; remembers whether it runs.
+    async fn start(&self, agent: &ActorRef<AgentMessage>, instance: u64, payload: &[u8]) -> Result<(), String> {
+        let result = start_on(agent, payload).await;
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(max_frame) => {
+                started.insert(instance);
+                self.max_frame.store(*max_frame, Relaxed);
+            }
+            Err(_) => {
+                started.remove(&instance);
+            }
+        }
+        result.map(|_| ())
     }
 
     pub(crate) fn agent(&self) -> Option<ActorRef<AgentMessage>> {
@@ -332,6 +376,13 @@ impl NodeLink {
     }
 
     fn set(&self, agent: Option<ActorRef<AgentMessage>>, connecting: bool, error: Option<String>) {
+        if agent.is_none() {
+            // A node that comes back starts its instances afresh.
+            self.started.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            if error.is_some() {
+                self.failures.fetch_add(1, Relaxed);
+            }
+        }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.agent = agent.clone();
         s.connecting = connecting;
@@ -342,10 +393,21 @@ impl NodeLink {
         self.up.send_replace(agent);
     }
 
+    /// The agent once the node is up; `None` after `timeout`, or as soon as an attempt to reach
+    /// it fails (a refused secret, a wrong name, nothing listening).
     async fn wait_up(&self, timeout: Duration) -> Option<ActorRef<AgentMessage>> {
+        let failures = self.failures.load(Relaxed);
+        let until = Instant::now() + timeout;
         let mut rx = self.up.subscribe();
-        let wait = rx.wait_for(|a| a.is_some());
-        tokio::time::timeout(timeout, wait).await.ok()?.ok().and_then(|a| a.clone())
+        loop {
+            if let Some(a) = rx.borrow_and_update().clone() {
+                return Some(a);
+            }
+            if self.failures.load(Relaxed) > failures || Instant::now() >= until {
+                return None;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+        }
     }
 
     pub(crate) fn status(&self) -> NodeStatus {
@@ -363,6 +425,7 @@ impl NodeLink {
             state: state.into(),
             last_error: if s.agent.is_some() { None } else { s.last_error.clone() },
             instances: self.instances.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            jobs: self.jobs.load(Relaxed),
         }
     }
 }
@@ -389,7 +452,11 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
         };
         let peer = addr.to_string();
         if let Err(e) = ractor_cluster::client_connect(&server, addr).await {
-            l.set(None, false, Some(format!("cannot connect: {e}")));
+            let why = match e {
+                ractor_cluster::ClientConnectErr::Socket(io) => io.to_string(),
+                other => other.to_string(),
+            };
+            l.set(None, false, Some(format!("cannot connect: {why}")));
             continue;
         }
         let ready = tokio::time::timeout(READY_TIMEOUT, async {
@@ -410,6 +477,9 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
             Ok(Err(e)) => {
                 tracing::warn!(node = %l.name, addr = %l.addr, error = %e, "node refused");
                 l.set(None, false, Some(e));
+                // A refusal repeats until someone fixes the secret: retry less often.
+                drop(l);
+                tokio::time::sleep(RETRY * 8).await;
                 continue;
             }
             Err(_) => {
@@ -430,9 +500,10 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
             continue;
         };
         // (Re)start every instance placed there before it takes jobs.
-        let payloads: Vec<_> = l.instances.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        for p in payloads {
-            if let Err(e) = start_on(&agent, &p).await {
+        let payloads: Vec<_> =
+            l.instances.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(i, p)| (*i, p.clone())).collect();
+        for (instance, p) in payloads {
+            if let Err(e) = l.start(&agent, instance, &p).await {
                 tracing::warn!(node = %l.name, error = %e, "an instance did not start again on a returning node");
             }
         }
@@ -481,6 +552,8 @@ async fn find_agent(node_id: u64) -> Option<ActorRef<AgentMessage>> {
 
 /// A submodel version whose replicas run on nodes: one instance per node.
 pub(crate) struct Remote {
+    /// The largest frame this process accepts (an answer over it would close the session).
+    max_frame: u64,
     /// The demand for it counted here (requests that use it, jobs on their way), sent with
     /// each job so that the node's batching waits for what is coming.
     pub(crate) demand: maas_actors::Demand,
@@ -492,10 +565,18 @@ pub(crate) struct Remote {
 
 impl Drop for Remote {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Remote {
+    /// Stops its instance on every node (idempotent).
+    pub(crate) fn stop(&self) {
         let stop =
             serde_json::to_vec(&wire::Stop { owner: self.owner.clone(), instance: self.instance }).unwrap_or_default();
         for link in &self.sites {
             link.instances.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.instance);
+            link.started.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.instance);
             if let Some(agent) = link.agent() {
                 let _ = agent.cast(AgentMessage::Stop(stop.clone()));
             }
@@ -506,7 +587,7 @@ impl Drop for Remote {
 impl Remote {
     /// Nodes serving it now.
     pub(crate) fn up(&self) -> usize {
-        self.sites.iter().filter(|l| l.agent().is_some()).count()
+        self.sites.iter().filter(|l| l.serves(self.instance).is_some()).count()
     }
 
     /// Why it cannot serve, if no node serves it.
@@ -535,7 +616,7 @@ impl Remote {
             if Some(l.name.as_str()) == not {
                 continue;
             }
-            let Some(agent) = l.agent() else { continue };
+            let Some(agent) = l.serves(self.instance) else { continue };
             let busy = l.busy.load(Relaxed);
             if best.as_ref().is_none_or(|(b, _, _)| busy < *b) {
                 best = Some((busy, l.clone(), agent));
@@ -567,11 +648,32 @@ impl Remote {
                 users: self.demand.users().min(u32::MAX as usize) as u32,
             };
             let job = wire::encode_job(&header, values).map_err(JobError::Failed)?;
+            // A frame over the node's limit would close the whole session (every job on it):
+            // refuse the job instead.
+            let limit = link.max_frame.load(Relaxed).min(self.max_frame);
+            if job.len() as u64 + FRAME_OVERHEAD > limit {
+                return Err(JobError::InvalidInput(format!(
+                    "its inputs take {} bytes, more than a frame to node `{}` may hold ({limit} bytes)",
+                    job.len(),
+                    link.name
+                )));
+            }
             link.busy.fetch_add(1, Relaxed);
             let answer = agent.call(|port| AgentMessage::Infer(job, port), Some(left.unwrap_or(NO_DEADLINE))).await;
             link.busy.fetch_sub(1, Relaxed);
             match answer {
-                Ok(CallResult::Success(bytes)) => return wire::decode_answer(&bytes, &candle_core::Device::Cpu),
+                Ok(CallResult::Success(bytes)) => {
+                    link.jobs.fetch_add(1, Relaxed);
+                    match wire::decode_answer(&bytes, &candle_core::Device::Cpu) {
+                        // The node lost the instance (it restarted between two of our looks):
+                        // another node may have it.
+                        Err(JobError::Unavailable(why)) => {
+                            lost = Some((link.name.clone(), format!("node `{}` ({}): {why}", link.name, link.addr)));
+                            link.started.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.instance);
+                        }
+                        answer => return answer,
+                    }
+                }
                 Ok(CallResult::Timeout) => return Err(JobError::DeadlineExceeded),
                 Ok(CallResult::SenderError) | Err(_) => {
                     let why = format!("node `{}` ({}) was lost while running this job", link.name, link.addr);

@@ -81,6 +81,8 @@ impl Node {
             options: config.options.clone(),
             held: Arc::default(),
             instances: Mutex::default(),
+            max_frame: config.max_frame,
+            gone: Mutex::default(),
         });
         let server = NodeServer::new(
             config.listen.port(),
@@ -126,6 +128,17 @@ struct Host {
     held: Arc<std::sync::atomic::AtomicUsize>,
     /// Instances by (owner, id).
     instances: Mutex<HashMap<(String, u64), Arc<Submodel>>>,
+    /// The largest frame a peer may send this node (and so the largest answer it sends).
+    max_frame: u64,
+    /// What must not start any more: owners whose session ended (until they come back), and
+    /// instances stopped while they were loading.
+    gone: Mutex<Gone>,
+}
+
+#[derive(Default)]
+struct Gone {
+    owners: std::collections::HashSet<String>,
+    instances: std::collections::HashSet<(String, u64)>,
 }
 
 impl Host {
@@ -147,10 +160,20 @@ impl Host {
             .find(|s| s.name.as_str() == start.submodel)
             .ok_or_else(|| format!("the source defines no submodel `{}`", start.submodel))?;
         spec.node.clear();
+        crate::memory::check(&self.registry, [&spec], self.options.max_load_bytes)
+            .map_err(|e| crate::EngineError::from(e).to_string())?;
         let metrics = Arc::new(SubmodelMetrics::default());
         let sub = start_submodel(Arc::new(spec), &self.registry, &self.options, metrics, &self.held, None)
             .await
             .map_err(|e| e.to_string())?;
+        {
+            // Stopped, or its owner gone, while it loaded: it must not stay.
+            let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (start.owner.clone(), start.instance);
+            if gone.owners.contains(&start.owner) || gone.instances.contains(&key) {
+                return Err("stopped while it was starting".into());
+            }
+        }
         tracing::info!(owner = %start.owner, instance = start.instance, submodel = %start.submodel, version = %sub.spec.version, "instance started");
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert((start.owner, start.instance), Arc::new(sub));
         Ok(())
@@ -199,6 +222,9 @@ impl NodeEventSubscription for Watch {
 
     fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
         self.authenticated.lock().unwrap_or_else(|p| p.into_inner()).insert(ses.actor.get_id());
+        if let Some(owner) = owner_of(&ses) {
+            self.host.gone.lock().unwrap_or_else(|p| p.into_inner()).owners.remove(&owner);
+        }
     }
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
@@ -207,11 +233,12 @@ impl NodeEventSubscription for Watch {
             tracing::warn!(peer = %ses.peer_addr, "refused a peer that did not authenticate (wrong MAAS_CLUSTER_SECRET, or not a maas peer)");
             return;
         }
-        // Peers are named `NAME@HOST`; instances are keyed by the owner's NAME.
-        let Some(owner) = ses.peer_name.map(|n| n.name.split_once('@').map_or(n.name.clone(), |(o, _)| o.to_string()))
-        else {
-            return;
-        };
+        let Some(owner) = owner_of(&ses) else { return };
+        {
+            let mut gone = self.host.gone.lock().unwrap_or_else(|p| p.into_inner());
+            gone.instances.retain(|(o, _)| *o != owner);
+            gone.owners.insert(owner.clone());
+        }
         let gone: Vec<_> = {
             let mut map = self.host.instances.lock().unwrap_or_else(|p| p.into_inner());
             let keys: Vec<_> = map.keys().filter(|(o, _)| *o == owner).cloned().collect();
@@ -234,6 +261,13 @@ fn log_stopped(owner: &str, instance: u64, sub: &Submodel) {
         batches_waited = m.batches_waited, mean_wait_ms = m.wait_seconds.mean() * 1e3,
         "instance stopped"
     );
+}
+
+/// The serving process a session belongs to: peers are named `NAME@HOST`, instances are keyed
+/// by NAME.
+fn owner_of(ses: &NodeServerSessionInformation) -> Option<String> {
+    let name = &ses.peer_name.as_ref()?.name;
+    Some(name.split_once('@').map_or(name.as_str(), |(o, _)| o).to_string())
 }
 
 /// The node's agent actor.
@@ -267,7 +301,7 @@ impl Actor for NodeAgent {
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "an instance failed to start");
                     }
-                    let answer = wire::Started { error: result.err() };
+                    let answer = wire::Started { error: result.err(), max_frame: Some(host.max_frame) };
                     let _ = reply.send(serde_json::to_vec(&answer).unwrap_or_default());
                 });
             }
@@ -275,11 +309,26 @@ impl Actor for NodeAgent {
                 let host = host.clone();
                 tokio::spawn(async move {
                     let answer = run_job(&host, &bytes).await;
-                    let _ = reply.send(wire::encode_answer(&answer));
+                    let mut out = wire::encode_answer(&answer);
+                    // An answer over the frame limit would close the session (every job on it).
+                    if out.len() as u64 + super::FRAME_OVERHEAD > host.max_frame {
+                        let why = format!(
+                            "its outputs take {} bytes, more than a frame from node may hold ({} bytes)",
+                            out.len(),
+                            host.max_frame
+                        );
+                        out = wire::encode_answer(&Err(JobError::Failed(why)));
+                    }
+                    let _ = reply.send(out);
                 });
             }
             AgentMessage::Stop(bytes) => {
                 if let Ok(stop) = serde_json::from_slice::<wire::Stop>(&bytes) {
+                    host.gone
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .instances
+                        .insert((stop.owner.clone(), stop.instance));
                     let gone = host
                         .instances
                         .lock()

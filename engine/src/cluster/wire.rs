@@ -197,6 +197,9 @@ pub struct Stop {
 pub struct Started {
     /// The error, if it did not start.
     pub error: Option<String>,
+    /// The largest frame the node accepts.
+    #[serde(default)]
+    pub max_frame: Option<u64>,
 }
 
 #[cfg(test)]
