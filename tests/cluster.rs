@@ -469,6 +469,22 @@ async fn a_hot_swap_of_a_remote_submodel_under_load_loses_no_request() {
     assert!(seen.contains("v1") && seen.contains("v2"), "{seen:?}");
     let r = engine.infer("classify", pixels(x)).await.unwrap();
     assert_eq!(r.versions["head"], "v1");
+    // The versions that stopped serving stopped on the nodes too (once their last request ended).
+    let until = Instant::now() + Duration::from_secs(10);
+    let stopped = |node: &NodeProc, version: &str| {
+        node.log_text().lines().any(|l| {
+            l.contains("instance stopped") && l.contains("submodel=head") && l.contains(&format!("version={version}"))
+        })
+    };
+    while !(stopped(&_a, "v1") && stopped(&_a, "v2") && stopped(&_b, "v1") && stopped(&_b, "v2")) {
+        assert!(
+            Instant::now() < until,
+            "old head instances still run on the nodes:\n{}\n{}",
+            _a.log_text(),
+            _b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     engine.shutdown().await;
 }
 

@@ -133,14 +133,25 @@ pub fn check(sources: Vec<SourceFile>, catalog: &dyn Catalog) -> Result<Checked,
     Ok(Checked { graph, warnings: diags, signatures })
 }
 
-/// Every node a submodel names is declared (or is the serving process, `local`); a submodel
-/// placed on another process has no `device` there but the CPU (a node's devices are its own
-/// business; the setting is refused rather than ignored).
+/// Every node a submodel names is declared (or is the serving process, `local`), and no two
+/// nodes share an address. (A remote submodel's `device` is one of its node's.)
 fn check_placements(
     submodels: &BTreeMap<SubmodelName, RawSubmodel>,
     nodes: &BTreeMap<String, parse::RawNodeDecl>,
     diags: &mut Vec<Diagnostic>,
 ) {
+    let mut addrs: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, n) in nodes.iter().filter(|(_, n)| !n.spec.addr.is_empty()) {
+        if let Some(first) = addrs.insert(n.spec.addr.as_str(), name.as_str()) {
+            diags.push(Diagnostic::error(
+                Some(n.file.locate(&n.name_span)),
+                format!(
+                    "nodes `{first}` and `{name}` have the same address `{}`; one process is one node",
+                    n.spec.addr
+                ),
+            ));
+        }
+    }
     for (name, s) in submodels {
         for n in &s.spec.node {
             if n == crate::spec::LOCAL_NODE || nodes.contains_key(n) {

@@ -65,8 +65,17 @@ fn changes<K: Ord + Clone, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K,
 impl Graph {
     /// What must change to go from `self` (running) to `new`.
     pub fn diff(&self, new: &Graph) -> GraphDiff {
+        // A submodel on a node whose address changed is a changed submodel (it must start
+        // there).
         let norm = |g: &Graph| -> BTreeMap<SubmodelName, _> {
-            g.submodels.iter().map(|(k, v)| (k.clone(), v.normalized())).collect()
+            g.submodels
+                .iter()
+                .map(|(k, v)| {
+                    let addrs: Vec<Option<String>> =
+                        v.node.iter().map(|n| g.nodes.get(n).map(|d| d.addr.clone())).collect();
+                    (k.clone(), (v.normalized(), addrs))
+                })
+                .collect()
         };
         let submodels = changes(&norm(self), &norm(new));
         // Nodes are stored in a topological order, and a DAG has many: compare them by name.

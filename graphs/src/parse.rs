@@ -383,7 +383,13 @@ impl Parser<'_> {
         if addr.is_none() && !t.contains_key("addr") {
             self.error(&k.span(), format!("{what} is missing the required key `addr`"));
         }
-        Some(RawNodeDecl { spec: NodeSpec { name, addr: addr? }, file: self.file.clone(), name_span: k.span() })
+        // Declared even with a bad `addr` (already reported), so that placements on it are not
+        // reported again as undeclared.
+        Some(RawNodeDecl {
+            spec: NodeSpec { name, addr: addr.unwrap_or_default() },
+            file: self.file.clone(),
+            name_span: k.span(),
+        })
     }
 
     /// A submodel's `node`: one name or a non-empty list of distinct names.

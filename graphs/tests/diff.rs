@@ -90,3 +90,24 @@ nodes.b = { submodel = "a", inputs = { x = "$x" } }
     ));
     assert_eq!(g.diff(&rewired).pipelines.changed.len(), 1);
 }
+
+#[test]
+fn moving_a_node_to_another_address_changes_the_submodels_placed_on_it() {
+    let placed = |addr: &str| {
+        format!(
+            "[nodes.n1]\naddr = \"{addr}\"\n{}",
+            BASE.replacen("kind = \"double\"", "kind = \"double\"\nnode = \"n1\"", 1)
+        )
+    };
+    let old = graph(&placed("127.0.0.1:7101"));
+    assert!(old.diff(&graph(&placed("127.0.0.1:7101"))).is_empty());
+    let d = old.diff(&graph(&placed("127.0.0.1:7102")));
+    assert_eq!(d.submodels.changed.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(d.affected.iter().map(|p| p.as_str()).collect::<Vec<_>>(), ["one"]);
+    // And a submodel moved home is changed too.
+    let d = old.diff(&graph(&format!("[nodes.n1]\naddr = \"127.0.0.1:7101\"\n{BASE}")));
+    assert_eq!(d.submodels.changed.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["a"]);
+    // The graph round-trips through TOML with its nodes and placements.
+    let text = maas_graphs::to_toml(&old);
+    assert_eq!(graph(&text), old);
+}
