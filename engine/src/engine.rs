@@ -1004,24 +1004,14 @@ fn run_inline(node: &PlanNode, kernel: &Loaded, args: &Values) -> Result<(Values
 
 type Answer = tokio::sync::oneshot::Receiver<Result<maas_actors::JobOutput, JobError>>;
 
-/// Queues a node's rows at its submodel (split into chunks of at most `max_size` rows), or
-/// refuses at once. `sending` runs just before the jobs enter the queue.
-fn send_jobs(
-    node: &PlanNode,
-    queue: &SubmodelQueue,
-    args: Values,
-    deadline: Option<Instant>,
-    sending: impl FnOnce(),
-) -> Result<Vec<Answer>, InferError> {
+/// Admission to a queued submodel, here or on nodes: a node's rows split into chunks of at most
+/// `max` rows, and a slot of the submodel's queue bound reserved for every chunk at once (the
+/// `queued` gauge; each chunk gives its slot back when it is taken, or answered remotely), or
+/// refused at once.
+fn admit(node: &PlanNode, args: Values, max: usize) -> Result<Vec<Values>, InferError> {
     let sub = &node.submodel;
-    if sub.status.state() == SubmodelState::Failed {
-        let why = sub.status.last_error().unwrap_or_default();
-        return Err(failed(node, format!("submodel is not serving: {why}")));
-    }
     let rows = args.values().next().and_then(Value::rows).unwrap_or(0);
-    let max = queue.policy().max_size;
     let chunks = if rows <= max { vec![args] } else { split_rows(&args, rows, max).map_err(|e| failed(node, e))? };
-    // The submodel's queue bound: reserve a slot for every chunk at once, or refuse at once.
     let n = chunks.len() as u64;
     if n > sub.spec.queue as u64 {
         return Err(InferError::InvalidInput(format!(
@@ -1038,6 +1028,24 @@ fn send_jobs(
             sub.spec.name, before, sub.spec.queue
         )));
     }
+    Ok(chunks)
+}
+
+/// Queues a node's rows at its submodel (split into chunks of at most `max_size` rows), or
+/// refuses at once. `sending` runs just before the jobs enter the queue.
+fn send_jobs(
+    node: &PlanNode,
+    queue: &SubmodelQueue,
+    args: Values,
+    deadline: Option<Instant>,
+    sending: impl FnOnce(),
+) -> Result<Vec<Answer>, InferError> {
+    let sub = &node.submodel;
+    if sub.status.state() == SubmodelState::Failed {
+        let why = sub.status.last_error().unwrap_or_default();
+        return Err(failed(node, format!("submodel is not serving: {why}")));
+    }
+    let chunks = admit(node, args, queue.policy().max_size)?;
     sending();
     let mut answers = Vec::with_capacity(chunks.len());
     for chunk in chunks {
@@ -1067,25 +1075,7 @@ fn send_remote(
             message: format!("no node serving it is up: {why}"),
         });
     }
-    let rows = args.values().next().and_then(Value::rows).unwrap_or(0);
-    let max = sub.spec.batch.map_or(usize::MAX, |b| b.max_size.max(1));
-    let chunks = if rows <= max { vec![args] } else { split_rows(&args, rows, max).map_err(|e| failed(node, e))? };
-    let n = chunks.len() as u64;
-    if n > sub.spec.queue as u64 {
-        return Err(InferError::InvalidInput(format!(
-            "{rows} rows need {n} batches of at most {max} at submodel `{}`, more than its queue holds ({})",
-            sub.spec.name, sub.spec.queue
-        )));
-    }
-    let before = sub.metrics.queued.fetch_add(n, Relaxed);
-    if before + n > sub.spec.queue as u64 {
-        sub.metrics.queued.fetch_sub(n, Relaxed);
-        sub.metrics.jobs_rejected.fetch_add(n, Relaxed);
-        return Err(InferError::Overloaded(format!(
-            "submodel `{}` has {} jobs waiting (queue = {})",
-            sub.spec.name, before, sub.spec.queue
-        )));
-    }
+    let chunks = admit(node, args, sub.spec.batch.map_or(usize::MAX, |b| b.max_size.max(1)))?;
     sending();
     let mut answers = Vec::with_capacity(chunks.len());
     for chunk in chunks {
