@@ -4,7 +4,7 @@
 //! A node (`maas node`, [`Node`]) hosts submodel instances; the serving process keeps one
 //! cluster endpoint, and a link per declared node that connects,
 //! authenticates (the shared secret), finds the node's agent, (re)starts the instances placed
-//! there, and watches the connection. A submodel placed on nodes is a [`Remote`]: each job goes
+//! there, and watches the connection. A submodel placed on nodes is a `Remote`: each job goes
 //! to the least busy node that is up, as one RPC; the node batches it with its other jobs. A node
 //! that goes away is marked down as soon as its connection ends, and jobs go to the others; a
 //! job whose node was lost under it is tried once more elsewhere, else ends with
@@ -203,7 +203,7 @@ impl Cluster {
         link
     }
 
-    /// Starts a submodel's instance on every node it is placed on: a [`Remote`] once at least
+    /// Starts a submodel's instance on every node it is placed on: a `Remote` once at least
     /// one of them serves it (the others start it when they come up).
     pub(crate) async fn start(
         &self,
@@ -508,10 +508,12 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
             }
         }
         tracing::info!(node = %l.name, addr = %l.addr, "node up");
-        l.set(Some(agent), false, None);
+        l.set(Some(agent.clone()), false, None);
         let owner_alive = Arc::downgrade(&l);
         drop(l);
-        // Watch until the connection ends (or the link is no longer used).
+        // Watch until the connection ends (or the link is no longer used). The session's end
+        // stops the node's actors here too: that is checked as well, in case its event was
+        // lost in a lagging channel.
         loop {
             match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
                 Ok(Ok(Event::Down { node_id: id, .. })) if id == node_id => break,
@@ -520,19 +522,17 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
                     if owner_alive.strong_count() == 0 {
                         return;
                     }
+                    if matches!(agent.get_status(), ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping) {
+                        break;
+                    }
                 }
             }
         }
         let Some(l) = link.upgrade() else { return };
         tracing::warn!(node = %l.name, addr = %l.addr, "node lost");
-        let at = humantime_now();
-        l.set(None, true, Some(format!("connection lost at {at}")));
+        let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        l.set(None, true, Some(format!("the connection was lost (unix time {at:.3}); reconnecting")));
     }
-}
-
-fn humantime_now() -> String {
-    let s = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    format!("{s:.3} s since the epoch")
 }
 
 /// The node's agent among the remote members of the agent group.

@@ -1,6 +1,6 @@
 //! The node side: a process (`maas node`) that hosts submodel instances for serving processes.
 //!
-//! One [`NodeAgent`] actor per node, in the process group [`AGENT_GROUP`] so that connected
+//! One `NodeAgent` actor per node, in the process group [`AGENT_GROUP`] so that connected
 //! serving processes find it. It starts instances (each an ordinary local submodel: actors,
 //! queue, batching, supervision, on this node's streams), runs jobs on them, and stops them; a
 //! serving process's instances stop when its connection ends. Files are read from this node's
@@ -147,6 +147,8 @@ impl Host {
     }
 
     async fn start(&self, start: wire::Start) -> Result<(), String> {
+        // A start comes over a live session: its owner is back if it was gone.
+        self.gone.lock().unwrap_or_else(|p| p.into_inner()).owners.remove(&start.owner);
         if self.instance(&start.owner, start.instance).is_some() {
             return Ok(());
         }
