@@ -835,7 +835,27 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 None => eprintln!("{job}: {p}"),
             };
-            let report = maas_train::trainer::train(&checked.graph, &j, &registry, &out, &progress);
+            let report = if j.is_placed() {
+                // Workers or servers on nodes: over this process's cluster endpoint.
+                let cluster = engine_options().cluster;
+                runtime()?.block_on(async {
+                    let placement = maas_engine::cluster::ClusterPlacement::new(&checked.graph, cluster)
+                        .await
+                        .map_err(maas_train::trainer::TrainError::Other)?;
+                    maas_train::trainer::run_placed(
+                        std::sync::Arc::new(checked.graph.clone()),
+                        j.clone(),
+                        registry.clone(),
+                        out.clone(),
+                        std::sync::Arc::default(),
+                        &progress,
+                        Some(placement),
+                    )
+                    .await
+                })
+            } else {
+                maas_train::trainer::train(&checked.graph, &j, &registry, &out, &progress)
+            };
             if let Some(bar) = &bar {
                 bar.finish();
             }

@@ -546,3 +546,236 @@ async fn remote_versions_survive_a_restart_with_a_state_dir_and_a_recomposition_
     assert!(head.nodes.is_empty(), "{head:?}");
     engine.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Training with workers and parameter servers on nodes
+
+/// The digits training graph (paths absolute), with `[nodes]` and the `head` job placed by
+/// `placement` (extra job keys).
+fn training_graph(nodes: &[(&str, u16)], job: &str, placement: &str, epochs: usize) -> String {
+    let mut s = String::new();
+    for (name, port) in nodes {
+        s += &format!("[nodes.{name}]\naddr = \"127.0.0.1:{port}\"\n\n");
+    }
+    let (assets, data) = (root().join("assets/digits"), root().join("data/digits.csv.gz"));
+    s += &format!(
+        r#"
+[submodels.features]
+kind = "digits_cnn"
+weights = "{f}"
+
+[submodels.head]
+kind = "linear"
+weights = "{h}"
+
+[pipelines.classify]
+inputs = {{ pixels = "f32[B,64]" }}
+outputs = {{ logits = "head.out" }}
+
+[pipelines.classify.nodes]
+features = {{ submodel = "features", inputs = {{ x = "$pixels" }} }}
+head = {{ submodel = "head", inputs = {{ x = "features.features" }} }}
+
+[training.{job}]
+pipeline = "classify"
+learn = ["head"]
+init = "random"
+loss = {{ output = "head.out" }}
+data = {{ path = "{d}", inputs = {{ pixels = "0..64" }}, label = 64 }}
+optimizer = {{ kind = "sgd", lr = 0.05, momentum = 0.9 }}
+epochs = {epochs}
+split_seed = 1797
+seed = 7
+{placement}
+"#,
+        f = assets.join("features.safetensors").display(),
+        h = assets.join("head.safetensors").display(),
+        d = data.display(),
+    );
+    s
+}
+
+/// `maas train FILE --job JOB --out OUT`: its report, or its stderr when it fails.
+fn train(file: &Path, job: &str, out: &Path) -> Result<serde_json::Value, String> {
+    let o = Command::new(env!("CARGO_BIN_EXE_maas"))
+        .arg("train")
+        .arg(file)
+        .args(["--job", job, "--out"])
+        .arg(out)
+        .env("MAAS_CLUSTER_SECRET", SECRET)
+        .output()
+        .expect("maas train");
+    if o.status.success() {
+        Ok(serde_json::from_slice(&o.stdout).expect("a JSON report"))
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+/// A sync job whose two workers run on two nodes trains exactly what the same job trains in
+/// one process (same parameters, bit for bit: the version is their digest); an async job
+/// with its two parameter servers on one node and a worker on another reaches the accuracy.
+#[test]
+fn training_workers_and_parameter_servers_run_on_nodes() {
+    let dir = common::TempDir::new("cluster-train");
+    let data = root().join("data");
+    let extra = ["--model-root", data.to_str().unwrap()];
+    let a = NodeProc::start_anywhere("train-a", SECRET, &dir.0, &extra);
+    let b = NodeProc::start_anywhere("train-b", SECRET, &dir.0, &extra);
+    let nodes = [("train-a", a.port), ("train-b", b.port)];
+
+    let here = dir.0.join("here.toml");
+    std::fs::write(&here, training_graph(&nodes, "head", "workers = 2", 4)).unwrap();
+    let expected = train(&here, "head", &dir.0.join("out-here")).unwrap();
+
+    let placed = dir.0.join("placed.toml");
+    std::fs::write(
+        &placed,
+        training_graph(&nodes, "head", "workers = 2\nworker_nodes = [\"train-a\", \"train-b\"]", 4),
+    )
+    .unwrap();
+    let got = train(&placed, "head", &dir.0.join("out-placed")).unwrap();
+    assert_eq!(got["version"], expected["version"], "{got}\n{expected}");
+    assert_eq!(got["accuracy"], expected["accuracy"]);
+    assert!(got["accuracy"].as_f64().unwrap() > 0.95, "{got}");
+    for node in [&a, &b] {
+        assert!(node.log_text().contains("training actor started") && node.log_text().contains("actor=worker"));
+    }
+
+    let async_job = "workers = 2\nworker_nodes = [\"local\", \"train-b\"]\nservers = 2\nserver_nodes = \"train-a\"\nmode = \"async\"\nstaleness = 2\ncompression = \"topk:0.1\"";
+    let file = dir.0.join("async.toml");
+    std::fs::write(&file, training_graph(&nodes, "head", async_job, 6)).unwrap();
+    let got = train(&file, "head", &dir.0.join("out-async")).unwrap();
+    assert!(got["accuracy"].as_f64().unwrap() > 0.95, "{got}");
+    assert!(got["staleness"]["max"].as_u64().unwrap() <= 2, "{got}");
+    assert!(got["bytes_sent"].as_u64().unwrap() * 4 < got["bytes_dense"].as_u64().unwrap(), "{got}");
+    assert!(dir.0.join("out-async/head.safetensors").exists());
+    assert_eq!(a.log_text().matches("actor=server").count(), 2, "{}", a.log_text());
+}
+
+/// A node reads the data itself, from under its model roots: without them the worker is
+/// refused, the job says why, and nothing is written.
+#[test]
+fn a_node_refuses_a_worker_whose_data_lies_outside_its_roots() {
+    let dir = common::TempDir::new("cluster-train-roots");
+    let a = NodeProc::start_anywhere("train-noroot", SECRET, &dir.0, &[]);
+    let file = dir.0.join("placed.toml");
+    std::fs::write(&file, training_graph(&[("train-noroot", a.port)], "head", "worker_nodes = \"train-noroot\"", 2))
+        .unwrap();
+    let out = dir.0.join("out");
+    let err = train(&file, "head", &out).unwrap_err();
+    assert!(
+        err.contains("worker 0 on node `train-noroot`") && err.contains("outside this node's model roots"),
+        "{err}"
+    );
+    assert!(!out.join("head.safetensors").exists());
+}
+
+/// A node killed while it hosts a worker stops the job with a typed error naming the node,
+/// promptly, and nothing is written.
+#[test]
+fn a_node_killed_under_training_stops_the_job_and_nothing_is_written() {
+    let dir = common::TempDir::new("cluster-train-kill");
+    let data = root().join("data");
+    let mut a = NodeProc::start_anywhere("train-kill", SECRET, &dir.0, &["--model-root", data.to_str().unwrap()]);
+    let file = dir.0.join("placed.toml");
+    std::fs::write(
+        &file,
+        training_graph(
+            &[("train-kill", a.port)],
+            "head",
+            "workers = 2\nworker_nodes = [\"local\", \"train-kill\"]",
+            1000,
+        ),
+    )
+    .unwrap();
+    let out = dir.0.join("out");
+    let log = dir.0.join("train.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_maas"))
+        .arg("train")
+        .arg(&file)
+        .args(["--job", "head", "--out"])
+        .arg(&out)
+        .env("MAAS_CLUSTER_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Training (an epoch reported), then the node is killed.
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("epoch 2/1000") {
+        assert!(Instant::now() < until, "no epoch in 60 s: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill();
+    // The job ends (it would otherwise run 1000 epochs), failed, naming the node.
+    let until = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("the job did not stop within 30 s of its node's loss");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("worker 1 failed") && text.contains("node `train-kill`") && text.contains("was lost"),
+        "{text}"
+    );
+    assert!(!out.join("head.safetensors").exists());
+}
+
+/// A serving engine trains a job whose workers run on two nodes (`POST /v1/training/{job}`'s
+/// path) and swaps the trained head into the pipeline it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_trains_on_nodes_and_swaps_in_what_they_trained() {
+    use maas_engine::{TrainingOptions, TrainingState};
+    let dir = common::TempDir::new("cluster-train-engine");
+    let data = root().join("data");
+    let extra = ["--model-root", data.to_str().unwrap()];
+    let a = NodeProc::start_anywhere("train-engine-a", SECRET, &dir.0, &extra);
+    let b = NodeProc::start_anywhere("train-engine-b", SECRET, &dir.0, &extra);
+    let nodes = [("train-engine-a", a.port), ("train-engine-b", b.port)];
+    let placement =
+        "workers = 2\nworker_nodes = [\"train-engine-a\", \"train-engine-b\"]\nserver_nodes = \"train-engine-a\"";
+    let text = training_graph(&nodes, "head", placement, 3);
+    let mut o = options();
+    o.file_roots = Some(vec![root().join("assets"), dir.0.clone()]);
+    let source = maas_graphs::SourceFile::new("train.toml", text.clone(), dir.0.clone());
+    let engine = Engine::builder().options(o).from_sources(vec![source.clone()]).await.expect("the graph serves");
+    let registry = maas_kernels::Registry::builtin();
+    let checked = maas_graphs::check(vec![source.clone()], &registry).unwrap();
+    let job = maas_train::job::check(&[source], &checked, &registry).unwrap().remove(0);
+    assert!(job.is_placed());
+    let before = engine.versions("head").unwrap().serving.version.clone();
+    let out = dir.0.join("trained");
+    engine.start_training(job, TrainingOptions { out: out.clone(), swap: true }).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(120), engine.wait_training("head")).await.unwrap().unwrap();
+    assert_eq!(status.state, TrainingState::Succeeded, "{status:?}");
+    let report = status.report.expect("a report");
+    assert!(report.accuracy > 0.95, "{report:?}");
+    let serving = engine.versions("head").unwrap().serving.version.clone();
+    assert_ne!(serving, before);
+    assert_eq!(serving, report.version);
+    for node in [&a, &b] {
+        assert!(node.log_text().contains("training actor started"), "{}", node.log_text());
+    }
+    assert_eq!(a.log_text().matches("actor=server 0").count(), 1);
+    // Every epoch reported, the last one included (the server's ranges come from another
+    // process than the workers' answers).
+    assert_eq!(status.history.iter().map(|p| p.epoch).collect::<Vec<_>>(), [1, 2, 3], "{:?}", status.history);
+    // The job over, its actors on the nodes stop (the engine's connection stays open).
+    for node in [&a, &b] {
+        assert!(
+            common::eventually(Duration::from_secs(10), || node.log_text().contains("training actor stopped")).await,
+            "{}",
+            node.log_text()
+        );
+    }
+    engine.shutdown().await;
+}

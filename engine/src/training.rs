@@ -198,6 +198,13 @@ impl Engine {
                 return Err(invalid(format!("the engine serves no submodel `{s}` now")));
             }
         }
+        for node in job.worker_nodes.iter().chain(&job.server_nodes) {
+            if node != maas_graphs::LOCAL_NODE && !graph.nodes.contains_key(node) {
+                return Err(invalid(format!(
+                    "the job places actors on node `{node}`, which the graph served now does not declare"
+                )));
+            }
+        }
         let name = job.name.clone();
         let cancel = Arc::new(Cancel::default());
         let status = {
@@ -280,8 +287,27 @@ impl Engine {
             }
         };
         let registry = engine.registry().clone();
-        let result =
-            maas_train::trainer::run(Arc::new(graph), job.clone(), registry, options.out, cancel, &progress).await;
+        let placement = match job.is_placed() {
+            false => Ok(None),
+            true => crate::cluster::ClusterPlacement::new(&graph, engine.inner.cluster.options().clone())
+                .await
+                .map(|p| Some(p as Arc<dyn maas_train::actors::Placement>)),
+        };
+        let result = match placement {
+            Ok(placement) => {
+                maas_train::trainer::run_placed(
+                    Arc::new(graph),
+                    job.clone(),
+                    registry,
+                    options.out,
+                    cancel,
+                    &progress,
+                    placement,
+                )
+                .await
+            }
+            Err(e) => Err(TrainError::Other(e)),
+        };
         let report = match result {
             Ok(report) => report,
             Err(TrainError::Cancelled) => {

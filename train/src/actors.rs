@@ -790,6 +790,43 @@ impl Actor for WorkerActor {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Placement
+
+/// A boxed future (what [`Placement`]'s methods answer).
+pub type Spawning<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send>>;
+
+/// Starts a job's workers and servers on the nodes the job places them on
+/// ([`Job::worker_node`], [`Job::server_node`]). Each is represented here by a local actor
+/// linked to the job actor: stopping it stops the remote one, and it fails (so the job stops)
+/// when the remote one fails or its node is lost.
+pub trait Placement: Send + Sync {
+    /// Starts worker `index` on `node` with its `shard`; it talks to this process's `servers`
+    /// and `gate`. Answers the actor standing for it, linked to `supervisor`.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_worker(
+        &self,
+        node: &str,
+        index: usize,
+        shard: Vec<usize>,
+        servers: Vec<ActorRef<ServerMessage>>,
+        gate: Option<ActorRef<GateMessage>>,
+        shared: Arc<Shared>,
+        supervisor: ActorCell,
+    ) -> Spawning<ActorCell>;
+
+    /// Starts server `index` on `node` from `params`. Answers the actor standing for it (its
+    /// messages are forwarded to the node), linked to `supervisor`.
+    fn spawn_server(
+        &self,
+        node: &str,
+        index: usize,
+        params: Vec<f32>,
+        shared: Arc<Shared>,
+        supervisor: ActorCell,
+    ) -> Spawning<ActorRef<ServerMessage>>;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The job
 
 /// The supervisor of a job's actors.
@@ -803,6 +840,8 @@ pub struct JobArgs {
     pub params: Vec<Vec<f32>>,
     /// Each worker's shard.
     pub shards: Vec<Vec<usize>>,
+    /// How workers and servers placed on nodes start there.
+    pub placement: Option<Arc<dyn Placement>>,
 }
 
 /// The job actor's children.
@@ -840,15 +879,34 @@ impl Actor for JobActor {
             children: Vec::new(),
             events: shared.events.clone(),
         };
+        let placement = args.placement;
+        let elsewhere = |what: &str, node: &str| -> Result<Arc<dyn Placement>, String> {
+            placement
+                .clone()
+                .ok_or_else(|| format!("{what} is placed on node `{node}`, but this job runs without a cluster"))
+        };
         let started = async {
             for (index, params) in args.params.into_iter().enumerate() {
-                let (s, _) = Actor::spawn_linked(
-                    None,
-                    ServerActor,
-                    ServerArgs { index, params, shared: shared.clone() },
-                    myself.get_cell(),
-                )
-                .await?;
+                let s = match shared.job.server_node(index) {
+                    Some(node) => {
+                        let what = format!("server {index}");
+                        elsewhere(&what, node)?
+                            .spawn_server(node, index, params, shared.clone(), myself.get_cell())
+                            .await
+                            .map_err(|e| format!("{what} on node `{node}`: {e}"))?
+                    }
+                    None => {
+                        Actor::spawn_linked(
+                            None,
+                            ServerActor,
+                            ServerArgs { index, params, shared: shared.clone() },
+                            myself.get_cell(),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .0
+                    }
+                };
                 state.names.insert(s.get_id(), format!("server {index}"));
                 state.children.push(s.get_cell());
                 state.servers.push(s);
@@ -856,24 +914,48 @@ impl Actor for JobActor {
             if shared.job.mode == Mode::Async {
                 let (g, _) =
                     Actor::spawn_linked(None, GateActor, (shared.job.workers, shared.job.staleness), myself.get_cell())
-                        .await?;
+                        .await
+                        .map_err(|e| e.to_string())?;
                 state.names.insert(g.get_id(), "gate".into());
                 state.children.push(g.get_cell());
                 state.gate = Some(g);
             }
             for (index, shard) in args.shards.into_iter().enumerate() {
-                let worker_args = WorkerArgs {
-                    index,
-                    shard,
-                    servers: state.servers.clone(),
-                    gate: state.gate.clone(),
-                    shared: shared.clone(),
+                let w = match shared.job.worker_node(index) {
+                    Some(node) => {
+                        let what = format!("worker {index}");
+                        elsewhere(&what, node)?
+                            .spawn_worker(
+                                node,
+                                index,
+                                shard,
+                                state.servers.clone(),
+                                state.gate.clone(),
+                                shared.clone(),
+                                myself.get_cell(),
+                            )
+                            .await
+                            .map_err(|e| format!("{what} on node `{node}`: {e}"))?
+                    }
+                    None => {
+                        let worker_args = WorkerArgs {
+                            index,
+                            shard,
+                            servers: state.servers.clone(),
+                            gate: state.gate.clone(),
+                            shared: shared.clone(),
+                        };
+                        Actor::spawn_linked(None, WorkerActor, worker_args, myself.get_cell())
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .0
+                            .get_cell()
+                    }
                 };
-                let (w, _) = Actor::spawn_linked(None, WorkerActor, worker_args, myself.get_cell()).await?;
                 state.names.insert(w.get_id(), format!("worker {index}"));
-                state.children.push(w.get_cell());
+                state.children.push(w);
             }
-            Ok::<_, ractor::SpawnErr>(())
+            Ok::<_, String>(())
         }
         .await;
         if let Err(e) = started {
@@ -883,8 +965,12 @@ impl Actor for JobActor {
         Ok(state)
     }
 
-    async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut JobState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut JobState) -> Result<(), ActorProcessingErr> {
         state.children.iter().for_each(|c| c.stop(None));
+        // Waited for: an actor standing for a worker or server on another process tells it
+        // to stop in its own `post_stop`, which the kill of whatever is left when this actor
+        // ends would skip.
+        myself.stop_children_and_wait(None, Some(std::time::Duration::from_secs(5))).await;
         Ok(())
     }
 

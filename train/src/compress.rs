@@ -28,7 +28,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// How a gradient is compressed (`--compression`, `compression = "..."`).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Compression {
     /// Every value as f32.
     None,

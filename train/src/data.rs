@@ -49,7 +49,7 @@ pub enum DataError {
 }
 
 /// A column selection as written: `"3"` or `"0..64"` (end exclusive).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ColumnRange(pub Range<usize>);
 
 impl std::str::FromStr for ColumnRange {
@@ -72,7 +72,7 @@ impl std::str::FromStr for ColumnRange {
 }
 
 /// Which columns make up each input and which is the label.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Columns {
     /// Pipeline input name and its columns, in order.
     pub inputs: Vec<(String, ColumnRange)>,

@@ -41,7 +41,7 @@ use maas_graphs::{
     Checked, Diagnostic, Diagnostics, Dim, NodeName, PipelineName, PortName, PortType, SourceFile, SubmodelName,
 };
 use maas_kernels::Registry;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::compress::Compression;
@@ -49,7 +49,7 @@ use crate::data::{ColumnRange, Columns};
 use crate::optim::Optimizer;
 
 /// How the learning submodels start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Init {
     /// From the weights each submodel serves with.
     Weights,
@@ -58,7 +58,7 @@ pub enum Init {
 }
 
 /// How workers and servers step together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
     /// Every step waits for every worker (deterministic for a seed).
     Sync,
@@ -67,7 +67,7 @@ pub enum Mode {
 }
 
 /// What the loss is computed on: a node's output port, logits over `classes`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Loss {
     /// The node.
     pub node: NodeName,
@@ -78,7 +78,7 @@ pub struct Loss {
 }
 
 /// The training data and how its columns map to the pipeline's inputs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataSpec {
     /// The CSV or gzip-CSV file (resolved against the graph file's directory).
     pub path: PathBuf,
@@ -87,7 +87,7 @@ pub struct DataSpec {
 }
 
 /// A checked training job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     /// `[training.NAME]`.
     pub name: String,
@@ -134,6 +134,47 @@ pub struct Job {
     pub prune: Option<f64>,
     /// Epochs of that fine-tune (default: a fifth of `epochs`, at least 1).
     pub prune_epochs: usize,
+    /// Where the workers run: worker `i` on `worker_nodes[i % len]` (a `[nodes.NAME]` of the
+    /// graph, or `local`); empty: all in the process that runs the job.
+    #[serde(default)]
+    pub worker_nodes: Vec<String>,
+    /// Where the parameter servers run, the same way.
+    #[serde(default)]
+    pub server_nodes: Vec<String>,
+}
+
+impl Job {
+    /// Where worker `index` runs (`None`: in the process that runs the job).
+    pub fn worker_node(&self, index: usize) -> Option<&str> {
+        placed(&self.worker_nodes, index)
+    }
+
+    /// Where server `index` runs (`None`: in the process that runs the job).
+    pub fn server_node(&self, index: usize) -> Option<&str> {
+        placed(&self.server_nodes, index)
+    }
+
+    /// Whether any of its actors runs on a node.
+    pub fn is_placed(&self) -> bool {
+        (0..self.workers).any(|i| self.worker_node(i).is_some())
+            || (0..self.servers).any(|i| self.server_node(i).is_some())
+    }
+}
+
+fn placed(nodes: &[String], index: usize) -> Option<&str> {
+    if nodes.is_empty() {
+        return None;
+    }
+    let n = nodes[index % nodes.len()].as_str();
+    (n != maas_graphs::LOCAL_NODE).then_some(n)
+}
+
+/// `worker_nodes = "a"` or `["a", "b"]`.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "a node name (\"a\") or a list of node names ([\"a\", \"b\"])")]
+enum NodesToml {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize, Default)]
@@ -166,6 +207,8 @@ struct JobToml {
     min_accuracy: Option<Spanned<f64>>,
     prune: Option<Spanned<f64>>,
     prune_epochs: Option<Spanned<i64>>,
+    worker_nodes: Option<Spanned<NodesToml>>,
+    server_nodes: Option<Spanned<NodesToml>>,
 }
 
 #[derive(Deserialize)]
@@ -542,6 +585,8 @@ fn check_job(
     };
     let prune_epochs = count(job.prune_epochs, (epochs / 5).max(1), "prune_epochs", report);
     let seed = job.seed.unwrap_or(0);
+    let worker_nodes = nodes(name, "worker_nodes", job.worker_nodes, graph, report);
+    let server_nodes = nodes(name, "server_nodes", job.server_nodes, graph, report);
 
     if report.diags.len() > errors_before {
         return None;
@@ -583,7 +628,40 @@ fn check_job(
         min_accuracy,
         prune,
         prune_epochs,
+        worker_nodes,
+        server_nodes,
     })
+}
+
+/// A placement key's nodes, each declared in the graph's `[nodes]` (or `local`).
+fn nodes(
+    job: &str,
+    key: &str,
+    value: Option<Spanned<NodesToml>>,
+    graph: &maas_graphs::Graph,
+    report: &mut Report<'_>,
+) -> Vec<String> {
+    let Some(value) = value else { return Vec::new() };
+    let span = value.span();
+    let names = match value.into_inner() {
+        NodesToml::One(n) => vec![n],
+        NodesToml::Many(ns) => ns,
+    };
+    if names.is_empty() {
+        report.error(span.clone(), format!("training job `{job}`: `{key}` names no node"));
+    }
+    let mut out = Vec::new();
+    for name in &names {
+        let name = name.as_str();
+        if name != maas_graphs::LOCAL_NODE && !graph.nodes.contains_key(name) {
+            let hint = maas_graphs::did_you_mean(name, graph.nodes.keys().map(String::as_str))
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_else(|| " (declare it with `[nodes.NAME] addr = \"HOST:PORT\"`)".into());
+            report.error(span.clone(), format!("training job `{job}`: `{key}` names undeclared node `{name}`{hint}"));
+        }
+        out.push(name.to_string());
+    }
+    out
 }
 
 /// Settings a run may change from what its job says (`maas train`'s flags, the body of

@@ -8,7 +8,7 @@
 //!   as `candle_nn::AdamW` (checked in the tests).
 
 /// An optimizer and its settings (`optimizer = { kind = "sgd" | "adamw", ... }`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Optimizer {
     /// Stochastic gradient descent with momentum.
     Sgd {

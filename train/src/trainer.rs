@@ -43,7 +43,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use crate::actors::{
-    EpochLog, Event, GateMessage, JobActor, JobArgs, JobMessage, ServerMessage, Shared, read_params, segments, snapshot,
+    EpochLog, Event, GateMessage, JobActor, JobArgs, JobMessage, Placement, ServerMessage, Shared, read_params,
+    segments, snapshot,
 };
 use crate::compress;
 use crate::data::{self, Table};
@@ -394,6 +395,19 @@ pub async fn run(
     cancel: Arc<Cancel>,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Report, TrainError> {
+    run_placed(graph, job, registry, out, cancel, progress, None).await
+}
+
+/// [`run`], with the workers and servers the job places on nodes started there by `placement`.
+pub async fn run_placed(
+    graph: Arc<Graph>,
+    job: Job,
+    registry: Registry,
+    out: PathBuf,
+    cancel: Arc<Cancel>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+    placement: Option<Arc<dyn Placement>>,
+) -> Result<Report, TrainError> {
     let start = Instant::now();
     let setup = {
         let (graph, job, registry) = (graph.clone(), job.clone(), registry.clone());
@@ -436,7 +450,8 @@ pub async fn run(
         .map_err(|e| TrainError::Other(format!("setting up: {e}")))??
     };
 
-    let trained = phase(&graph, &job, &registry, &setup, setup.init.clone(), None, "train", &cancel, progress).await?;
+    let placed = Placed { placement: placement.as_ref(), cancel: &cancel, progress };
+    let trained = phase(&graph, &job, &registry, &setup, setup.init.clone(), None, "train", &placed).await?;
     let mut accuracy = evaluate(&setup, trained.flat.clone()).await?;
     let mut last = trained;
     let mut total = last.clone_counts();
@@ -451,7 +466,7 @@ pub async fn run(
         tune.epochs = job.prune_epochs;
         tune.optimizer = job.optimizer.with_lr(job.optimizer.lr() * job.lr_decay_to);
         tune.lr_decay_to = 1.0;
-        let tuned = phase(&graph, &tune, &registry, &setup, pruned, Some(mask), "fine_tune", &cancel, progress).await?;
+        let tuned = phase(&graph, &tune, &registry, &setup, pruned, Some(mask), "fine_tune", &placed).await?;
         let accuracy_after = evaluate(&setup, tuned.flat.clone()).await?;
         let (mut nonzero, mut entries) = (0, 0);
         for (_, shape, range) in setup.layout.tensors() {
@@ -579,6 +594,13 @@ impl Phase {
     }
 }
 
+/// What every phase of a run shares: where its actors start, its cancellation, its progress.
+struct Placed<'a> {
+    placement: Option<&'a Arc<dyn Placement>>,
+    cancel: &'a Arc<Cancel>,
+    progress: &'a (dyn Fn(&Progress) + Send + Sync),
+}
+
 /// One phase: the job's actors started from `init` (with `mask`'s entries held at zero), run
 /// to the end of `job.epochs`, their parameters read back, the actors stopped.
 #[allow(clippy::too_many_arguments)]
@@ -590,9 +612,9 @@ async fn phase(
     init: Vec<f32>,
     mask: Option<Vec<bool>>,
     name: &'static str,
-    cancel: &Arc<Cancel>,
-    progress: &(dyn Fn(&Progress) + Send + Sync),
+    placed: &Placed<'_>,
 ) -> Result<Phase, TrainError> {
+    let (cancel, progress) = (placed.cancel, placed.progress);
     let parts = ranges(setup.layout.len(), job.servers);
     let steps_per_epoch = setup.shards.iter().map(|s| s.len().div_ceil(job.batch_size)).max().unwrap_or(1);
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -613,11 +635,16 @@ async fn phase(
         params: parts.iter().map(|r| init[r.clone()].to_vec()).collect(),
         shards: setup.shards.clone(),
         shared: shared.clone(),
+        placement: placed.placement.cloned(),
     };
     drop(shared);
-    let (actor, handle) = Actor::spawn(None, JobActor, args)
-        .await
-        .map_err(|e| TrainError::ActorFailed { actor: "the job".into(), reason: e.to_string() })?;
+    let (actor, handle) = Actor::spawn(None, JobActor, args).await.map_err(|e| {
+        let reason = match e {
+            ractor::SpawnErr::StartupFailed(why) => why.to_string(),
+            other => other.to_string(),
+        };
+        TrainError::ActorFailed { actor: "the job".into(), reason }
+    })?;
     let result = drive(job, setup, &parts, steps_per_epoch, name, &actor, &mut rx, progress).await;
     actor.stop(None);
     let _ = handle.await;
@@ -650,8 +677,19 @@ async fn drive(
     };
     let (mut done, mut reported) = (0, 0);
     let per_epoch = steps_per_epoch * job.workers;
-    while done < job.workers {
-        let Some(event) = rx.recv().await else {
+    // Sync: after the last worker is done, the epochs not yet reported wait for their servers'
+    // ranges too (a server on another process may report its last epoch after the workers'
+    // answers arrived), for a while.
+    while done < job.workers || (job.mode == Mode::Sync && reported < job.epochs) {
+        let event = if done < job.workers {
+            rx.recv().await
+        } else {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await {
+                Ok(e) => e,
+                Err(_) => break,
+            }
+        };
+        let Some(event) = event else {
             return Err(TrainError::Stopped);
         };
         match event {

@@ -113,6 +113,14 @@ fn every_mistake_is_located_and_named() {
         ("min_accuracy = 0.97", "min_accuracy = 97", "`min_accuracy` is a fraction"),
         ("seed = 7", "seed = 7\nlearning_rate = 1", "unknown field `learning_rate`"),
         ("seed = 7", "seed = 7\nlr_decay_to = 0.0", "`lr_decay_to` is a fraction of `lr`"),
+        (
+            "seed = 7",
+            "seed = 7\nworker_nodes = [\"local\", \"gpu1\"]",
+            "`worker_nodes` names undeclared node `gpu1` (declare it with `[nodes.NAME]",
+        ),
+        ("seed = 7", "seed = 7\nserver_nodes = \"ps\"", "`server_nodes` names undeclared node `ps`"),
+        ("seed = 7", "seed = 7\nserver_nodes = []", "`server_nodes` names no node"),
+        ("seed = 7", "seed = 7\nworker_nodes = 2", "a node name (\"a\") or a list of node names"),
     ];
     for (from, to, want) in cases {
         assert!(HEAD.contains(from), "{from}");
@@ -127,6 +135,31 @@ fn every_mistake_is_located_and_named() {
         let line: usize = parts.next().and_then(|l| l.parse().ok()).unwrap_or_else(|| panic!("no line in {err}"));
         assert!(line > 25, "{to}: line {line} is not in the job:\n{err}");
     }
+}
+
+/// `worker_nodes` and `server_nodes` place workers and servers round robin over declared nodes
+/// (`local`: the process that runs the job); a misspelt node is a located did-you-mean.
+#[test]
+fn workers_and_servers_are_placed_on_declared_nodes() {
+    let nodes = "[nodes.gpu1]\naddr = \"127.0.0.1:7101\"\n[nodes.gpu2]\naddr = \"127.0.0.1:7102\"\n";
+    let placed = HEAD.replace("seed = 7", "seed = 7\nworker_nodes = [\"local\", \"gpu1\"]\nserver_nodes = \"gpu2\"");
+    let j = check(&format!("{nodes}{placed}")).unwrap().remove(0);
+    assert_eq!((j.worker_node(0), j.worker_node(1), j.worker_node(2)), (None, Some("gpu1"), None));
+    assert_eq!((j.server_node(0), j.server_node(1)), (Some("gpu2"), Some("gpu2")));
+    assert!(j.is_placed());
+    // A job sent to a node arrives as it left.
+    let back: job::Job = serde_json::from_str(&serde_json::to_string(&j).unwrap()).unwrap();
+    assert_eq!(
+        (back.worker_nodes, back.server_nodes, back.optimizer),
+        (j.worker_nodes.clone(), j.server_nodes, j.optimizer)
+    );
+    // Unplaced, or only `local`: nothing leaves the process.
+    assert!(!check(HEAD).unwrap()[0].is_placed());
+    let local = HEAD.replace("seed = 7", "seed = 7\nworker_nodes = \"local\"");
+    assert!(!check(&local).unwrap()[0].is_placed());
+    let typo = HEAD.replace("seed = 7", "seed = 7\nworker_nodes = [\"gpu3\"]");
+    let err = check(&format!("{nodes}{typo}")).unwrap_err();
+    assert!(err.contains("undeclared node `gpu3`; did you mean `gpu1`?") && err.starts_with("train.toml:"), "{err}");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! `JobError::Lost`. A link keeps reconnecting, so a node that comes back serves again.
 
 pub mod node;
+pub mod train;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::sync::{broadcast, watch};
 
 pub use node::{AgentMessage, DEFAULT_MAX_FRAME, Node, NodeConfig};
+pub use train::{ClusterPlacement, PortMessage};
 
 /// How long a link waits for a connection to become ready (authenticated, state exchanged).
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -179,6 +181,11 @@ pub(crate) struct Cluster {
 impl Cluster {
     pub(crate) fn new(options: ClusterOptions) -> Self {
         Self { options, links: Mutex::default() }
+    }
+
+    /// Its settings.
+    pub(crate) fn options(&self) -> &ClusterOptions {
+        &self.options
     }
 
     /// The link to a node, started on first use in this process (and a new one when its address

@@ -42,6 +42,12 @@ pub enum AgentMessage {
     Infer(Vec<u8>, RpcReplyPort<Vec<u8>>),
     /// Stop an instance ([`wire::Stop`] as JSON).
     Stop(Vec<u8>),
+    /// A training request (start a worker or a server, a server's pull or push; see
+    /// [`super::train`]); answers `[0][bytes]` or `[1][message]`.
+    #[rpc]
+    Train(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Stop a training actor.
+    TrainStop(Vec<u8>),
 }
 
 /// How a node runs.
@@ -83,6 +89,7 @@ impl Node {
             instances: Mutex::default(),
             max_frame: config.max_frame,
             gone: Mutex::default(),
+            trainings: super::train::Trainings::default(),
         });
         let server = NodeServer::new(
             config.listen.port(),
@@ -111,6 +118,11 @@ impl Node {
         self.host.instances.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Training actors (workers, parameter servers) running now.
+    pub fn training_actors(&self) -> usize {
+        self.host.trainings.len()
+    }
+
     /// Stops the agent, every instance and the listener.
     pub async fn stop(self) {
         let instances: Vec<_> = self.host.instances.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
@@ -133,6 +145,8 @@ struct Host {
     /// What must not start any more: owners whose session ended (until they come back), and
     /// instances stopped while they were loading.
     gone: Mutex<Gone>,
+    /// Training jobs' workers and servers placed here.
+    trainings: super::train::Trainings,
 }
 
 #[derive(Default)]
@@ -184,9 +198,9 @@ impl Host {
 
 /// The registry, refusing any submodel whose files lie outside the node's model roots (before
 /// its kind reads them).
-struct Rooted<'a> {
-    registry: &'a Registry,
-    roots: &'a [PathBuf],
+pub(super) struct Rooted<'a> {
+    pub(super) registry: &'a Registry,
+    pub(super) roots: &'a [PathBuf],
 }
 
 impl Catalog for Rooted<'_> {
@@ -208,7 +222,7 @@ impl Catalog for Rooted<'_> {
     }
 }
 
-fn under_roots(file: &Path, roots: &[PathBuf]) -> bool {
+pub(super) fn under_roots(file: &Path, roots: &[PathBuf]) -> bool {
     std::fs::canonicalize(file).is_ok_and(|c| roots.iter().any(|r| c.starts_with(r)))
 }
 
@@ -246,6 +260,7 @@ impl NodeEventSubscription for Watch {
             let keys: Vec<_> = map.keys().filter(|(o, _)| *o == owner).cloned().collect();
             keys.into_iter().filter_map(|k| map.remove(&k)).collect()
         };
+        self.host.trainings.stop_owner(&owner);
         tracing::info!(peer = %ses.peer_addr, owner = %owner, instances = gone.len(), "a serving process disconnected; its instances stop");
         for sub in &gone {
             log_stopped(&owner, 0, sub);
@@ -324,6 +339,14 @@ impl Actor for NodeAgent {
                     let _ = reply.send(out);
                 });
             }
+            AgentMessage::Train(bytes, reply) => {
+                let host = host.clone();
+                tokio::spawn(async move {
+                    let answer = host.trainings.call(&host.registry, &host.roots, &bytes).await;
+                    let _ = reply.send(answer);
+                });
+            }
+            AgentMessage::TrainStop(bytes) => host.trainings.stop(&bytes),
             AgentMessage::Stop(bytes) => {
                 if let Ok(stop) = serde_json::from_slice::<wire::Stop>(&bytes) {
                     host.gone
