@@ -86,6 +86,44 @@ pub fn render(engine: &Engine) -> String {
             n.state
         );
     }
+    // Measured on the nodes, where the batching happens (the serving side's figures for a
+    // remote submodel count its jobs and chunks, not its batches).
+    let nodes = engine.node_metrics();
+    let label = |m: &maas_engine::cluster::NodeInstanceMetrics| {
+        format!(
+            "node=\"{}\",submodel=\"{}\",version=\"{}\"",
+            escape(&m.node),
+            escape(&m.stats.submodel),
+            escape(&m.stats.version)
+        )
+    };
+    header(
+        &mut out,
+        "maas_node_jobs_total",
+        "counter",
+        "Jobs a node ran for this process, by submodel version and outcome.",
+    );
+    for m in &nodes {
+        let l = label(m);
+        let _ = writeln!(out, "maas_node_jobs_total{{{l},outcome=\"ok\"}} {}", m.stats.jobs_ok);
+        let _ = writeln!(out, "maas_node_jobs_total{{{l},outcome=\"failed\"}} {}", m.stats.jobs_failed);
+    }
+    header(&mut out, "maas_node_queued_jobs", "gauge", "Jobs waiting in a node's queue for the submodel.");
+    for m in &nodes {
+        let _ = writeln!(out, "maas_node_queued_jobs{{{}}} {}", label(m), m.stats.queued);
+    }
+    header(&mut out, "maas_node_batch_rows", "histogram", "Rows per batch a node ran.");
+    for m in &nodes {
+        if let Some(h) = m.stats.batch_rows_histogram() {
+            histogram(&mut out, "maas_node_batch_rows", &label(m), &h);
+        }
+    }
+    header(&mut out, "maas_node_batch_duration_seconds", "histogram", "Compute time per batch on a node.");
+    for m in &nodes {
+        if let Some(h) = m.stats.compute_seconds_histogram() {
+            histogram(&mut out, "maas_node_batch_duration_seconds", &label(m), &h);
+        }
+    }
     header(&mut out, "maas_submodel_queued_jobs", "gauge", "Jobs waiting in the submodel's queue.");
     for (n, s) in &m.submodels {
         let _ = writeln!(out, "maas_submodel_queued_jobs{{submodel=\"{}\"}} {}", escape(n), s.queued);

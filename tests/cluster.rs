@@ -210,6 +210,27 @@ async fn digits_on_two_nodes_answer_as_the_single_process_pipeline() {
     assert_eq!((head.nodes[0].name.as_str(), head.nodes[0].state.as_str()), ("dgb", "up"));
     assert!(subs.iter().find(|s| s.name == "probs").unwrap().nodes.is_empty());
     assert!(remote.ready());
+    // The nodes' own figures (jobs, batches, compute) reach this process and its `/metrics`.
+    assert!(
+        common::eventually(Duration::from_secs(10), || {
+            let m = remote.node_metrics();
+            let f = m.iter().find(|m| m.node == "dga" && m.stats.submodel == "features");
+            let h = m.iter().find(|m| m.node == "dgb" && m.stats.submodel == "head");
+            f.is_some_and(|f| f.stats.jobs_ok >= 1 && f.stats.batch_rows.count >= 1 && f.stats.batch_rows.sum >= 100.0)
+                && h.is_some_and(|h| h.stats.jobs_ok >= 1)
+        })
+        .await,
+        "{:?}",
+        remote.node_metrics()
+    );
+    let text = maas::prometheus::render(&remote);
+    for want in [
+        "maas_node_jobs_total{node=\"dga\",submodel=\"features\",version=\"v1\",outcome=\"ok\"}",
+        "maas_node_batch_rows_count{node=\"dgb\",submodel=\"head\",version=\"v1\"}",
+        "maas_node_batch_duration_seconds_sum{node=\"dga\",submodel=\"features\",version=\"v1\"}",
+    ] {
+        assert!(text.contains(want), "no `{want}` in:\n{text}");
+    }
     remote.shutdown().await;
     local.shutdown().await;
 }
@@ -778,4 +799,88 @@ async fn an_engine_trains_on_nodes_and_swaps_in_what_they_trained() {
         );
     }
     engine.shutdown().await;
+}
+
+/// A node that refused an instance (its weights outside that node's roots at the time) starts
+/// it on its own once the cause is fixed (the file moved under its root), without
+/// reconnecting, and then serves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_instance_is_started_again_once_its_node_can() {
+    let dir = common::TempDir::new("cluster-retry");
+    let (data, root_b) = (dir.0.join("data"), dir.0.join("root-b"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&root_b).unwrap();
+    let committed = root().join("assets/digits/head.safetensors");
+    let head = data.join("head.safetensors");
+    std::fs::copy(&committed, &head).unwrap();
+    let (data_s, root_b_s) = (data.to_str().unwrap(), root_b.to_str().unwrap());
+    let mut a = NodeProc::start_anywhere("rta", SECRET, &dir.0, &["--model-root", data_s, "--model-root", root_b_s]);
+    let b = NodeProc::start_anywhere("rtb", SECRET, &dir.0, &["--model-root", root_b_s]);
+    let text = digits_graph(&[("rta", a.port), ("rtb", b.port)], "", "node = [\"rta\", \"rtb\"]")
+        .replace(committed.to_str().unwrap(), head.to_str().unwrap());
+    assert!(text.contains(head.to_str().unwrap()));
+    let engine = engine_of(&text).await.unwrap();
+    assert!(b.log_text().contains("outside this node's model roots"), "{}", b.log_text());
+    assert!(!b.log_text().contains("instance started"));
+    // Fixed: the file moved under `b`'s root (its old directory now a link there).
+    std::fs::copy(&committed, root_b.join("head.safetensors")).unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(&root_b, &data).unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(20), || b.log_text().contains("instance started")).await,
+        "{}",
+        b.log_text()
+    );
+    // `b` alone serves it now.
+    a.kill();
+    let x = digits_rows(4);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match engine.infer("classify", pixels(x.clone())).await {
+            Ok(r) => {
+                assert_eq!(labels(&r.outputs).len(), 4);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < until, "not served by `rtb` after `rta` was killed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.shutdown().await;
+}
+
+/// A node that stops answering without its connection closing (a frozen process, as a machine
+/// gone without a reset looks) is marked lost after its missed health polls, its replicas'
+/// work goes to the other node, and it rejoins when it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_stops_answering_is_lost_and_rejoins_when_it_answers() {
+    let dir = common::TempDir::new("cluster-frozen");
+    let a = NodeProc::start_anywhere("fza", SECRET, &dir.0, &[]);
+    let b = NodeProc::start_anywhere("fzb", SECRET, &dir.0, &[]);
+    let text = digits_graph(&[("fza", a.port), ("fzb", b.port)], "", "node = [\"fza\", \"fzb\"]");
+    let engine = engine_of(&text).await.unwrap();
+    let state = |name: &str| engine.nodes().into_iter().find(|n| n.name == name).map(|n| n.state).unwrap_or_default();
+    assert_eq!((state("fza").as_str(), state("fzb").as_str()), ("up", "up"));
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &a.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    assert!(
+        common::eventually(Duration::from_secs(20), || state("fza") != "up").await,
+        "a frozen node is still up: {:?}",
+        engine.nodes()
+    );
+    // New requests go to `fzb`.
+    for _ in 0..5 {
+        let r = engine.infer("classify", pixels(digits_rows(4))).await.expect("served by the node that answers");
+        assert_eq!(labels(&r.outputs).len(), 4);
+    }
+    signal("-CONT");
+    assert!(
+        common::eventually(Duration::from_secs(20), || state("fza") == "up").await,
+        "the node did not rejoin: {:?}",
+        engine.nodes()
+    );
+    engine.shutdown().await;
+    drop(b);
 }

@@ -879,6 +879,13 @@ impl Engine {
     pub fn nodes(&self) -> Vec<crate::cluster::NodeStatus> {
         self.inner.cluster.nodes()
     }
+
+    /// What each node last reported of the submodel instances it runs for this engine (asked
+    /// every second while it is up): jobs, queue, batch sizes and compute time, measured where
+    /// the batching happens.
+    pub fn node_metrics(&self) -> Vec<crate::cluster::NodeInstanceMetrics> {
+        self.inner.cluster.node_metrics()
+    }
 }
 
 fn pipeline_info(p: &Pipeline) -> PipelineInfo {

@@ -355,6 +355,14 @@ mod tests {
             (InferError::InvalidInput("x".into()), Code::InvalidArgument),
             (InferError::Overloaded("full".into()), Code::ResourceExhausted),
             (InferError::ShuttingDown, Code::Unavailable),
+            (
+                InferError::NodeLost {
+                    node: "enc".into(),
+                    submodel: "encoder".into(),
+                    message: "node `a` lost".into(),
+                },
+                Code::Unavailable,
+            ),
             (InferError::DeadlineExceeded(Duration::from_millis(5)), Code::DeadlineExceeded),
             (
                 InferError::SubmodelFailed { node: "n".into(), submodel: "s".into(), message: "m".into() },

@@ -30,6 +30,7 @@ use tokio::sync::{broadcast, watch};
 
 pub use node::{AgentMessage, DEFAULT_MAX_FRAME, Node, NodeConfig};
 pub use train::{ClusterPlacement, PortMessage};
+pub use wire::{Hist, InstanceStats};
 
 /// How long a link waits for a connection to become ready (authenticated, state exchanged).
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -201,6 +202,7 @@ impl Cluster {
                     Arc::downgrade(&link),
                     endpoint.server.clone(),
                     endpoint.events.clone(),
+                    endpoint.name.clone(),
                 ));
                 shared.insert(key, link.clone());
                 link
@@ -267,6 +269,18 @@ impl Cluster {
             tracing::warn!(submodel = %spec.name, error = %e, "a node did not start its replica; it will when it comes back");
         }
         Ok(remote)
+    }
+
+    /// What the nodes last reported of the instances this process runs there.
+    pub(crate) fn node_metrics(&self) -> Vec<NodeInstanceMetrics> {
+        let links: Vec<_> = self.links.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut out = Vec::new();
+        for l in links {
+            for stats in l.stats.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                out.push(NodeInstanceMetrics { node: l.name.clone(), addr: l.addr.clone(), stats: stats.clone() });
+            }
+        }
+        out
     }
 
     /// Every node this engine linked, with its state.
@@ -338,6 +352,10 @@ pub(crate) struct NodeLink {
     started: Mutex<std::collections::HashSet<u64>>,
     /// The largest frame the node accepts (from its answer to a start).
     max_frame: AtomicU64,
+    /// What the node last said of this process's instances there.
+    stats: Mutex<Vec<wire::InstanceStats>>,
+    /// Instances that did not start there are being started again now.
+    retrying: std::sync::atomic::AtomicBool,
 }
 
 impl NodeLink {
@@ -353,6 +371,8 @@ impl NodeLink {
             failures: AtomicU64::new(0),
             started: Mutex::default(),
             max_frame: AtomicU64::new(DEFAULT_MAX_FRAME),
+            stats: Mutex::default(),
+            retrying: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -386,6 +406,7 @@ impl NodeLink {
         if agent.is_none() {
             // A node that comes back starts its instances afresh.
             self.started.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.stats.lock().unwrap_or_else(|p| p.into_inner()).clear();
             if error.is_some() {
                 self.failures.fetch_add(1, Relaxed);
             }
@@ -439,7 +460,12 @@ impl NodeLink {
 
 /// Connects, finds the agent, (re)starts the instances, watches; again after every loss, for as
 /// long as the link is in use.
-async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, events: broadcast::Sender<Event>) {
+async fn run_link(
+    link: Weak<NodeLink>,
+    server: ActorRef<NodeServerMessage>,
+    events: broadcast::Sender<Event>,
+    owner: String,
+) {
     let mut first = true;
     loop {
         if !first {
@@ -520,19 +546,48 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
         drop(l);
         // Watch until the connection ends (or the link is no longer used). The session's end
         // stops the node's actors here too: that is checked as well, in case its event was
-        // lost in a lagging channel.
+        // lost in a lagging channel. A node that stops answering the polls (a half-open
+        // connection: its machine gone without a reset) is lost too.
+        let (silent_tx, mut silent_rx) = tokio::sync::oneshot::channel::<()>();
+        let poll = tokio::spawn(poll_node(owner_alive.clone(), agent.clone(), owner.clone(), silent_tx));
+        let (mut silent, mut poll_ended) = (false, false);
         loop {
-            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-                Ok(Ok(Event::Down { node_id: id, .. })) if id == node_id => break,
-                Ok(Err(broadcast::error::RecvError::Closed)) => return,
-                _ => {
-                    if owner_alive.strong_count() == 0 {
+            tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(1), rx.recv()) => match r {
+                    Ok(Ok(Event::Down { node_id: id, .. })) if id == node_id => break,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                        poll.abort();
                         return;
                     }
-                    if matches!(agent.get_status(), ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping) {
+                    _ => {
+                        if owner_alive.strong_count() == 0 {
+                            poll.abort();
+                            return;
+                        }
+                        if matches!(agent.get_status(), ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping) {
+                            break;
+                        }
+                    }
+                },
+                r = &mut silent_rx, if !poll_ended => {
+                    // Polled once only: the poll ends with `silent`, or stops without it when
+                    // the session ends (which the other branch sees).
+                    poll_ended = true;
+                    if r.is_ok() {
+                        silent = true;
                         break;
                     }
                 }
+            }
+        }
+        poll.abort();
+        if silent {
+            // Close the session: the node is reconnected to (and its instances started again)
+            // when it answers again.
+            if let Ok(sessions) = ractor::call!(server, NodeServerMessage::GetSessions)
+                && let Some(s) = sessions.get(&node_id)
+            {
+                s.actor.stop(Some("the node stopped answering".into()));
             }
         }
         let Some(l) = link.upgrade() else { return };
@@ -540,6 +595,93 @@ async fn run_link(link: Weak<NodeLink>, server: ActorRef<NodeServerMessage>, eve
         let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         l.set(None, true, Some(format!("the connection was lost (unix time {at:.3}); reconnecting")));
     }
+}
+
+/// How often a link asks its node for its instances' figures (also the health check).
+const POLL: Duration = Duration::from_secs(1);
+/// How long a poll waits for its answer.
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Polls in a row without an answer after which the node is lost.
+const POLL_MISSES: u32 = 3;
+/// How often instances that did not start on a node that is up are started again.
+const START_RETRY: Duration = Duration::from_secs(5);
+
+/// While its node is up: asks it for this process's instances' figures every [`POLL`] (kept for
+/// `/metrics`), says on `silent` when it stopped answering, and starts again, every
+/// [`START_RETRY`], the instances that did not start there (a file missing then, the node short
+/// of memory then).
+async fn poll_node(
+    link: Weak<NodeLink>,
+    agent: ActorRef<AgentMessage>,
+    owner: String,
+    silent: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut misses = 0;
+    let mut last_retry = Instant::now();
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Some(l) = link.upgrade() else { return };
+        let asked = owner.as_bytes().to_vec();
+        match agent.call(|p| AgentMessage::Stats(asked, p), Some(POLL_TIMEOUT)).await {
+            Ok(CallResult::Success(bytes)) => {
+                misses = 0;
+                if let Ok(stats) = serde_json::from_slice(&bytes) {
+                    *l.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+                }
+            }
+            // No answer in time, or none at all (a session that ended is also seen by the
+            // watcher, which then stops this poll).
+            other => {
+                misses += 1;
+                tracing::debug!(node = %l.name, misses, answer = ?other.map(|r| matches!(r, CallResult::Timeout)), "a node poll got no answer");
+                if misses >= POLL_MISSES {
+                    tracing::warn!(node = %l.name, addr = %l.addr, polls = misses, "the node stopped answering");
+                    let _ = silent.send(());
+                    return;
+                }
+            }
+        }
+        if last_retry.elapsed() >= START_RETRY && !l.retrying.swap(true, Relaxed) {
+            last_retry = Instant::now();
+            let missing: Vec<(u64, Arc<Vec<u8>>)> = {
+                let started = l.started.lock().unwrap_or_else(|p| p.into_inner());
+                l.instances
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .filter(|(i, _)| !started.contains(i))
+                    .map(|(i, p)| (*i, p.clone()))
+                    .collect()
+            };
+            if missing.is_empty() {
+                l.retrying.store(false, Relaxed);
+                continue;
+            }
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                for (instance, payload) in missing {
+                    match l.start(&agent, instance, &payload).await {
+                        Ok(()) => tracing::info!(node = %l.name, instance, "an instance started on a retry"),
+                        Err(e) => {
+                            tracing::debug!(node = %l.name, instance, error = %e, "an instance still does not start")
+                        }
+                    }
+                }
+                l.retrying.store(false, Relaxed);
+            });
+        }
+    }
+}
+
+/// A node's figures for one instance of this process, as it last reported them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInstanceMetrics {
+    /// The node.
+    pub node: String,
+    /// Its address.
+    pub addr: String,
+    /// What it said.
+    pub stats: wire::InstanceStats,
 }
 
 /// The node's agent among the remote members of the agent group.

@@ -48,6 +48,10 @@ pub enum AgentMessage {
     Train(Vec<u8>, RpcReplyPort<Vec<u8>>),
     /// Stop a training actor.
     TrainStop(Vec<u8>),
+    /// What this node's instances for a serving process (the payload: its name) did so far:
+    /// a JSON list of [`wire::InstanceStats`]. Also the serving process's health check.
+    #[rpc]
+    Stats(Vec<u8>, RpcReplyPort<Vec<u8>>),
 }
 
 /// How a node runs.
@@ -347,6 +351,30 @@ impl Actor for NodeAgent {
                 });
             }
             AgentMessage::TrainStop(bytes) => host.trainings.stop(&bytes),
+            AgentMessage::Stats(owner, reply) => {
+                let owner = String::from_utf8_lossy(&owner);
+                let stats: Vec<wire::InstanceStats> = host
+                    .instances
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .filter(|((o, _), _)| *o == owner)
+                    .map(|((_, instance), sub)| {
+                        let m = crate::metrics::SubmodelSnapshot::of(&sub.metrics);
+                        wire::InstanceStats {
+                            instance: *instance,
+                            submodel: sub.spec.name.to_string(),
+                            version: sub.spec.version.clone(),
+                            jobs_ok: m.jobs_ok,
+                            jobs_failed: m.jobs_failed,
+                            queued: m.queued,
+                            batch_rows: wire::Hist::of(&m.batch_rows),
+                            compute_seconds: wire::Hist::of(&m.compute_seconds),
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(serde_json::to_vec(&stats).unwrap_or_default());
+            }
             AgentMessage::Stop(bytes) => {
                 if let Ok(stop) = serde_json::from_slice::<wire::Stop>(&bytes) {
                     host.gone

@@ -252,3 +252,66 @@ mod tests {
         assert!(decode_answer(&[], &Device::Cpu).is_err());
     }
 }
+
+/// A histogram's counts; its bounds are constants both sides share
+/// (`maas_actors::metrics::BATCH_BUCKETS`, `LATENCY_BUCKETS`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hist {
+    /// Observations per bucket.
+    pub counts: Vec<u64>,
+    /// Observations.
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+}
+
+impl Hist {
+    /// The counts of `h`.
+    pub fn of(h: &maas_actors::metrics::HistogramSnapshot) -> Self {
+        Self { counts: h.counts.clone(), count: h.count, sum: h.sum }
+    }
+
+    /// The histogram over `bounds` (`None`: the counts were made for other bounds).
+    pub fn snapshot(&self, bounds: &'static [f64]) -> Option<maas_actors::metrics::HistogramSnapshot> {
+        (self.counts.len() == bounds.len() + 1).then(|| maas_actors::metrics::HistogramSnapshot {
+            bounds,
+            counts: self.counts.clone(),
+            count: self.count,
+            sum: self.sum,
+        })
+    }
+}
+
+/// What a node reports of one instance it runs for a serving process (the `Stats` RPC: the
+/// request is the owner's name, the answer a JSON list of these).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStats {
+    /// The instance.
+    pub instance: u64,
+    /// Its submodel.
+    pub submodel: String,
+    /// Its version.
+    pub version: String,
+    /// Jobs answered.
+    pub jobs_ok: u64,
+    /// Jobs failed.
+    pub jobs_failed: u64,
+    /// Jobs in its queue now.
+    pub queued: u64,
+    /// Rows per batch.
+    pub batch_rows: Hist,
+    /// Seconds per batch.
+    pub compute_seconds: Hist,
+}
+
+impl InstanceStats {
+    /// Rows per batch, as a histogram (`None`: the node's buckets differ from this process's).
+    pub fn batch_rows_histogram(&self) -> Option<maas_actors::metrics::HistogramSnapshot> {
+        self.batch_rows.snapshot(maas_actors::metrics::BATCH_BUCKETS)
+    }
+
+    /// Seconds per batch, as a histogram (`None` as above).
+    pub fn compute_seconds_histogram(&self) -> Option<maas_actors::metrics::HistogramSnapshot> {
+        self.compute_seconds.snapshot(maas_actors::metrics::LATENCY_BUCKETS)
+    }
+}
