@@ -675,21 +675,71 @@ fn training_workers_and_parameter_servers_run_on_nodes() {
 }
 
 /// A node reads the data itself, from under its model roots: without them the worker is
-/// refused, the job says why, and nothing is written.
+/// refused, the job says why, nothing is written, and the parameter server it had already
+/// started on another node is stopped there.
 #[test]
 fn a_node_refuses_a_worker_whose_data_lies_outside_its_roots() {
     let dir = common::TempDir::new("cluster-train-roots");
+    let data = root().join("data");
+    let ps = NodeProc::start_anywhere("train-ps", SECRET, &dir.0, &["--model-root", data.to_str().unwrap()]);
     let a = NodeProc::start_anywhere("train-noroot", SECRET, &dir.0, &[]);
+    let placement = "workers = 2\nworker_nodes = [\"local\", \"train-noroot\"]\nserver_nodes = \"train-ps\"";
     let file = dir.0.join("placed.toml");
-    std::fs::write(&file, training_graph(&[("train-noroot", a.port)], "head", "worker_nodes = \"train-noroot\"", 2))
+    std::fs::write(&file, training_graph(&[("train-noroot", a.port), ("train-ps", ps.port)], "head", placement, 2))
         .unwrap();
     let out = dir.0.join("out");
     let err = train(&file, "head", &out).unwrap_err();
     assert!(
-        err.contains("worker 0 on node `train-noroot`") && err.contains("outside this node's model roots"),
+        err.contains("worker 1 on node `train-noroot`") && err.contains("outside this node's model roots"),
         "{err}"
     );
     assert!(!out.join("head.safetensors").exists());
+    // Stopped by the job, or (the job's process having exited first) by its disconnection.
+    let stopped = || {
+        let log = ps.log_text();
+        log.contains("actor=server 0")
+            && (log.contains("training actor stopped") || log.contains("its training actors stop"))
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while !stopped() {
+        assert!(Instant::now() < until, "{}", ps.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Cancelling a job whose workers all run on nodes stops it promptly (not after its epochs),
+/// writes nothing, and stops the workers there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_with_every_worker_on_nodes_is_cancelled_promptly() {
+    use maas_engine::{TrainingOptions, TrainingState};
+    let dir = common::TempDir::new("cluster-train-cancel");
+    let data = root().join("data");
+    let a = NodeProc::start_anywhere("train-cancel", SECRET, &dir.0, &["--model-root", data.to_str().unwrap()]);
+    let text =
+        training_graph(&[("train-cancel", a.port)], "head", "workers = 2\nworker_nodes = \"train-cancel\"", 100_000);
+    let source = maas_graphs::SourceFile::new("train.toml", text.clone(), dir.0.clone());
+    let engine = Engine::builder().options(options()).from_sources(vec![source.clone()]).await.unwrap();
+    let registry = maas_kernels::Registry::builtin();
+    let checked = maas_graphs::check(vec![source.clone()], &registry).unwrap();
+    let job = maas_train::job::check(&[source], &checked, &registry).unwrap().remove(0);
+    let out = dir.0.join("trained");
+    engine.start_training(job, TrainingOptions { out: out.clone(), swap: true }).unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(60), || engine.training("head").unwrap().epoch >= 1).await,
+        "no epoch reported"
+    );
+    engine.cancel_training("head").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), engine.wait_training("head")).await.unwrap().unwrap();
+    assert_eq!(status.state, TrainingState::Cancelled, "{status:?}");
+    assert!(status.epoch < 100_000);
+    assert!(!out.exists());
+    assert!(
+        common::eventually(Duration::from_secs(10), || a.log_text().matches("training actor stopped").count() == 2)
+            .await,
+        "{}",
+        a.log_text()
+    );
+    engine.shutdown().await;
 }
 
 /// A node killed while it hosts a worker stops the job with a typed error naming the node,
@@ -866,7 +916,7 @@ async fn a_node_that_stops_answering_is_lost_and_rejoins_when_it_answers() {
     };
     signal("-STOP");
     assert!(
-        common::eventually(Duration::from_secs(20), || state("fza") != "up").await,
+        common::eventually(Duration::from_secs(40), || state("fza") != "up").await,
         "a frozen node is still up: {:?}",
         engine.nodes()
     );

@@ -960,6 +960,8 @@ impl Actor for JobActor {
         .await;
         if let Err(e) = started {
             state.children.iter().for_each(|c| c.stop(None));
+            // Waited for, as in `post_stop`: what is left when this returns is killed.
+            myself.stop_children_and_wait(None, Some(std::time::Duration::from_secs(5))).await;
             return Err(e.into());
         }
         Ok(state)

@@ -645,7 +645,7 @@ async fn phase(
         };
         TrainError::ActorFailed { actor: "the job".into(), reason }
     })?;
-    let result = drive(job, setup, &parts, steps_per_epoch, name, &actor, &mut rx, progress).await;
+    let result = drive(job, setup, &parts, steps_per_epoch, name, &actor, &mut rx, progress, cancel).await;
     actor.stop(None);
     let _ = handle.await;
     result
@@ -662,6 +662,7 @@ async fn drive(
     actor: &ActorRef<JobMessage>,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
     progress: &(dyn Fn(&Progress) + Send + Sync),
+    cancel: &Cancel,
 ) -> Result<Phase, TrainError> {
     let (servers, gate) = ractor::call!(actor, JobMessage::Children).map_err(|_| TrainError::Stopped)?;
     let mut log = EpochLog::default();
@@ -681,12 +682,23 @@ async fn drive(
     // ranges too (a server on another process may report its last epoch after the workers'
     // answers arrived), for a while.
     while done < job.workers || (job.mode == Mode::Sync && reported < job.epochs) {
+        if cancel.requested() {
+            return Err(TrainError::Cancelled);
+        }
         let event = if done < job.workers {
-            rx.recv().await
+            // A cancellation is seen here too (workers on other processes check their own).
+            match tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await {
+                Ok(e) => e,
+                Err(_) if cancel.requested() => return Err(TrainError::Cancelled),
+                Err(_) => continue,
+            }
         } else {
             match tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await {
                 Ok(e) => e,
-                Err(_) => break,
+                Err(_) => {
+                    tracing::warn!(job = %job.name, reported, epochs = job.epochs, "the servers did not report every epoch's end; the parameters are read from them directly");
+                    break;
+                }
             }
         };
         let Some(event) = event else {

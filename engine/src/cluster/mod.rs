@@ -356,6 +356,8 @@ pub(crate) struct NodeLink {
     stats: Mutex<Vec<wire::InstanceStats>>,
     /// Instances that did not start there are being started again now.
     retrying: std::sync::atomic::AtomicBool,
+    /// Instances whose start is under way (never started twice at once).
+    starting: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl NodeLink {
@@ -373,6 +375,7 @@ impl NodeLink {
             max_frame: AtomicU64::new(DEFAULT_MAX_FRAME),
             stats: Mutex::default(),
             retrying: std::sync::atomic::AtomicBool::new(false),
+            starting: Mutex::default(),
         }
     }
 
@@ -384,7 +387,11 @@ impl NodeLink {
 
     /// Starts `instance` on the node; remembers whether it runs.
     async fn start(&self, agent: &ActorRef<AgentMessage>, instance: u64, payload: &[u8]) -> Result<(), String> {
+        if !self.starting.lock().unwrap_or_else(|p| p.into_inner()).insert(instance) {
+            return Err("its start is under way".into());
+        }
         let result = start_on(agent, payload).await;
+        self.starting.lock().unwrap_or_else(|p| p.into_inner()).remove(&instance);
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         match &result {
             Ok(max_frame) => {
@@ -600,7 +607,7 @@ async fn run_link(
 /// How often a link asks its node for its instances' figures (also the health check).
 const POLL: Duration = Duration::from_secs(1);
 /// How long a poll waits for its answer.
-const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+const POLL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Polls in a row without an answer after which the node is lost.
 const POLL_MISSES: u32 = 3;
 /// How often instances that did not start on a node that is up are started again.
@@ -645,11 +652,12 @@ async fn poll_node(
             last_retry = Instant::now();
             let missing: Vec<(u64, Arc<Vec<u8>>)> = {
                 let started = l.started.lock().unwrap_or_else(|p| p.into_inner());
+                let starting = l.starting.lock().unwrap_or_else(|p| p.into_inner());
                 l.instances
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .iter()
-                    .filter(|(i, _)| !started.contains(i))
+                    .filter(|(i, _)| !started.contains(i) && !starting.contains(i))
                     .map(|(i, p)| (*i, p.clone()))
                     .collect()
             };

@@ -346,7 +346,7 @@ impl Actor for NodeAgent {
             AgentMessage::Train(bytes, reply) => {
                 let host = host.clone();
                 tokio::spawn(async move {
-                    let answer = host.trainings.call(&host.registry, &host.roots, &bytes).await;
+                    let answer = host.trainings.call(&host.registry, &host.roots, host.max_frame, &bytes).await;
                     let _ = reply.send(answer);
                 });
             }

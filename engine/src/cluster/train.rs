@@ -8,7 +8,7 @@
 //!   group the node looks up): the worker's pulls, pushes and gate requests arrive there as
 //!   calls and go to this process's servers and gate; its events (steps, done, failures)
 //!   arrive as casts and go to the coordinator;
-//! - a server placed on a node is a [`RemoteServer`] with the server's own message type: pulls
+//! - a server placed on a node is a `RemoteServer` with the server's own message type: pulls
 //!   and pushes become RPCs to the node's agent; its events arrive at a port of its own.
 //!
 //! On the node, the worker or server is the ordinary actor ([`WorkerActor`], [`ServerActor`])
@@ -154,6 +154,17 @@ fn f32s(bytes: &[u8]) -> Result<Vec<f32>, String> {
     Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
 }
 
+/// Whether a message of `len` bytes fits in a cluster frame of `limit` bytes (a larger one
+/// would close the whole session, and with it everything on it).
+fn fits(what: &str, len: usize, limit: u64) -> Result<(), String> {
+    if len as u64 + super::FRAME_OVERHEAD > limit {
+        return Err(format!(
+            "{what} takes {len} bytes, more than a cluster frame may hold ({limit} bytes; see --max-frame)"
+        ));
+    }
+    Ok(())
+}
+
 /// An RPC's answer, or why there is none.
 fn called<T>(r: Result<CallResult<T>, impl std::fmt::Display>, what: &str) -> Result<T, String> {
     match r {
@@ -188,6 +199,8 @@ fn event_op(e: Event) -> (Op, Vec<u8>) {
 /// Starts a job's workers and servers on the nodes of the graph it trains through.
 pub struct ClusterPlacement {
     cluster: Cluster,
+    /// The largest frame this process accepts.
+    max_frame: u64,
     endpoint: Arc<Endpoint>,
     nodes: BTreeMap<String, NodeSpec>,
     /// The graph as the nodes read it: canonical paths, no placements.
@@ -205,11 +218,17 @@ impl ClusterPlacement {
             plain.submodels.insert(name.clone(), SubmodelSpec { node: Vec::new(), ..spec.normalized() });
         }
         Ok(Arc::new(Self {
+            max_frame: options.max_frame.unwrap_or(super::DEFAULT_MAX_FRAME),
             cluster: Cluster::new(options),
             endpoint,
             nodes: graph.nodes.clone(),
             graph: maas_graphs::to_toml(&plain),
         }))
+    }
+
+    /// The largest frame both this process and `link`'s node accept.
+    fn limit(&self, link: &NodeLink) -> u64 {
+        self.max_frame.min(link.max_frame.load(Relaxed))
     }
 
     /// The link to `node`.
@@ -294,6 +313,7 @@ impl Placement for ClusterPlacement {
     ) -> Spawning<ActorCell> {
         let setup = self.setup(&shared);
         let link = self.link(node);
+        let limit = link.as_ref().map(|l| self.limit(l)).unwrap_or(self.max_frame);
         let (uid, group) = self.uid();
         let owner = self.endpoint.name.clone();
         let node = node.to_string();
@@ -306,12 +326,17 @@ impl Placement for ClusterPlacement {
                 servers,
                 gate,
                 events: shared.events.clone(),
-                stop: Some((agent.clone(), stop)),
+                _stop: StopOnDrop(Some((agent.clone(), stop))),
                 node: node.clone(),
+                parts: shared.parts.clone(),
             };
             let (port, _) = Actor::spawn_linked(None, Port, args, supervisor).await.map_err(|e| e.to_string())?;
             ractor::pg::join(group.clone(), vec![port.get_cell()]);
             let start = encode(&Op::Start { owner, uid, group, role: Role::Worker { index, shard }, setup }, &mask);
+            if let Err(e) = fits("its start", start.len(), limit) {
+                port.stop(None);
+                return Err(e);
+            }
             if let Err(e) = start_remote(&agent, start).await {
                 port.stop(None);
                 return Err(e);
@@ -331,6 +356,7 @@ impl Placement for ClusterPlacement {
     ) -> Spawning<ActorRef<ServerMessage>> {
         let setup = self.setup(&shared);
         let link = self.link(node);
+        let limit = link.as_ref().map(|l| self.limit(l)).unwrap_or(self.max_frame);
         let (uid, group) = self.uid();
         let owner = self.endpoint.name.clone();
         let node = node.to_string();
@@ -344,7 +370,19 @@ impl Placement for ClusterPlacement {
                 &Op::Start { owner: owner.clone(), uid, group: group.clone(), role: Role::Server { index }, setup },
                 &payload,
             );
-            let args = RemoteServerArgs { agent, link, owner, uid, group, start, events: shared.events.clone(), node };
+            fits("its start (its range of the parameters)", start.len(), limit)?;
+            let args = RemoteServerArgs {
+                limit,
+                agent,
+                link,
+                owner,
+                uid,
+                group,
+                start,
+                events: shared.events.clone(),
+                node,
+                parts: shared.parts.clone(),
+            };
             let (server, _) =
                 Actor::spawn_linked(None, RemoteServer, args, supervisor).await.map_err(|e| e.to_string())?;
             Ok(server)
@@ -360,10 +398,12 @@ struct PortArgs {
     gate: Option<ActorRef<GateMessage>>,
     /// To the coordinator.
     events: UnboundedSender<Event>,
-    /// The node's agent and the message that stops the actor there (a worker's port).
-    stop: Option<(ActorRef<AgentMessage>, Vec<u8>)>,
+    /// Stops the actor on the node when the port ends (a worker's port).
+    _stop: StopOnDrop,
     /// The node (for messages).
     node: String,
+    /// Each server's range (to check what a node reports).
+    parts: Vec<std::ops::Range<usize>>,
 }
 
 /// The actor standing for a worker on a node (and a remote server's event inbox).
@@ -449,7 +489,21 @@ impl Actor for Port {
                         None
                     }
                     Op::Step { epoch, loss, rows } => Some(Event::Step { epoch, loss, rows }),
-                    Op::Epoch { epoch, server } => Some(Event::Epoch { epoch, server, params: f32s(payload)? }),
+                    Op::Epoch { epoch, server } => {
+                        let params = f32s(payload)?;
+                        match s.parts.get(server) {
+                            Some(range) if range.len() == params.len() => {}
+                            _ => {
+                                return Err(format!(
+                                    "node `{}` reported {} parameters for server {server}, which is not its range",
+                                    s.node,
+                                    params.len()
+                                )
+                                .into());
+                            }
+                        }
+                        Some(Event::Epoch { epoch, server, params })
+                    }
                     Op::Done { bytes_sent, bytes_dense } => Some(Event::Done { bytes_sent, bytes_dense }),
                     Op::Failed { stopped: true, .. } => Some(Event::Failed(TrainError::Stopped)),
                     Op::Failed { cancelled: true, .. } => Some(Event::Failed(TrainError::Cancelled)),
@@ -469,12 +523,17 @@ impl Actor for Port {
         }
         Ok(())
     }
+}
 
-    async fn post_stop(&self, _: ActorRef<Self::Msg>, s: &mut PortArgs) -> Result<(), ActorProcessingErr> {
-        if let Some((agent, stop)) = &s.stop {
-            let _ = agent.cast(AgentMessage::TrainStop(stop.clone()));
+/// Stops the node's actor however its stand-in ends: stopped, failed or killed (ractor runs no
+/// `post_stop` for the last two), or never started.
+struct StopOnDrop(Option<(ActorRef<AgentMessage>, Vec<u8>)>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some((agent, stop)) = self.0.take() {
+            let _ = agent.cast(AgentMessage::TrainStop(stop));
         }
-        Ok(())
     }
 }
 
@@ -488,13 +547,21 @@ struct RemoteServerArgs {
     start: Vec<u8>,
     events: UnboundedSender<Event>,
     node: String,
+    parts: Vec<std::ops::Range<usize>>,
+    limit: u64,
 }
 
 struct RemoteServerState {
+    /// The largest frame the node and this process accept.
+    limit: u64,
     agent: ActorRef<AgentMessage>,
     owner: String,
     uid: u64,
     port: ActorRef<PortMessage>,
+    /// Stops the server on the node when this state goes, however the actor ends.
+    _stop: StopOnDrop,
+    /// Dropped with the state: the RPCs under way end (their callers see the job stopping).
+    ended: tokio::sync::watch::Sender<()>,
 }
 
 /// The actor standing for a server on a node: its pulls and pushes are RPCs to the node.
@@ -510,7 +577,17 @@ impl Actor for RemoteServer {
         myself: ActorRef<Self::Msg>,
         a: RemoteServerArgs,
     ) -> Result<RemoteServerState, ActorProcessingErr> {
-        let args = PortArgs { servers: Vec::new(), gate: None, events: a.events, stop: None, node: a.node };
+        // Stops the server on the node if this fails to start (a start that finishes later is
+        // dropped there), and when this ends.
+        let stop = StopOnDrop(Some((a.agent.clone(), encode(&Op::Stop { owner: a.owner.clone(), uid: a.uid }, &[]))));
+        let args = PortArgs {
+            servers: Vec::new(),
+            gate: None,
+            events: a.events,
+            _stop: StopOnDrop(None),
+            node: a.node,
+            parts: a.parts,
+        };
         let (port, _) = Actor::spawn_linked(None, Port, args, myself.get_cell()).await?;
         ractor::pg::join(a.group, vec![port.get_cell()]);
         if let Err(e) = start_remote(&a.agent, a.start).await {
@@ -518,7 +595,8 @@ impl Actor for RemoteServer {
             return Err(e.into());
         }
         watch_link(a.link, a.agent.clone(), port.clone());
-        Ok(RemoteServerState { agent: a.agent, owner: a.owner, uid: a.uid, port })
+        let (ended, _) = tokio::sync::watch::channel(());
+        Ok(RemoteServerState { limit: a.limit, agent: a.agent, owner: a.owner, uid: a.uid, port, _stop: stop, ended })
     }
 
     async fn handle(
@@ -535,8 +613,17 @@ impl Actor for RemoteServer {
         };
         let (agent, port) = (s.agent.clone(), s.port.clone());
         let request = encode(&op, &payload);
+        if let Err(reason) = fits("a push to the server", request.len(), s.limit) {
+            let _ = port.cast(PortMessage::Cast(encode(&Op::Lost { reason }, &[])));
+            return Ok(());
+        }
+        let mut ended = s.ended.subscribe();
         tokio::spawn(async move {
-            let r = agent.call(|p| AgentMessage::Train(request, p), None).await;
+            let r = tokio::select! {
+                r = agent.call(|p| AgentMessage::Train(request, p), None) => r,
+                // This stand-in is gone: drop the reply (a worker waiting on it sees the job end).
+                _ = ended.changed() => return,
+            };
             match called(r, "the server's node").and_then(answer_of) {
                 Ok(bytes) => {
                     let _ = reply.send(bytes);
@@ -563,7 +650,6 @@ impl Actor for RemoteServer {
     }
 
     async fn post_stop(&self, _: ActorRef<Self::Msg>, s: &mut RemoteServerState) -> Result<(), ActorProcessingErr> {
-        let _ = s.agent.cast(AgentMessage::TrainStop(encode(&Op::Stop { owner: s.owner.clone(), uid: s.uid }, &[])));
         let _ = s.port.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         Ok(())
     }
@@ -597,15 +683,16 @@ impl Hosted {
 
 impl Trainings {
     /// Handles a training RPC from a job's process.
-    pub(super) async fn call(&self, registry: &Registry, roots: &[PathBuf], bytes: &[u8]) -> Vec<u8> {
+    pub(super) async fn call(&self, registry: &Registry, roots: &[PathBuf], max_frame: u64, bytes: &[u8]) -> Vec<u8> {
         let (op, payload) = match decode(bytes) {
             Ok(d) => d,
             Err(e) => return err(&e),
         };
         let answer = match op {
-            Op::Start { owner, uid, group, role, setup } => {
-                self.start(registry, roots, owner, uid, group, role, *setup, payload).await.map(|()| Vec::new())
-            }
+            Op::Start { owner, uid, group, role, setup } => self
+                .start(registry, roots, max_frame, owner, uid, group, role, *setup, payload)
+                .await
+                .map(|()| Vec::new()),
             Op::Pull { owner, uid } => match self.server(&owner, uid) {
                 Ok(s) => called(s.call(ServerMessage::Pull, None).await, "a pull"),
                 Err(e) => Err(e),
@@ -619,6 +706,7 @@ impl Trainings {
             },
             other => Err(format!("not a node request: {other:?}")),
         };
+        let answer = answer.and_then(|a| fits("the server's answer", a.len(), max_frame).map(|()| a));
         match answer {
             Ok(bytes) => ok(bytes),
             Err(e) => err(&e),
@@ -637,10 +725,16 @@ impl Trainings {
     pub(super) fn stop(&self, bytes: &[u8]) {
         let Ok((Op::Stop { owner, uid }, _)) = decode(bytes) else { return };
         let key = (owner, uid);
-        self.stopped.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
-        if let Some(h) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
-            tracing::info!(owner = %key.0, id = key.1, "training actor stopped");
-            h.stop();
+        let running = self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        match running {
+            Some(h) => {
+                tracing::info!(owner = %key.0, id = key.1, "training actor stopped");
+                h.stop();
+            }
+            // Not running (yet): a start under way must not stay.
+            None => {
+                self.stopped.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+            }
         }
     }
 
@@ -661,7 +755,11 @@ impl Trainings {
 
     /// The number of training actors running.
     pub(super) fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .values()
+            .filter(|h| !matches!(h.supervisor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped))
+            .count()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -669,6 +767,7 @@ impl Trainings {
         &self,
         registry: &Registry,
         roots: &[PathBuf],
+        max_frame: u64,
         owner: String,
         uid: u64,
         group: String,
@@ -681,6 +780,21 @@ impl Trainings {
         let source = SourceFile::new(format!("{owner}#training-{uid}"), setup.graph, ".");
         let checked = maas_graphs::check(vec![source], &catalog).map_err(|d| d.to_string())?;
         let job = setup.job;
+        if job.workers > maas_train::job::MAX_WORKERS || job.servers > maas_train::job::MAX_WORKERS || job.servers == 0
+        {
+            return Err(format!("a job of {} workers and {} servers", job.workers, job.servers));
+        }
+        if let Role::Worker { index, .. } = &role
+            && *index >= job.workers
+        {
+            return Err(format!("worker {index} of a job of {} workers", job.workers));
+        }
+        let mut total = 0usize;
+        for shape in setup.shapes.values() {
+            let n = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
+            total =
+                n.and_then(|n| total.checked_add(n)).filter(|t| *t <= 1 << 32).ok_or("learning tensors too large")?;
+        }
         let layout = Layout::new(&setup.shapes);
         let parts = ranges(layout.len(), job.servers);
         let segments = segments(&layout, &parts);
@@ -703,7 +817,9 @@ impl Trainings {
         };
         let table = match &role {
             Role::Worker { .. } => {
-                let path = job.data.path.clone();
+                // Read from the canonical path checked, not one a link could redirect meanwhile.
+                let path = std::fs::canonicalize(&job.data.path)
+                    .map_err(|e| format!("data file `{}`: {e}", job.data.path.display()))?;
                 if !under_roots(&path, roots) {
                     return Err(format!("data file `{}` is outside this node's model roots", path.display()));
                 }
@@ -721,7 +837,11 @@ impl Trainings {
         tokio::spawn(async move {
             while let Some(e) = rx.recv().await {
                 let (op, payload) = event_op(e);
-                if forward.cast(PortMessage::Cast(encode(&op, &payload))).is_err() {
+                let mut message = encode(&op, &payload);
+                if let Err(reason) = fits("an epoch's parameters", message.len(), max_frame) {
+                    message = encode(&Op::Lost { reason }, &[]);
+                }
+                if forward.cast(PortMessage::Cast(message)).is_err() {
                     break;
                 }
             }
@@ -752,7 +872,8 @@ impl Trainings {
                 Role::Worker { index, shard } => {
                     let mut servers = Vec::new();
                     for i in 0..shared.job.servers {
-                        let (p, _) = Actor::spawn_linked(None, ServerProxy, (port.clone(), i), cell.clone()).await?;
+                        let (p, _) =
+                            Actor::spawn_linked(None, ServerProxy, (port.clone(), i, max_frame), cell.clone()).await?;
                         servers.push(p);
                     }
                     let gate = match shared.job.mode {
@@ -855,8 +976,8 @@ struct ServerProxy;
 
 impl Actor for ServerProxy {
     type Msg = ServerMessage;
-    type State = (ActorRef<PortMessage>, usize);
-    type Arguments = (ActorRef<PortMessage>, usize);
+    type State = (ActorRef<PortMessage>, usize, u64);
+    type Arguments = (ActorRef<PortMessage>, usize, u64);
 
     async fn pre_start(
         &self,
@@ -870,7 +991,7 @@ impl Actor for ServerProxy {
         &self,
         _: ActorRef<Self::Msg>,
         msg: ServerMessage,
-        (port, server): &mut Self::State,
+        (port, server, limit): &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let (request, reply) = match msg {
             ServerMessage::Pull(reply) => (encode(&Op::ServerPull { server: *server }, &[]), reply),
@@ -878,6 +999,10 @@ impl Actor for ServerProxy {
                 (encode(&Op::ServerPush { server: *server, worker }, &message), reply)
             }
         };
+        if let Err(reason) = fits("a push", request.len(), *limit) {
+            port.cast(PortMessage::Cast(encode(&Op::Lost { reason }, &[])))?;
+            return Ok(());
+        }
         let port = port.clone();
         tokio::spawn(async move {
             // No answer (the job's process is gone, the job stopped): the worker sees its
