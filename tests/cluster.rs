@@ -934,3 +934,29 @@ async fn a_node_that_stops_answering_is_lost_and_rejoins_when_it_answers() {
     engine.shutdown().await;
     drop(b);
 }
+
+/// A training message that would not fit the node's frame limit is refused before it is sent,
+/// naming its size (sending it would close the session, and with it everything on it).
+#[test]
+fn a_parameter_range_over_the_nodes_frame_limit_is_refused_with_its_size() {
+    let dir = common::TempDir::new("cluster-train-frame");
+    let data = root().join("data");
+    let small = NodeProc::start_anywhere(
+        "train-small",
+        SECRET,
+        &dir.0,
+        &["--model-root", data.to_str().unwrap(), "--max-frame", "64KiB"],
+    );
+    // Every parameter of the CNN and the head (about 150 KB) on one server on that node.
+    let text = training_graph(&[("train-small", small.port)], "all", "server_nodes = \"train-small\"", 1)
+        .replace("learn = [\"head\"]", "learn = [\"features\", \"head\"]");
+    let file = dir.0.join("placed.toml");
+    std::fs::write(&file, text).unwrap();
+    let err = train(&file, "all", &dir.0.join("out")).unwrap_err();
+    assert!(
+        err.contains("server 0 on node `train-small`")
+            && err.contains("more than a cluster frame may hold (65536 bytes"),
+        "{err}"
+    );
+    assert!(!small.log_text().contains("training actor started"), "{}", small.log_text());
+}

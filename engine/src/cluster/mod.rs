@@ -474,6 +474,8 @@ async fn run_link(
     owner: String,
 ) {
     let mut first = true;
+    // The session before this one: its end may be reported while the next one is set up.
+    let mut previous: Option<u64> = None;
     loop {
         if !first {
             // A link no submodel uses now retries less often.
@@ -503,7 +505,7 @@ async fn run_link(
             loop {
                 match rx.recv().await {
                     Ok(Event::Ready { addr, node_id, name }) if addr == peer => return Ok((node_id, name)),
-                    Ok(Event::Down { addr, .. }) if addr == peer => {
+                    Ok(Event::Down { addr, node_id }) if addr == peer && Some(node_id) != previous => {
                         return Err("it closed the connection during authentication (is MAAS_CLUSTER_SECRET the same on both sides?)".to_string());
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -539,6 +541,13 @@ async fn run_link(
             l.set(None, false, Some(format!("node `{name}` runs no maas agent")));
             continue;
         };
+        // Its frame limit, before anything is sent that might exceed it.
+        let asked = owner.as_bytes().to_vec();
+        if let Ok(CallResult::Success(bytes)) = agent.call(|p| AgentMessage::Stats(asked, p), Some(POLL_TIMEOUT)).await
+            && let Ok(stats) = serde_json::from_slice::<wire::NodeStats>(&bytes)
+        {
+            l.max_frame.store(stats.max_frame, Relaxed);
+        }
         // (Re)start every instance placed there before it takes jobs.
         let payloads: Vec<_> =
             l.instances.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(i, p)| (*i, p.clone())).collect();
@@ -588,6 +597,7 @@ async fn run_link(
             }
         }
         poll.abort();
+        previous = Some(node_id);
         if silent {
             // Close the session: the node is reconnected to (and its instances started again)
             // when it answers again.
@@ -632,8 +642,9 @@ async fn poll_node(
         match agent.call(|p| AgentMessage::Stats(asked, p), Some(POLL_TIMEOUT)).await {
             Ok(CallResult::Success(bytes)) => {
                 misses = 0;
-                if let Ok(stats) = serde_json::from_slice(&bytes) {
-                    *l.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+                if let Ok(stats) = serde_json::from_slice::<wire::NodeStats>(&bytes) {
+                    l.max_frame.store(stats.max_frame, Relaxed);
+                    *l.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats.instances;
                 }
             }
             // No answer in time, or none at all (a session that ended is also seen by the

@@ -48,8 +48,9 @@ pub enum AgentMessage {
     Train(Vec<u8>, RpcReplyPort<Vec<u8>>),
     /// Stop a training actor.
     TrainStop(Vec<u8>),
-    /// What this node's instances for a serving process (the payload: its name) did so far:
-    /// a JSON list of [`wire::InstanceStats`]. Also the serving process's health check.
+    /// What this node's instances for a serving process (the payload: its name) did so far,
+    /// and the node's frame limit: [`wire::NodeStats`] as JSON. Also the serving process's
+    /// health check.
     #[rpc]
     Stats(Vec<u8>, RpcReplyPort<Vec<u8>>),
 }
@@ -131,6 +132,7 @@ impl Node {
     pub async fn stop(self) {
         let instances: Vec<_> = self.host.instances.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         drop(instances);
+        self.host.trainings.stop_all();
         let _ = self.agent.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         let _ = self.server.stop_and_wait(None, Some(Duration::from_secs(5))).await;
     }
@@ -353,7 +355,7 @@ impl Actor for NodeAgent {
             AgentMessage::TrainStop(bytes) => host.trainings.stop(&bytes),
             AgentMessage::Stats(owner, reply) => {
                 let owner = String::from_utf8_lossy(&owner);
-                let stats: Vec<wire::InstanceStats> = host
+                let instances: Vec<wire::InstanceStats> = host
                     .instances
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -373,6 +375,7 @@ impl Actor for NodeAgent {
                         }
                     })
                     .collect();
+                let stats = wire::NodeStats { max_frame: host.max_frame, instances };
                 let _ = reply.send(serde_json::to_vec(&stats).unwrap_or_default());
             }
             AgentMessage::Stop(bytes) => {

@@ -226,11 +226,6 @@ impl ClusterPlacement {
         }))
     }
 
-    /// The largest frame both this process and `link`'s node accept.
-    fn limit(&self, link: &NodeLink) -> u64 {
-        self.max_frame.min(link.max_frame.load(Relaxed))
-    }
-
     /// The link to `node`.
     fn link(&self, node: &str) -> Result<Arc<NodeLink>, String> {
         let spec = self.nodes.get(node).ok_or_else(|| format!("node `{node}` is not declared in the graph"))?;
@@ -313,7 +308,7 @@ impl Placement for ClusterPlacement {
     ) -> Spawning<ActorCell> {
         let setup = self.setup(&shared);
         let link = self.link(node);
-        let limit = link.as_ref().map(|l| self.limit(l)).unwrap_or(self.max_frame);
+        let own = self.max_frame;
         let (uid, group) = self.uid();
         let owner = self.endpoint.name.clone();
         let node = node.to_string();
@@ -321,6 +316,8 @@ impl Placement for ClusterPlacement {
             let (setup, mask) = setup?;
             let link = link?;
             let agent = agent(&link).await?;
+            // The node's limit is known once it is up.
+            let limit = own.min(link.max_frame.load(Relaxed));
             let stop = encode(&Op::Stop { owner: owner.clone(), uid }, &[]);
             let args = PortArgs {
                 servers,
@@ -356,7 +353,7 @@ impl Placement for ClusterPlacement {
     ) -> Spawning<ActorRef<ServerMessage>> {
         let setup = self.setup(&shared);
         let link = self.link(node);
-        let limit = link.as_ref().map(|l| self.limit(l)).unwrap_or(self.max_frame);
+        let own = self.max_frame;
         let (uid, group) = self.uid();
         let owner = self.endpoint.name.clone();
         let node = node.to_string();
@@ -364,6 +361,8 @@ impl Placement for ClusterPlacement {
             let (setup, mask) = setup?;
             let link = link?;
             let agent = agent(&link).await?;
+            // The node's limit is known once it is up.
+            let limit = own.min(link.max_frame.load(Relaxed));
             let mut payload = f32_bytes(&params);
             payload.extend(mask);
             let start = encode(
@@ -383,8 +382,11 @@ impl Placement for ClusterPlacement {
                 node,
                 parts: shared.parts.clone(),
             };
-            let (server, _) =
-                Actor::spawn_linked(None, RemoteServer, args, supervisor).await.map_err(|e| e.to_string())?;
+            let (server, _) = Actor::spawn_linked(None, RemoteServer, args, supervisor).await.map_err(|e| match e {
+                // What its start said, not ractor's wrapping of it.
+                ractor::SpawnErr::StartupFailed(why) => why.to_string(),
+                other => other.to_string(),
+            })?;
             Ok(server)
         })
     }
@@ -736,6 +738,12 @@ impl Trainings {
                 self.stopped.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
             }
         }
+    }
+
+    /// Stops every training actor (the node is stopping).
+    pub(super) fn stop_all(&self) {
+        let all: Vec<Hosted> = self.entries.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, h)| h).collect();
+        all.into_iter().for_each(Hosted::stop);
     }
 
     /// Stops every actor of an owner whose session ended.

@@ -282,8 +282,16 @@ impl Hist {
     }
 }
 
-/// What a node reports of one instance it runs for a serving process (the `Stats` RPC: the
-/// request is the owner's name, the answer a JSON list of these).
+/// What a node answers a serving process's `Stats` RPC (the request is the process's name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// The largest frame the node accepts.
+    pub max_frame: u64,
+    /// The instances it runs for that process.
+    pub instances: Vec<InstanceStats>,
+}
+
+/// What a node reports of one instance it runs for a serving process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStats {
     /// The instance.
