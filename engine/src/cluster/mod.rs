@@ -387,11 +387,23 @@ impl NodeLink {
 
     /// Starts `instance` on the node; remembers whether it runs.
     async fn start(&self, agent: &ActorRef<AgentMessage>, instance: u64, payload: &[u8]) -> Result<(), String> {
-        if !self.starting.lock().unwrap_or_else(|p| p.into_inner()).insert(instance) {
-            return Err("its start is under way".into());
+        // One start of an instance at a time: another one under way (a retry) is waited for.
+        while !self.starting.lock().unwrap_or_else(|p| p.into_inner()).insert(instance) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.started.lock().unwrap_or_else(|p| p.into_inner()).contains(&instance) {
+                return Ok(());
+            }
         }
+        // Cleared however this ends (also when this future is dropped mid-start).
+        struct Starting<'a>(&'a Mutex<std::collections::HashSet<u64>>, u64);
+        impl Drop for Starting<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+            }
+        }
+        let starting = Starting(&self.starting, instance);
         let result = start_on(agent, payload).await;
-        self.starting.lock().unwrap_or_else(|p| p.into_inner()).remove(&instance);
+        drop(starting);
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         match &result {
             Ok(max_frame) => {

@@ -73,6 +73,8 @@ struct Setup {
     steps_per_epoch: usize,
     /// Whether the payload ends with the pruning mask (one byte per parameter).
     masked: bool,
+    /// The largest frame the job's process accepts (what the node sends it must fit).
+    owner_max_frame: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -246,6 +248,7 @@ impl ClusterPlacement {
             shapes,
             steps_per_epoch: shared.steps_per_epoch,
             masked: shared.mask.is_some(),
+            owner_max_frame: self.max_frame,
         };
         Ok((Box::new(setup), mask))
     }
@@ -326,6 +329,7 @@ impl Placement for ClusterPlacement {
                 _stop: StopOnDrop(Some((agent.clone(), stop))),
                 node: node.clone(),
                 parts: shared.parts.clone(),
+                limit,
             };
             let (port, _) = Actor::spawn_linked(None, Port, args, supervisor).await.map_err(|e| e.to_string())?;
             ractor::pg::join(group.clone(), vec![port.get_cell()]);
@@ -406,6 +410,8 @@ struct PortArgs {
     node: String,
     /// Each server's range (to check what a node reports).
     parts: Vec<std::ops::Range<usize>>,
+    /// The largest frame this process and the node accept.
+    limit: u64,
 }
 
 /// The actor standing for a worker on a node (and a remote server's event inbox).
@@ -422,7 +428,7 @@ impl Actor for Port {
 
     async fn handle(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: PortMessage,
         s: &mut PortArgs,
     ) -> Result<(), ActorProcessingErr> {
@@ -436,7 +442,7 @@ impl Actor for Port {
                     }
                 };
                 let payload = payload.to_vec();
-                let (servers, gate) = (s.servers.clone(), s.gate.clone());
+                let (servers, gate, limit) = (s.servers.clone(), s.gate.clone(), s.limit);
                 // Answers run on tasks: a sync push waits for the step's other pushes.
                 tokio::spawn(async move {
                     let server = |i: usize| servers.get(i).cloned().ok_or_else(|| format!("no server {i}"));
@@ -469,6 +475,14 @@ impl Actor for Port {
                         },
                         other => Err(format!("not a call: {other:?}")),
                     };
+                    let answer = answer.and_then(|a| match fits("an answer to the node", a.len(), limit) {
+                        Ok(()) => Ok(a),
+                        // The job cannot go on: it stops with why.
+                        Err(reason) => {
+                            let _ = myself.cast(PortMessage::Cast(encode(&Op::Lost { reason: reason.clone() }, &[])));
+                            Err(reason)
+                        }
+                    });
                     let _ = reply.send(match answer {
                         Ok(bytes) => ok(bytes),
                         Err(e) => err(&e),
@@ -589,6 +603,7 @@ impl Actor for RemoteServer {
             _stop: StopOnDrop(None),
             node: a.node,
             parts: a.parts,
+            limit: a.limit,
         };
         let (port, _) = Actor::spawn_linked(None, Port, args, myself.get_cell()).await?;
         ractor::pg::join(a.group, vec![port.get_cell()]);
@@ -671,6 +686,8 @@ pub(super) struct Trainings {
 }
 
 struct Hosted {
+    /// The largest frame it may send to its job's process (and this node accepts).
+    max_frame: u64,
     supervisor: ActorRef<HostMessage>,
     server: Option<ActorRef<ServerMessage>>,
     cancel: Arc<Cancel>,
@@ -696,30 +713,31 @@ impl Trainings {
                 .await
                 .map(|()| Vec::new()),
             Op::Pull { owner, uid } => match self.server(&owner, uid) {
-                Ok(s) => called(s.call(ServerMessage::Pull, None).await, "a pull"),
+                Ok((s, limit)) => called(s.call(ServerMessage::Pull, None).await, "a pull")
+                    .and_then(|a| fits("the server's answer", a.len(), limit).map(|()| a)),
                 Err(e) => Err(e),
             },
             Op::Push { owner, uid, worker } => match self.server(&owner, uid) {
-                Ok(s) => {
+                Ok((s, limit)) => {
                     let message = payload.to_vec();
                     called(s.call(|reply| ServerMessage::Push { worker, message, reply }, None).await, "a push")
+                        .and_then(|a| fits("the server's answer", a.len(), limit).map(|()| a))
                 }
                 Err(e) => Err(e),
             },
             other => Err(format!("not a node request: {other:?}")),
         };
-        let answer = answer.and_then(|a| fits("the server's answer", a.len(), max_frame).map(|()| a));
         match answer {
             Ok(bytes) => ok(bytes),
             Err(e) => err(&e),
         }
     }
 
-    fn server(&self, owner: &str, uid: u64) -> Result<ActorRef<ServerMessage>, String> {
+    fn server(&self, owner: &str, uid: u64) -> Result<(ActorRef<ServerMessage>, u64), String> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .get(&(owner.to_string(), uid))
-            .and_then(|h| h.server.clone())
+            .and_then(|h| h.server.clone().map(|s| (s, h.max_frame)))
             .ok_or_else(|| format!("no parameter server {uid} of this job on this node (it stopped?)"))
     }
 
@@ -727,16 +745,18 @@ impl Trainings {
     pub(super) fn stop(&self, bytes: &[u8]) {
         let Ok((Op::Stop { owner, uid }, _)) = decode(bytes) else { return };
         let key = (owner, uid);
-        let running = self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        match running {
-            Some(h) => {
-                tracing::info!(owner = %key.0, id = key.1, "training actor stopped");
-                h.stop();
+        let running = {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let running = entries.remove(&key);
+            if running.is_none() {
+                // Not running (yet): a start under way must not stay.
+                self.stopped.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
             }
-            // Not running (yet): a start under way must not stay.
-            None => {
-                self.stopped.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
-            }
+            running
+        };
+        if let Some(h) = running {
+            tracing::info!(owner = %key.0, id = key.1, "training actor stopped");
+            h.stop();
         }
     }
 
@@ -787,6 +807,8 @@ impl Trainings {
         let catalog = Rooted { registry, roots };
         let source = SourceFile::new(format!("{owner}#training-{uid}"), setup.graph, ".");
         let checked = maas_graphs::check(vec![source], &catalog).map_err(|d| d.to_string())?;
+        // What goes back to the job's process must fit its frames as well as this node's.
+        let max_frame = max_frame.min(setup.owner_max_frame);
         let job = setup.job;
         if job.workers > maas_train::job::MAX_WORKERS || job.servers > maas_train::job::MAX_WORKERS || job.servers == 0
         {
@@ -909,16 +931,20 @@ impl Trainings {
             }
         };
         let key = (owner.clone(), uid);
-        let hosted = Hosted { supervisor, server, cancel };
+        let hosted = Hosted { max_frame, supervisor, server, cancel };
         {
+            // Under the entries lock, which a stop also takes: a stop is either seen here or
+            // finds the entry.
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner()).contains(&owner);
             if gone || self.stopped.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
+                drop(entries);
                 hosted.stop();
                 return Err("stopped while it was starting".into());
             }
+            entries.insert(key, hosted);
         }
         tracing::info!(owner = %owner, id = uid, actor = %label, "training actor started");
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).insert(key, hosted);
         Ok(())
     }
 }
